@@ -1,0 +1,233 @@
+//! The bake journal: every resource a bake creates is recorded here before or right after it
+//! is created, so that it can be undone in reverse order when the bake fails or is interrupted,
+//! and by `bakery gc` when the process died without undoing (SIGKILL, power loss).
+//!
+//! A running bake holds an exclusive `flock` on its lock file for its whole life; the kernel
+//! drops it when the process dies, so a lock that can be taken marks a dead bake, whatever
+//! has happened to its pid since.
+
+use crate::mounts;
+use crate::provider::Provider;
+use nix::fcntl::{Flock, FlockArg};
+use serde::{Deserialize, Serialize};
+use snafu::{ResultExt, Snafu};
+use std::fs::{self, File, OpenOptions};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Snafu)]
+pub enum Error {
+    #[snafu(display("journal I/O on {}: {source}", path.display()))]
+    Io { path: PathBuf, source: std::io::Error },
+
+    #[snafu(display("could not lock journal {}: {source}", path.display()))]
+    Lock { path: PathBuf, source: nix::Error },
+
+    #[snafu(display("journal {} is unreadable: {source}", path.display()))]
+    Parse { path: PathBuf, source: serde_json::Error },
+
+    #[snafu(display("undoing {resource}: {source}"))]
+    Release { resource: String, source: crate::provider::Error },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Something a bake created that must not outlive a failed bake.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Resource {
+    Volume { id: String },
+    Attachment { volume: String, device: PathBuf },
+    PartitionNodes { device: PathBuf },
+    Mount { path: PathBuf },
+    File { path: PathBuf },
+    Dir { path: PathBuf },
+    Snapshot { id: String },
+    Image { id: String },
+}
+
+impl std::fmt::Display for Resource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Resource::Volume { id } => write!(f, "volume {id}"),
+            Resource::Attachment { volume, device } => write!(f, "attachment of {volume} at {}", device.display()),
+            Resource::PartitionNodes { device } => write!(f, "partition nodes of {}", device.display()),
+            Resource::Mount { path } => write!(f, "mount {}", path.display()),
+            Resource::File { path } => write!(f, "file {}", path.display()),
+            Resource::Dir { path } => write!(f, "directory {}", path.display()),
+            Resource::Snapshot { id } => write!(f, "snapshot {id}"),
+            Resource::Image { id } => write!(f, "image {id}"),
+        }
+    }
+}
+
+impl Resource {
+    /// Undoes the resource; succeeds when it is already gone.
+    pub fn release(&self, provider: &dyn Provider) -> crate::provider::Result<()> {
+        match self {
+            Resource::Volume { id } => provider.delete_volume(id),
+            Resource::Attachment { volume, device } => provider.detach_volume(volume, device),
+            Resource::PartitionNodes { device } => Ok(crate::loopdev::remove_partition_nodes(device)?),
+            Resource::Mount { path } => Ok(mounts::unmount_tree(path)?),
+            Resource::File { path } => remove(path, |p| fs::remove_file(p)),
+            Resource::Dir { path } => remove(path, |p| fs::remove_dir_all(p)),
+            Resource::Snapshot { id } => provider.delete_snapshot(id),
+            Resource::Image { id } => provider.delete_image(id),
+        }
+    }
+}
+
+fn remove(path: &Path, op: fn(&Path) -> std::io::Result<()>) -> crate::provider::Result<()> {
+    match op(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Box::new(e)),
+        _ => Ok(()),
+    }
+}
+
+/// What is on disk for one bake (or base build).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Record {
+    pub id: String,
+    pub pid: u32,
+    pub started: String,
+    pub what: String,
+    pub provider: String,
+    pub resources: Vec<Resource>,
+}
+
+/// An open journal, owned by the running bake.
+pub struct Journal {
+    path: PathBuf,
+    lock_path: PathBuf,
+    _lock: Flock<File>,
+    record: Record,
+}
+
+fn journal_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("journal")
+}
+
+impl Journal {
+    /// Starts a journal for a new bake and locks it for the life of this process.
+    pub fn begin(state_dir: &Path, id: &str, what: &str, provider: &str) -> Result<Journal> {
+        let dir = journal_dir(state_dir);
+        fs::create_dir_all(&dir).context(IoSnafu { path: &dir })?;
+        let lock_path = dir.join(format!("{id}.lock"));
+        let lock_file = File::create(&lock_path).context(IoSnafu { path: &lock_path })?;
+        let lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, errno)| errno)
+            .context(LockSnafu { path: &lock_path })?;
+        let journal = Journal {
+            path: dir.join(format!("{id}.json")),
+            lock_path,
+            _lock: lock,
+            record: Record {
+                id: id.to_string(),
+                pid: std::process::id(),
+                started: crate::ids::now_rfc3339(),
+                what: what.to_string(),
+                provider: provider.to_string(),
+                resources: Vec::new(),
+            },
+        };
+        journal.save()?;
+        Ok(journal)
+    }
+
+    pub fn id(&self) -> &str {
+        &self.record.id
+    }
+
+    fn save(&self) -> Result<()> {
+        let json = serde_json::to_vec_pretty(&self.record).expect("records serialise");
+        crate::atomic::write(&self.path, &json).context(IoSnafu { path: &self.path })
+    }
+
+    /// Records a resource; from now on a failure undoes it.
+    pub fn push(&mut self, resource: Resource) -> Result<()> {
+        tracing::debug!(%resource, "journal: created");
+        self.record.resources.push(resource);
+        self.save()
+    }
+
+    /// Keeps a resource past the bake's end (the registered image and its snapshot).
+    pub fn keep(&mut self, resource: &Resource) -> Result<()> {
+        self.record.resources.retain(|r| r != resource);
+        self.save()
+    }
+
+    /// Undoes resources newest first until `stop` matches one (which stays), stopping at the
+    /// first failure so that nothing is released while something above it still holds it.
+    pub fn unwind_until(&mut self, provider: &dyn Provider, stop: impl Fn(&Resource) -> bool) -> Result<()> {
+        while let Some(resource) = self.record.resources.last().cloned() {
+            if stop(&resource) {
+                break;
+            }
+            tracing::debug!(%resource, "journal: undoing");
+            resource.release(provider).context(ReleaseSnafu { resource: resource.to_string() })?;
+            self.record.resources.pop();
+            self.save()?;
+        }
+        Ok(())
+    }
+
+    /// Undoes everything and removes the journal. On a failure the journal stays for `gc`.
+    pub fn unwind_all(mut self, provider: &dyn Provider) -> Result<()> {
+        self.unwind_until(provider, |_| false)?;
+        self.finish()
+    }
+
+    /// Removes the journal of a bake whose remaining resources are all kept.
+    pub fn finish(self) -> Result<()> {
+        fs::remove_file(&self.path).context(IoSnafu { path: &self.path })?;
+        // The lock file goes last: while it exists and is locked, gc treats the bake as live.
+        fs::remove_file(&self.lock_path).context(IoSnafu { path: &self.lock_path })
+    }
+}
+
+/// Journals on disk, split into those of live processes and those of dead ones.
+pub struct Census {
+    pub live: Vec<Record>,
+    pub dead: Vec<(Record, PathBuf)>,
+}
+
+/// Reads every journal and tells live bakes from dead ones by trying their locks.
+pub fn census(state_dir: &Path) -> Result<Census> {
+    let dir = journal_dir(state_dir);
+    let mut census = Census { live: Vec::new(), dead: Vec::new() };
+    let entries = match fs::read_dir(&dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(census),
+        other => other.context(IoSnafu { path: &dir })?,
+    };
+    for entry in entries {
+        let path = entry.context(IoSnafu { path: &dir })?.path();
+        if path.extension().is_none_or(|ext| ext != "json") {
+            continue;
+        }
+        let bytes = match fs::read(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // finished meanwhile
+            other => other.context(IoSnafu { path: &path })?,
+        };
+        let record: Record = serde_json::from_slice(&bytes).context(ParseSnafu { path: &path })?;
+        let lock_path = path.with_extension("lock");
+        let lock_file = OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path);
+        let lock_file = lock_file.context(IoSnafu { path: &lock_path })?;
+        match Flock::lock(lock_file, FlockArg::LockExclusiveNonblock) {
+            Ok(_released_on_drop) => census.dead.push((record, path)),
+            Err(_) => census.live.push(record),
+        }
+    }
+    Ok(census)
+}
+
+/// Undoes a dead bake's resources in reverse order and removes its journal.
+pub fn reclaim(provider: &dyn Provider, record: &Record, path: &Path) -> Result<()> {
+    for resource in record.resources.iter().rev() {
+        resource.release(provider).context(ReleaseSnafu { resource: resource.to_string() })?;
+    }
+    fs::remove_file(path).context(IoSnafu { path })?;
+    let lock_path = path.with_extension("lock");
+    match fs::remove_file(&lock_path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e).context(IoSnafu { path: lock_path }),
+        _ => Ok(()),
+    }
+}

@@ -1,0 +1,360 @@
+//! The embedded `local` provider: volumes are sparse files (reflink clones where the filesystem
+//! allows) attached as loop devices, snapshots live in a content-addressed block store, and
+//! images are records in an on-disk registry. Everything sits under one state directory.
+
+pub mod registry;
+pub mod sparse;
+pub mod store;
+
+use crate::provider::{GcReport, Image, ImageRequest, Progress, Provider, Result, SnapshotResult};
+use crate::{ids, loopdev, mounts};
+use nix::fcntl::{Flock, FlockArg};
+use registry::Registry;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use store::{ChangeHint, SnapshotManifest, Store};
+
+/// The tag that names a base image family (`debian12-jre17-tomcat10`).
+pub const BASE_NAME_TAG: &str = "bakery:base-name";
+
+#[derive(Debug, snafu::Snafu)]
+pub enum Error {
+    #[snafu(display("local state I/O on {}: {source}", path.display()))]
+    Io { path: PathBuf, source: std::io::Error },
+
+    #[snafu(display("volume {id} does not exist"))]
+    NoSuchVolume { id: String },
+
+    #[snafu(display("image {id} does not exist"))]
+    NoSuchImage { id: String },
+
+    #[snafu(display("snapshot {id} is still used by image {image}"))]
+    SnapshotInUse { id: String, image: String },
+}
+
+/// What is known about a volume beyond its bytes.
+#[derive(Debug, Serialize, Deserialize)]
+struct VolumeMeta {
+    id: String,
+    snapshot_id: String,
+    bake_id: String,
+    /// Cloned from the snapshot's cached image, so FIEMAP can find the changed extents.
+    reflinked: bool,
+}
+
+pub struct LocalProvider {
+    state_dir: PathBuf,
+    store: Store,
+    registry: Registry,
+}
+
+fn io<T>(path: &Path, result: std::io::Result<T>) -> std::result::Result<T, Error> {
+    result.map_err(|source| Error::Io { path: path.to_path_buf(), source })
+}
+
+impl LocalProvider {
+    pub fn open(state_dir: &Path) -> Result<LocalProvider> {
+        for sub in ["volumes", "cache", "mnt", "tmp"] {
+            let dir = state_dir.join(sub);
+            io(&dir, fs::create_dir_all(&dir))?;
+        }
+        Ok(LocalProvider {
+            state_dir: state_dir.to_path_buf(),
+            store: Store::open(state_dir)?,
+            registry: Registry::open(state_dir)?,
+        })
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    fn volume_path(&self, id: &str) -> PathBuf {
+        self.state_dir.join("volumes").join(format!("{id}.raw"))
+    }
+
+    fn volume_meta(&self, id: &str) -> std::result::Result<VolumeMeta, Error> {
+        let path = self.state_dir.join("volumes").join(format!("{id}.json"));
+        let bytes = fs::read(&path).map_err(|_| Error::NoSuchVolume { id: id.to_string() })?;
+        serde_json::from_slice(&bytes).map_err(|e| Error::Io { path, source: e.into() })
+    }
+
+    /// The snapshot's blocks as one file, built once and shared read-only by the volumes
+    /// created from it (as clones where the filesystem can).
+    fn cached_image(&self, manifest: &SnapshotManifest) -> Result<PathBuf> {
+        let cache = self.state_dir.join("cache");
+        let path = cache.join(format!("{}.raw", manifest.id));
+        let lock_path = cache.join(format!("{}.lock", manifest.id));
+        let lock_file = io(&lock_path, File::create(&lock_path))?;
+        let _lock = Flock::lock(lock_file, FlockArg::LockExclusive).map_err(|(_, e)| e)?;
+        if !path.exists() {
+            let partial = cache.join(format!("{}.partial", manifest.id));
+            self.store.materialize(manifest, &partial, &AtomicBool::new(false))?;
+            io(&path, fs::rename(&partial, &path))?;
+        }
+        Ok(path)
+    }
+
+    fn snapshot_file(
+        &self,
+        path: &Path,
+        parent: Option<&str>,
+        hint: ChangeHint,
+        description: &str,
+        cancel: &AtomicBool,
+        progress: Progress,
+    ) -> Result<SnapshotResult> {
+        let parent = parent.map(|id| self.store.snapshot(id)).transpose()?;
+        let (blocks, changed_blocks, stored_bytes) =
+            self.store.snapshot_volume(path, parent.as_ref(), hint, cancel, progress)?;
+        let manifest = SnapshotManifest {
+            id: ids::new_id("snap"),
+            parent: parent.map(|p| p.id),
+            volume_size: io(path, fs::metadata(path))?.len(),
+            block_size: store::BLOCK_SIZE,
+            created: ids::now_rfc3339(),
+            description: description.to_string(),
+            changed_blocks,
+            stored_bytes,
+            tags: BTreeMap::new(),
+            blocks,
+        };
+        self.store.save_snapshot(&manifest)?;
+        Ok(SnapshotResult { id: manifest.id, changed_blocks, stored_bytes })
+    }
+}
+
+impl Provider for LocalProvider {
+    fn kind(&self) -> &'static str {
+        "local"
+    }
+
+    fn find_image(&self, reference: &str) -> Result<Option<Image>> {
+        if ids::is_id("ami", reference) {
+            return Ok(self.registry.get(reference)?);
+        }
+        let images = self.registry.list()?;
+        let by_name = images.iter().find(|i| i.name == reference);
+        let by_family = images.iter().find(|i| i.tags.get(BASE_NAME_TAG).is_some_and(|n| n == reference));
+        Ok(by_name.or(by_family).cloned())
+    }
+
+    fn images_tagged(&self, key: &str, value: &str) -> Result<Vec<Image>> {
+        let images = self.registry.list()?;
+        Ok(images.into_iter().filter(|i| i.tags.get(key).is_some_and(|v| v == value)).collect())
+    }
+
+    fn list_images(&self) -> Result<Vec<Image>> {
+        Ok(self.registry.list()?)
+    }
+
+    fn create_volume(&self, snapshot_id: &str, bake_id: &str) -> Result<String> {
+        let manifest = self.store.snapshot(snapshot_id)?;
+        let cached = self.cached_image(&manifest)?;
+        let id = ids::new_id("vol");
+        let path = self.volume_path(&id);
+        // The record goes first (gc treats a volume file without one as an orphan), and is
+        // rewritten once we know whether the clone shares extents with the cache.
+        let mut meta = VolumeMeta { id: id.clone(), snapshot_id: snapshot_id.to_string(), bake_id: bake_id.to_string(), reflinked: false };
+        let meta_path = path.with_extension("json");
+        io(&meta_path, crate::atomic::write(&meta_path, &serde_json::to_vec(&meta)?))?;
+        let source = io(&cached, File::open(&cached))?;
+        let dest = io(&path, File::create_new(&path))?;
+        meta.reflinked = sparse::clone_or_copy(&source, &dest)?;
+        io(&path, dest.sync_all())?;
+        io(&meta_path, crate::atomic::write(&meta_path, &serde_json::to_vec(&meta)?))?;
+        let reflinked = meta.reflinked;
+        tracing::info!(volume = %id, snapshot = snapshot_id, reflinked, "created volume");
+        Ok(id)
+    }
+
+    fn attach_volume(&self, volume_id: &str) -> Result<PathBuf> {
+        self.volume_meta(volume_id)?;
+        Ok(loopdev::attach(&self.volume_path(volume_id), false)?)
+    }
+
+    fn detach_volume(&self, volume_id: &str, device: &Path) -> Result<()> {
+        Ok(loopdev::detach_if_backed_by(device, &self.volume_path(volume_id))?)
+    }
+
+    fn delete_volume(&self, volume_id: &str) -> Result<()> {
+        let path = self.volume_path(volume_id);
+        for file in [path.with_extension("json"), path] {
+            match fs::remove_file(&file) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::Io { path: file, source: e }.into()),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn snapshot_volume(
+        &self,
+        volume_id: &str,
+        parent: Option<&str>,
+        description: &str,
+        cancel: &AtomicBool,
+        progress: Progress,
+    ) -> Result<SnapshotResult> {
+        let meta = self.volume_meta(volume_id)?;
+        let hint = match parent {
+            Some(parent) if meta.reflinked && parent == meta.snapshot_id => ChangeHint::ReflinkedFromParent,
+            _ => ChangeHint::None,
+        };
+        self.snapshot_file(&self.volume_path(volume_id), parent, hint, description, cancel, progress)
+    }
+
+    fn import_disk(&self, path: &Path, description: &str, cancel: &AtomicBool, progress: Progress) -> Result<SnapshotResult> {
+        self.snapshot_file(path, None, ChangeHint::None, description, cancel, progress)
+    }
+
+    fn delete_snapshot(&self, snapshot_id: &str) -> Result<()> {
+        if let Some(image) = self.registry.list()?.into_iter().find(|i| i.snapshot_id == snapshot_id) {
+            return Err(Error::SnapshotInUse { id: snapshot_id.to_string(), image: image.id }.into());
+        }
+        self.store.delete_snapshot(snapshot_id)?;
+        let cached = self.state_dir.join("cache").join(format!("{snapshot_id}.raw"));
+        let _ = fs::remove_file(cached);
+        Ok(())
+    }
+
+    fn register_image(&self, request: &ImageRequest) -> Result<Image> {
+        let snapshot = self.store.snapshot(&request.snapshot_id)?;
+        let image = Image {
+            id: ids::new_id("ami"),
+            name: request.name.clone(),
+            description: request.description.clone(),
+            snapshot_id: request.snapshot_id.clone(),
+            volume_size: snapshot.volume_size,
+            architecture: "x86_64".into(),
+            root_device_name: "/dev/xvda".into(),
+            created: ids::now_rfc3339(),
+            tags: request.tags.clone(),
+        };
+        self.registry.register(&image)?;
+        Ok(image)
+    }
+
+    fn delete_image(&self, image_id: &str) -> Result<()> {
+        let Some(image) = self.registry.get(image_id)? else { return Ok(()) };
+        self.registry.remove(image_id)?;
+        self.delete_snapshot(&image.snapshot_id)
+    }
+
+    fn export_image(&self, image_id: &str, out: &Path, cancel: &AtomicBool) -> Result<()> {
+        let image = self.registry.get(image_id)?.ok_or_else(|| Error::NoSuchImage { id: image_id.to_string() })?;
+        let manifest = self.store.snapshot(&image.snapshot_id)?;
+        Ok(self.store.materialize(&manifest, out, cancel)?)
+    }
+
+    fn collect_garbage(&self, live_bakes: &[String], dry_run: bool) -> Result<GcReport> {
+        let mut report = GcReport::default();
+        let mut note = |what: String, removed: bool| {
+            if removed { report.removed.push(what) } else { report.kept_live.push(what) }
+        };
+        // Mount points, scratch files and volume records all carry the bake id in their names.
+        let is_live_path = |p: &Path| live_bakes.iter().any(|id| p.to_string_lossy().contains(id.as_str()));
+        let is_live_volume = |file: &Path| {
+            let id = file.file_stem().unwrap_or_default().to_string_lossy().into_owned();
+            self.volume_meta(&id).is_ok_and(|meta| live_bakes.contains(&meta.bake_id))
+        };
+        let scratch = [self.state_dir.join("mnt"), self.state_dir.join("tmp")];
+
+        // Mounts first, then the loop devices under them, then files: the reverse of creation.
+        for prefix in &scratch {
+            for point in mounts::mounted_under(prefix) {
+                let live = is_live_path(&point);
+                if !live && !dry_run {
+                    mounts::unmount_tree(&point)?;
+                }
+                note(format!("mount {}", point.display()), !live);
+            }
+        }
+        for (device, file) in loopdev::list() {
+            let ours = file.starts_with(self.state_dir.join("volumes")) || scratch.iter().any(|s| file.starts_with(s));
+            if !ours {
+                continue;
+            }
+            let live = is_live_volume(&file) || is_live_path(&file);
+            if !live && !dry_run {
+                loopdev::detach_if_backed_by(&device, &file)?;
+            }
+            note(format!("loop device {} ({})", device.display(), file.display()), !live);
+        }
+        let volumes = self.state_dir.join("volumes");
+        for entry in io(&volumes, fs::read_dir(&volumes))?.flatten() {
+            let path = entry.path();
+            let live = is_live_volume(&path);
+            if !live && !dry_run {
+                io(&path, fs::remove_file(&path))?;
+            }
+            note(format!("volume file {}", path.display()), !live);
+        }
+        for prefix in &scratch {
+            for entry in io(prefix, fs::read_dir(prefix))?.flatten() {
+                let path = entry.path();
+                let live = is_live_path(&path);
+                if !live && !dry_run {
+                    io(&path, if path.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) })?;
+                }
+                note(format!("scratch {}", path.display()), !live);
+            }
+        }
+
+        // Snapshots and blocks are only swept when no bake runs: a live bake may have stored
+        // blocks or a snapshot that nothing references yet.
+        if !live_bakes.is_empty() {
+            return Ok(report);
+        }
+        let images = self.registry.list()?;
+        let used: BTreeSet<&str> = images.iter().map(|i| i.snapshot_id.as_str()).collect();
+        let mut referenced = BTreeSet::new();
+        for id in self.store.snapshot_ids()? {
+            if used.contains(id.as_str()) {
+                referenced.extend(self.store.snapshot(&id)?.blocks.into_values());
+            } else {
+                if !dry_run {
+                    self.store.delete_snapshot(&id)?;
+                }
+                note(format!("unregistered snapshot {id}"), true);
+            }
+        }
+        let cache = self.state_dir.join("cache");
+        for entry in io(&cache, fs::read_dir(&cache))?.flatten() {
+            let path = entry.path();
+            let stem = path.file_stem().unwrap_or_default().to_string_lossy().into_owned();
+            if !used.contains(stem.as_str()) {
+                if !dry_run {
+                    io(&path, fs::remove_file(&path))?;
+                }
+                note(format!("cache {}", path.display()), true);
+            }
+        }
+        let mut unreferenced = 0;
+        for hash in self.store.all_blocks()? {
+            if !referenced.contains(&hash) {
+                if !dry_run {
+                    self.store.remove_block(&hash)?;
+                }
+                unreferenced += 1;
+            }
+        }
+        if unreferenced > 0 {
+            note(format!("{unreferenced} unreferenced blocks"), true);
+        }
+        for partial in self.store.incoming_files()? {
+            if !dry_run {
+                io(&partial, fs::remove_file(&partial))?;
+            }
+            note(format!("partial block {}", partial.display()), true);
+        }
+        Ok(report)
+    }
+}

@@ -1,0 +1,1498 @@
+//! Recipes: what an app team customizes when baking its package onto a base image.
+//!
+//! A recipe is a TOML file that may `extends` another. Loading one checks everything that can
+//! be checked before a bake and reports every problem at once, each against the file that holds
+//! the offending key, so a team fixes a recipe in one round trip rather than one error per run.
+
+use serde::Serialize;
+use snafu::{ResultExt, Snafu};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::fs;
+use std::path::{Component, Path, PathBuf};
+use toml::{Table, Value};
+
+/// Template names whose values come from the bake rather than from `[vars]`.
+pub const BUILTIN_VARS: &[&str] = &[
+    "app",
+    "version",
+    "package_sha256",
+    "build_job",
+    "build_number",
+    "commit",
+    "base_image",
+];
+
+const DEFAULT_ACCOUNT: &str = "root";
+const DEFAULT_FILE_MODE: u32 = 0o644;
+const DEFAULT_MAX_EXPANDED_BYTES: u64 = 4 << 30;
+
+const TOP_KEYS: &[&str] = &[
+    "description",
+    "extends",
+    "package",
+    "vars",
+    "files",
+    "commands",
+    "services",
+    "tags",
+];
+const PACKAGE_KEYS: &[&str] = &[
+    "install_root",
+    "owner",
+    "group",
+    "strip_components",
+    "max_expanded_size",
+    "allow_device_nodes",
+    "allow_external_hardlinks",
+];
+const FILE_KEYS: &[&str] = &["path", "content", "mode", "owner", "group"];
+const SERVICES_KEYS: &[&str] = &["enable", "disable"];
+
+#[derive(Debug, Snafu)]
+pub enum Error {
+    #[snafu(display("could not read recipe {}: {source}", path.display()))]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+
+    #[snafu(display("{}: {source}", path.display()))]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+
+    #[snafu(display("{}", problems.iter().map(Problem::to_string).collect::<Vec<_>>().join("\n")))]
+    Invalid { problems: Vec<Problem> },
+
+    #[snafu(display("could not render {what}: {message}"))]
+    Render { what: String, message: String },
+}
+
+/// One thing wrong with a recipe; `key` is a path such as `files[1].mode`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Problem {
+    pub file: PathBuf,
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}: {}", self.file.display(), self.key, self.message)
+    }
+}
+
+/// A recipe with its `extends` chain merged and defaults applied.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Recipe {
+    /// The file loaded first, then its ancestors.
+    pub files_loaded: Vec<PathBuf>,
+    pub description: Option<String>,
+    pub package: PackageSpec,
+    /// Sorted by path: distinct paths don't depend on each other, and a fixed order makes
+    /// equivalent recipes compare (and hash) equal.
+    pub files: Vec<FileSpec>,
+    pub commands: Vec<String>,
+    pub services: Services,
+    pub vars: BTreeMap<String, String>,
+    pub tags: BTreeMap<String, String>,
+}
+
+/// How the package is unpacked into the image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PackageSpec {
+    pub install_root: String,
+    /// Names, resolved later against the image's own /etc/passwd and /etc/group.
+    pub owner: String,
+    pub group: String,
+    pub strip_components: usize,
+    pub max_expanded_bytes: u64,
+    pub allow_device_nodes: bool,
+    pub allow_external_hardlinks: bool,
+}
+
+/// A file written into the image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FileSpec {
+    pub path: String,
+    pub content: String,
+    pub mode: u32,
+    pub owner: String,
+    pub group: String,
+}
+
+/// Systemd units to enable and disable, each sorted and without duplicates.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Services {
+    pub enable: Vec<String>,
+    pub disable: Vec<String>,
+}
+
+/// Loads the recipe at `path` and the chain of recipes it extends.
+pub fn load(path: &Path) -> Result<Recipe, Error> {
+    let mut problems = Vec::new();
+    let (layer, mut declares_extends) = read_layer(path, &mut problems)?;
+    let mut seen = vec![fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())];
+    let mut layers = vec![layer];
+    // Checks that need the whole chain (required keys, template names) would only produce
+    // noise when part of it couldn't be loaded; the reason it couldn't is reported instead.
+    let mut complete = true;
+
+    loop {
+        let child = layers
+            .last()
+            .expect("the chain starts with the loaded file");
+        let Some(extends) = &child.extends else {
+            complete &= !declares_extends;
+            break;
+        };
+        let parent = child.file.parent().unwrap_or(Path::new("")).join(extends);
+        let extends_problem = |message: String| Problem {
+            file: child.file.clone(),
+            key: "extends".into(),
+            message,
+        };
+        let unreadable = |e: &std::io::Error| format!("cannot read {}: {e}", parent.display());
+        let canonical = match fs::canonicalize(&parent) {
+            Ok(canonical) => canonical,
+            Err(e) => {
+                problems.push(extends_problem(unreadable(&e)));
+                complete = false;
+                break;
+            }
+        };
+        if let Some(start) = seen.iter().position(|p| *p == canonical) {
+            let cycle: Vec<String> = layers[start..]
+                .iter()
+                .map(|l| l.file.display().to_string())
+                .chain([parent.display().to_string()])
+                .collect();
+            let cycle = cycle.join(" -> ");
+            problems.push(extends_problem(format!(
+                "extends chain is a cycle: {cycle}"
+            )));
+            complete = false;
+            break;
+        }
+        let (layer, extends_key) = match read_layer(&parent, &mut problems) {
+            Ok(read) => read,
+            Err(Error::Read { source, .. }) => {
+                problems.push(extends_problem(unreadable(&source)));
+                complete = false;
+                break;
+            }
+            Err(e) => return Err(e),
+        };
+        declares_extends = extends_key;
+        seen.push(canonical);
+        layers.push(layer);
+    }
+
+    if complete {
+        let mut known: BTreeSet<&str> = BUILTIN_VARS.iter().copied().collect();
+        known.extend(
+            layers
+                .iter()
+                .flat_map(|l| l.vars.keys().map(String::as_str)),
+        );
+        for layer in &layers {
+            check_templates(layer, &known, &mut problems);
+        }
+    }
+
+    let install_root = layers.iter().find_map(|l| l.install_root.clone());
+    if complete && install_root.is_none() {
+        problems.push(Problem {
+            file: path.to_path_buf(),
+            key: "package.install_root".into(),
+            message: "is required (in this recipe or one it extends)".into(),
+        });
+    }
+    match install_root {
+        Some(install_root) if problems.is_empty() => Ok(merge(layers, install_root)),
+        _ => {
+            // Group by file, in chain order; within a file, discovery order.
+            let order: Vec<&Path> = layers.iter().map(|l| l.file.as_path()).collect();
+            problems.sort_by_key(|p| order.iter().position(|f| *f == p.file));
+            InvalidSnafu { problems }.fail()
+        }
+    }
+}
+
+impl Recipe {
+    /// Everything that affects the built image, as deterministic JSON for the bake key. Where
+    /// recipe files live and the human description don't change the image, so they're left out.
+    pub fn canonical_json(&self) -> String {
+        #[derive(Serialize)]
+        struct Canonical<'a> {
+            package: &'a PackageSpec,
+            files: &'a [FileSpec],
+            commands: &'a [String],
+            services: &'a Services,
+            vars: &'a BTreeMap<String, String>,
+            tags: &'a BTreeMap<String, String>,
+        }
+        serde_json::to_string(&Canonical {
+            package: &self.package,
+            files: &self.files,
+            commands: &self.commands,
+            services: &self.services,
+            vars: &self.vars,
+            tags: &self.tags,
+        })
+        .expect("a recipe has only string map keys, so it serializes")
+    }
+
+    /// The recipe with templates expanded from `[vars]` and `builtins` (values for
+    /// [`BUILTIN_VARS`]; other names in it are ignored so they can't shadow vars).
+    pub fn rendered(&self, builtins: &BTreeMap<String, String>) -> Result<Recipe, Error> {
+        let values: BTreeMap<&str, &str> = self
+            .vars
+            .iter()
+            .chain(
+                builtins
+                    .iter()
+                    .filter(|(k, _)| BUILTIN_VARS.contains(&k.as_str())),
+            )
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let render_one = |text: &str, what: String| {
+            render(text, &values).map_err(|message| RenderSnafu { what, message }.build())
+        };
+        let mut out = self.clone();
+        for file in &mut out.files {
+            file.content = render_one(&file.content, format!("the content of {}", file.path))?;
+        }
+        for (i, command) in out.commands.iter_mut().enumerate() {
+            *command = render_one(command, format!("commands[{i}]"))?;
+        }
+        for (key, value) in &mut out.tags {
+            *value = render_one(value, format!("tag {key}"))?;
+        }
+        Ok(out)
+    }
+}
+
+/// One recipe file's own settings, before merging with the files it extends.
+///
+/// Invalid values are reported and then either dropped or replaced by placeholders, so one
+/// mistake doesn't cascade (a mistyped var still counts as defined; a bad install_root still
+/// counts as given). Placeholders never reach a `Recipe`: any problem prevents building one.
+#[derive(Default)]
+struct Layer {
+    file: PathBuf,
+    extends: Option<String>,
+    description: Option<String>,
+    install_root: Option<String>,
+    owner: Option<String>,
+    group: Option<String>,
+    strip_components: Option<usize>,
+    max_expanded_bytes: Option<u64>,
+    allow_device_nodes: Option<bool>,
+    allow_external_hardlinks: Option<bool>,
+    vars: BTreeMap<String, String>,
+    /// Each with its index in this file's `files` array, to name it in problems.
+    files: Vec<(usize, FileSpec)>,
+    commands: Vec<String>,
+    enable: Vec<String>,
+    disable: Vec<String>,
+    tags: BTreeMap<String, String>,
+}
+
+/// Reads and checks one file; also says whether it has an `extends` key at all, valid or not.
+fn read_layer(path: &Path, problems: &mut Vec<Problem>) -> Result<(Layer, bool), Error> {
+    tracing::debug!(recipe = %path.display(), "loading recipe");
+    let text = fs::read_to_string(path).context(ReadSnafu { path })?;
+    let table: Table = text.parse().context(ParseSnafu { path })?;
+    let mut checker = Checker {
+        file: path,
+        problems,
+    };
+    Ok((checker.layer(&table), table.contains_key("extends")))
+}
+
+/// Merges a chain of layers (the loaded file first) from the root ancestor down.
+fn merge(layers: Vec<Layer>, install_root: String) -> Recipe {
+    let files_loaded = layers.iter().map(|l| l.file.clone()).collect();
+    let mut description = None;
+    let mut owner = None;
+    let mut group = None;
+    let mut strip_components = None;
+    let mut max_expanded_bytes = None;
+    let mut allow_device_nodes = None;
+    let mut allow_external_hardlinks = None;
+    let mut vars = BTreeMap::new();
+    let mut files = BTreeMap::new();
+    let mut commands = Vec::new();
+    let mut enable = BTreeSet::new();
+    let mut disable = BTreeSet::new();
+    let mut tags = BTreeMap::new();
+    for layer in layers.into_iter().rev() {
+        description = layer.description.or(description);
+        owner = layer.owner.or(owner);
+        group = layer.group.or(group);
+        strip_components = layer.strip_components.or(strip_components);
+        max_expanded_bytes = layer.max_expanded_bytes.or(max_expanded_bytes);
+        allow_device_nodes = layer.allow_device_nodes.or(allow_device_nodes);
+        allow_external_hardlinks = layer.allow_external_hardlinks.or(allow_external_hardlinks);
+        vars.extend(layer.vars);
+        files.extend(layer.files.into_iter().map(|(_, f)| (f.path.clone(), f)));
+        commands.extend(layer.commands);
+        for service in layer.disable {
+            enable.remove(&service);
+            disable.insert(service);
+        }
+        for service in layer.enable {
+            disable.remove(&service);
+            enable.insert(service);
+        }
+        tags.extend(layer.tags);
+    }
+    Recipe {
+        files_loaded,
+        description,
+        package: PackageSpec {
+            install_root,
+            owner: owner.unwrap_or_else(|| DEFAULT_ACCOUNT.into()),
+            group: group.unwrap_or_else(|| DEFAULT_ACCOUNT.into()),
+            strip_components: strip_components.unwrap_or(0),
+            max_expanded_bytes: max_expanded_bytes.unwrap_or(DEFAULT_MAX_EXPANDED_BYTES),
+            allow_device_nodes: allow_device_nodes.unwrap_or(false),
+            allow_external_hardlinks: allow_external_hardlinks.unwrap_or(false),
+        },
+        files: files.into_values().collect(),
+        commands,
+        services: Services {
+            enable: enable.into_iter().collect(),
+            disable: disable.into_iter().collect(),
+        },
+        vars,
+        tags,
+    }
+}
+
+/// Reports unknown template names, which need every file's vars and so come after reading.
+fn check_templates(layer: &Layer, known: &BTreeSet<&str>, problems: &mut Vec<Problem>) {
+    let mut checker = Checker {
+        file: &layer.file,
+        problems,
+    };
+    for (i, file) in &layer.files {
+        checker.template(&format!("files[{i}].content"), &file.content, known);
+    }
+    for (i, command) in layer.commands.iter().enumerate() {
+        checker.template(&format!("commands[{i}]"), command, known);
+    }
+    for (key, value) in &layer.tags {
+        checker.template(&format!("tags.{key}"), value, known);
+    }
+}
+
+/// Walks one file's table, recording problems against that file.
+struct Checker<'a> {
+    file: &'a Path,
+    problems: &'a mut Vec<Problem>,
+}
+
+impl Checker<'_> {
+    fn report(&mut self, key: &str, message: impl Into<String>) {
+        self.problems.push(Problem {
+            file: self.file.to_path_buf(),
+            key: key.to_string(),
+            message: message.into(),
+        });
+    }
+
+    fn layer(&mut self, table: &Table) -> Layer {
+        let mut layer = Layer {
+            file: self.file.to_path_buf(),
+            ..Layer::default()
+        };
+        for (key, value) in table {
+            match key.as_str() {
+                "description" => layer.description = self.string(key, value),
+                "extends" => {
+                    layer.extends = self.string(key, value).filter(|extends| {
+                        let empty = extends.is_empty();
+                        if empty {
+                            self.report(key, "must not be empty");
+                        }
+                        !empty
+                    })
+                }
+                "package" => {
+                    if let Some(package) = self.table(key, value) {
+                        self.package(package, &mut layer);
+                    }
+                }
+                "vars" => {
+                    if let Some(vars) = self.table(key, value) {
+                        self.vars(vars, &mut layer);
+                    }
+                }
+                "files" => self.files(value, &mut layer),
+                "commands" => {
+                    for (i, command) in self.strings(key, value).into_iter().enumerate() {
+                        let command = command.unwrap_or_default();
+                        if command.trim().is_empty() {
+                            self.report(&format!("commands[{i}]"), "must not be empty");
+                        }
+                        // Invalid entries stay as placeholders so indexes keep naming entries.
+                        layer.commands.push(command);
+                    }
+                }
+                "services" => {
+                    if let Some(services) = self.table(key, value) {
+                        self.services(services, &mut layer);
+                    }
+                }
+                "tags" => {
+                    if let Some(tags) = self.table(key, value) {
+                        self.tags(tags, &mut layer);
+                    }
+                }
+                _ => self.unknown(key, key, TOP_KEYS),
+            }
+        }
+        layer
+    }
+
+    fn package(&mut self, table: &Table, layer: &mut Layer) {
+        for (name, value) in table {
+            let key = format!("package.{name}");
+            match name.as_str() {
+                "install_root" => {
+                    let root = self.string(&key, value).unwrap_or_default();
+                    if !root.is_empty() {
+                        self.absolute_path(&key, &root);
+                    }
+                    layer.install_root = Some(root);
+                }
+                "owner" => layer.owner = self.account(&key, value),
+                "group" => layer.group = self.account(&key, value),
+                "strip_components" => {
+                    layer.strip_components = self.integer(&key, value).and_then(|n| {
+                        let count = usize::try_from(n).ok();
+                        if count.is_none() {
+                            self.report(&key, format!("{n} is not a number of path components"));
+                        }
+                        count
+                    })
+                }
+                "max_expanded_size" => layer.max_expanded_bytes = self.size(&key, value),
+                "allow_device_nodes" => layer.allow_device_nodes = self.boolean(&key, value),
+                "allow_external_hardlinks" => {
+                    layer.allow_external_hardlinks = self.boolean(&key, value)
+                }
+                _ => self.unknown(&key, name, PACKAGE_KEYS),
+            }
+        }
+    }
+
+    fn vars(&mut self, table: &Table, layer: &mut Layer) {
+        for (name, value) in table {
+            let key = format!("vars.{name}");
+            if BUILTIN_VARS.contains(&name.as_str()) {
+                self.report(&key, "is a built-in template name and cannot be set");
+            } else if !is_template_name(name) {
+                self.report(
+                    &key,
+                    "is not a valid template name (use letters, digits, _ and -)",
+                );
+            }
+            let text = self.string_in_table(&key, name, value);
+            layer.vars.insert(name.clone(), text.unwrap_or_default());
+        }
+    }
+
+    fn files(&mut self, value: &Value, layer: &mut Layer) {
+        let Some(entries) = value.as_array() else {
+            let found = value.type_str();
+            self.report(
+                "files",
+                format!("must be an array of [[files]] tables, not {found}"),
+            );
+            return;
+        };
+        let mut first_with_path: BTreeMap<String, usize> = BTreeMap::new();
+        for (i, entry) in entries.iter().enumerate() {
+            let key = format!("files[{i}]");
+            let Some(table) = self.table(&key, entry) else {
+                continue;
+            };
+            let file = self.file_spec(&key, table);
+            if !file.path.is_empty() {
+                if let Some(first) = first_with_path.get(&file.path) {
+                    let path = &file.path;
+                    self.report(
+                        &format!("{key}.path"),
+                        format!("\"{path}\" is already the path of files[{first}]"),
+                    );
+                } else {
+                    first_with_path.insert(file.path.clone(), i);
+                }
+            }
+            layer.files.push((i, file));
+        }
+    }
+
+    /// One `[[files]]` entry; an empty path stands for a missing or invalid one.
+    fn file_spec(&mut self, key: &str, table: &Table) -> FileSpec {
+        let mut path = None;
+        let mut content = None;
+        let mut mode = None;
+        let mut owner = None;
+        let mut group = None;
+        for (name, value) in table {
+            let key = format!("{key}.{name}");
+            match name.as_str() {
+                "path" => {
+                    path = self.string(&key, value).filter(|p| self.file_path(&key, p));
+                }
+                "content" => content = self.string(&key, value),
+                "mode" => mode = self.mode(&key, value),
+                "owner" => owner = self.account(&key, value),
+                "group" => group = self.account(&key, value),
+                _ => self.unknown(&key, name, FILE_KEYS),
+            }
+        }
+        for (name, present) in [
+            ("path", table.contains_key("path")),
+            ("content", table.contains_key("content")),
+        ] {
+            if !present {
+                self.report(&format!("{key}.{name}"), "is required");
+            }
+        }
+        FileSpec {
+            path: path.unwrap_or_default(),
+            content: content.unwrap_or_default(),
+            mode: mode.unwrap_or(DEFAULT_FILE_MODE),
+            owner: owner.unwrap_or_else(|| DEFAULT_ACCOUNT.into()),
+            group: group.unwrap_or_else(|| DEFAULT_ACCOUNT.into()),
+        }
+    }
+
+    fn services(&mut self, table: &Table, layer: &mut Layer) {
+        for (name, value) in table {
+            let key = format!("services.{name}");
+            let list = match name.as_str() {
+                "enable" => &mut layer.enable,
+                "disable" => &mut layer.disable,
+                _ => {
+                    self.unknown(&key, name, SERVICES_KEYS);
+                    continue;
+                }
+            };
+            for (i, service) in self.strings(&key, value).into_iter().enumerate() {
+                let Some(service) = service else { continue };
+                if is_unit_name(&service) {
+                    list.push(service);
+                } else {
+                    self.report(
+                        &format!("{key}[{i}]"),
+                        format!("\"{service}\" is not a systemd unit name"),
+                    );
+                }
+            }
+        }
+        for service in layer.disable.iter().filter(|s| layer.enable.contains(s)) {
+            self.report(
+                "services.disable",
+                format!("\"{service}\" is also in services.enable"),
+            );
+        }
+    }
+
+    fn tags(&mut self, table: &Table, layer: &mut Layer) {
+        for (name, value) in table {
+            let key = format!("tags.{name}");
+            // EC2's limits and reserved prefix, so a recipe fails here rather than at the end
+            // of a bake.
+            if name.is_empty() || name.chars().count() > 128 {
+                self.report(&key, "tag keys must be 1 to 128 characters long");
+            } else if name.to_ascii_lowercase().starts_with("aws:") {
+                self.report(&key, "tag keys starting with \"aws:\" are reserved");
+            }
+            if let Some(text) = self.string_in_table(&key, name, value) {
+                layer.tags.insert(name.clone(), text);
+            }
+        }
+    }
+
+    fn template(&mut self, key: &str, text: &str, known: &BTreeSet<&str>) {
+        let pieces = match parse_template(text) {
+            Ok(pieces) => pieces,
+            Err(message) => return self.report(key, message),
+        };
+        let mut reported = BTreeSet::new();
+        for piece in pieces {
+            let Piece::Name(name) = piece else { continue };
+            if known.contains(name) || !reported.insert(name) {
+                continue;
+            }
+            let hint = match closest(name, known.iter().copied()) {
+                Some(near) => format!(" (did you mean \"{near}\"?)"),
+                None => String::new(),
+            };
+            self.report(key, format!("unknown template name \"{name}\"{hint}"));
+        }
+    }
+
+    fn unknown(&mut self, key: &str, name: &str, known: &[&str]) {
+        let hint = if let Some(near) = closest(name, known.iter().copied()) {
+            format!(" (did you mean \"{near}\"?)")
+        } else if key != name {
+            misplaced_hint(name)
+        } else {
+            String::new()
+        };
+        self.report(key, format!("unknown key{hint}"));
+    }
+
+    fn wrong_type(&mut self, key: &str, expected: &str, value: &Value) {
+        let found = value.type_str();
+        self.report(key, format!("must be {expected}, not {found}"));
+    }
+
+    fn string(&mut self, key: &str, value: &Value) -> Option<String> {
+        match value {
+            Value::String(text) => Some(text.clone()),
+            _ => {
+                self.wrong_type(key, "a string", value);
+                None
+            }
+        }
+    }
+
+    /// A string in a table of free-form keys, where a top-level key lands by mistake when it
+    /// is written after the table's header.
+    fn string_in_table(&mut self, key: &str, name: &str, value: &Value) -> Option<String> {
+        match value {
+            Value::String(text) => Some(text.clone()),
+            _ => {
+                let found = value.type_str();
+                let hint = misplaced_hint(name);
+                self.report(key, format!("must be a string, not {found}{hint}"));
+                None
+            }
+        }
+    }
+
+    fn integer(&mut self, key: &str, value: &Value) -> Option<i64> {
+        match value {
+            Value::Integer(n) => Some(*n),
+            _ => {
+                self.wrong_type(key, "an integer", value);
+                None
+            }
+        }
+    }
+
+    fn boolean(&mut self, key: &str, value: &Value) -> Option<bool> {
+        match value {
+            Value::Boolean(b) => Some(*b),
+            _ => {
+                self.wrong_type(key, "true or false", value);
+                None
+            }
+        }
+    }
+
+    fn table<'v>(&mut self, key: &str, value: &'v Value) -> Option<&'v Table> {
+        match value {
+            Value::Table(table) => Some(table),
+            _ => {
+                self.wrong_type(key, "a table", value);
+                None
+            }
+        }
+    }
+
+    /// An array of strings; entries of the wrong type are reported and come back as `None`.
+    fn strings(&mut self, key: &str, value: &Value) -> Vec<Option<String>> {
+        let Value::Array(entries) = value else {
+            self.wrong_type(key, "an array of strings", value);
+            return Vec::new();
+        };
+        entries
+            .iter()
+            .enumerate()
+            .map(|(i, entry)| self.string(&format!("{key}[{i}]"), entry))
+            .collect()
+    }
+
+    /// A user or group name; resolved later against the image, so only its shape is checked.
+    fn account(&mut self, key: &str, value: &Value) -> Option<String> {
+        let name = self.string(key, value)?;
+        if name.is_empty() {
+            self.report(key, "must not be empty");
+        } else if name.contains(|c: char| c == ':' || c.is_whitespace()) {
+            self.report(key, format!("\"{name}\" is not a user or group name"));
+        } else {
+            return Some(name);
+        }
+        None
+    }
+
+    /// A TOML integer could be a decimal 644 meant as octal, so only strings are accepted.
+    fn mode(&mut self, key: &str, value: &Value) -> Option<u32> {
+        let Value::String(text) = value else {
+            let found = value.type_str();
+            let message = format!("must be an octal string such as \"0644\", not {found}");
+            self.report(key, message);
+            return None;
+        };
+        let mode = parse_mode(text);
+        if mode.is_none() {
+            self.report(key, format!("\"{text}\" is not an octal file mode"));
+        }
+        mode
+    }
+
+    fn size(&mut self, key: &str, value: &Value) -> Option<u64> {
+        let size = match value {
+            Value::Integer(n) => u64::try_from(*n).ok(),
+            Value::String(text) => parse_size(text),
+            _ => {
+                self.wrong_type(key, "a size such as \"2GiB\" or a number of bytes", value);
+                return None;
+            }
+        };
+        match size {
+            Some(0) => self.report(key, "must be greater than zero"),
+            Some(bytes) => return Some(bytes),
+            None => {
+                self.report(
+                    key,
+                    format!(
+                    "{value} is not a size (use bytes, or a whole number with one of the units {})",
+                    SIZE_UNITS.iter().map(|(unit, _)| *unit).collect::<Vec<_>>().join(", ")
+                ),
+                )
+            }
+        }
+        None
+    }
+
+    /// Reports and returns false unless `path` is absolute and has no `..`, which could
+    /// otherwise point outside the image.
+    fn absolute_path(&mut self, key: &str, path: &str) -> bool {
+        if !path.starts_with('/') {
+            self.report(key, format!("\"{path}\" is not an absolute path"));
+            false
+        } else if Path::new(path)
+            .components()
+            .any(|c| c == Component::ParentDir)
+        {
+            self.report(key, format!("\"{path}\" must not contain \"..\""));
+            false
+        } else {
+            true
+        }
+    }
+
+    fn file_path(&mut self, key: &str, path: &str) -> bool {
+        if !self.absolute_path(key, path) {
+            false
+        } else if path.ends_with('/') {
+            self.report(key, format!("\"{path}\" names a directory, not a file"));
+            false
+        } else {
+            true
+        }
+    }
+}
+
+/// Suggests moving a top-level key that TOML put into the table above it.
+fn misplaced_hint(name: &str) -> String {
+    if TOP_KEYS.contains(&name) {
+        format!(" (top-level keys like \"{name}\" must come before the first [table] header)")
+    } else {
+        String::new()
+    }
+}
+
+/// The nearest candidate within a couple of typos, for "did you mean" hints.
+fn closest<'a>(word: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    candidates
+        .map(|candidate| (edit_distance(word, candidate), candidate))
+        .filter(|(distance, _)| *distance <= 2 && *distance < word.chars().count())
+        .min_by_key(|(distance, _)| *distance)
+        .map(|(_, candidate)| candidate)
+}
+
+/// Levenshtein distance, by characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut previous: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut current = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let substitution = previous[j] + usize::from(ca != *cb);
+            current.push(substitution.min(previous[j + 1] + 1).min(current[j] + 1));
+        }
+        previous = current;
+    }
+    previous[b.len()]
+}
+
+fn is_template_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+/// Plausible systemd unit names; a leading '-' would reach systemctl as an option.
+fn is_unit_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with('-')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "@._-".contains(c))
+}
+
+/// Parses a file mode such as "0644", "644" or "0o4755".
+fn parse_mode(text: &str) -> Option<u32> {
+    let digits = text.strip_prefix("0o").unwrap_or(text);
+    if digits.is_empty() || digits.len() > 5 || !digits.bytes().all(|b| (b'0'..=b'7').contains(&b))
+    {
+        return None;
+    }
+    u32::from_str_radix(digits, 8)
+        .ok()
+        .filter(|mode| *mode <= 0o7777)
+}
+
+const SIZE_UNITS: &[(&str, u64)] = &[
+    ("B", 1),
+    ("KB", 1000),
+    ("MB", 1000 * 1000),
+    ("GB", 1000 * 1000 * 1000),
+    ("TB", 1000 * 1000 * 1000 * 1000),
+    ("KiB", 1 << 10),
+    ("MiB", 1 << 20),
+    ("GiB", 1 << 30),
+    ("TiB", 1 << 40),
+];
+
+/// Parses "4096", "512MiB", "2 GiB", "100MB"...; `None` if malformed or over `u64::MAX`.
+fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let digits = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(digits);
+    let unit = unit.trim_start();
+    let multiplier = if unit.is_empty() {
+        1
+    } else {
+        SIZE_UNITS.iter().find(|(name, _)| *name == unit)?.1
+    };
+    number.parse::<u64>().ok()?.checked_mul(multiplier)
+}
+
+enum Piece<'a> {
+    Text(&'a str),
+    Name(&'a str),
+}
+
+/// Splits a template into literal text and `{{ name }}` references.
+fn parse_template(text: &str) -> Result<Vec<Piece<'_>>, String> {
+    let mut pieces = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("{{") {
+        pieces.push(Piece::Text(&rest[..start]));
+        let inner = &rest[start + 2..];
+        let Some(end) = inner.find("}}") else {
+            let excerpt: String = rest[start..].chars().take(20).collect();
+            return Err(format!(
+                "\"{{{{\" without a closing \"}}}}\" at \"{excerpt}\""
+            ));
+        };
+        let name = inner[..end].trim();
+        if !is_template_name(name) {
+            return Err(format!(
+                "\"{{{{{}}}}}\" is not a template reference",
+                &inner[..end]
+            ));
+        }
+        pieces.push(Piece::Name(name));
+        rest = &inner[end + 2..];
+    }
+    pieces.push(Piece::Text(rest));
+    Ok(pieces)
+}
+
+fn render(text: &str, values: &BTreeMap<&str, &str>) -> Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    for piece in parse_template(text)? {
+        match piece {
+            Piece::Text(literal) => out.push_str(literal),
+            Piece::Name(name) => match values.get(name) {
+                Some(value) => out.push_str(value),
+                None if BUILTIN_VARS.contains(&name) => {
+                    return Err(format!("no value was given for built-in \"{name}\""));
+                }
+                None => return Err(format!("unknown template name \"{name}\"")),
+            },
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    const RECIPES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../recipes");
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let path = dir.join(name);
+        fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn problems_of(result: Result<Recipe, Error>) -> Vec<Problem> {
+        match result {
+            Err(Error::Invalid { problems }) => problems,
+            other => panic!("expected problems, got {other:?}"),
+        }
+    }
+
+    fn keys(problems: &[Problem]) -> BTreeSet<&str> {
+        problems.iter().map(|p| p.key.as_str()).collect()
+    }
+
+    fn builtins() -> BTreeMap<String, String> {
+        BUILTIN_VARS
+            .iter()
+            .map(|name| (name.to_string(), format!("<{name}>")))
+            .collect()
+    }
+
+    #[test]
+    fn sample_webapp_recipe_loads_merged() {
+        let path = Path::new(RECIPES).join("tomcat-webapp.toml");
+        let recipe = load(&path).unwrap();
+        assert_eq!(
+            recipe.files_loaded,
+            [path.clone(), Path::new(RECIPES).join("tomcat-base.toml")]
+        );
+        assert_eq!(recipe.package.install_root, "/var/lib/tomcat10/webapps");
+        assert_eq!(
+            (recipe.package.owner.as_str(), recipe.package.group.as_str()),
+            ("tomcat", "tomcat")
+        );
+        assert_eq!(recipe.package.max_expanded_bytes, 2 << 30);
+        assert_eq!(recipe.services.enable, ["tomcat10"]);
+        assert_eq!(recipe.vars["heap"], "384m");
+        assert_eq!(recipe.files.len(), 1);
+        assert_eq!(recipe.files[0].mode, 0o644);
+        assert_eq!(recipe.commands.len(), 1);
+
+        let rendered = recipe.rendered(&builtins()).unwrap();
+        assert!(rendered.files[0]
+            .content
+            .contains("-Xmx384m -Dapp.version=<version>"));
+        assert_eq!(
+            rendered.commands[0],
+            "chown -R tomcat:tomcat /var/lib/tomcat10/webapps/<app>"
+        );
+        assert_eq!(rendered.tags["commit"], "<commit>");
+    }
+
+    #[test]
+    fn sample_base_recipe_loads_alone() {
+        let recipe = load(&Path::new(RECIPES).join("tomcat-base.toml")).unwrap();
+        assert_eq!(recipe.files_loaded.len(), 1);
+        assert_eq!(recipe.vars["heap"], "256m");
+        assert!(recipe.commands.is_empty());
+    }
+
+    #[test]
+    fn broken_example_reports_every_problem_at_once() {
+        let problems = problems_of(load(&Path::new(RECIPES).join("examples/broken.toml")));
+        let expected = BTreeSet::from([
+            "comands",
+            "package.install_root",
+            "package.owner",
+            "package.max_expanded_size",
+            "vars.heap",
+            "files[0].mode",
+            "files[0].content",
+            "files[1].path",
+            "files[1].content",
+            "services.enable[0]",
+        ]);
+        assert_eq!(keys(&problems), expected, "{problems:#?}");
+        assert_eq!(problems.len(), expected.len(), "{problems:#?}");
+        assert!(problems
+            .iter()
+            .all(|p| p.file.ends_with("examples/broken.toml")));
+    }
+
+    #[test]
+    fn problems_display_one_line_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            dir.path(),
+            "bad.toml",
+            "[package]\ninstall_root = \"/srv\"\n[[files]]\npath = \"/a\"\ncontent = \"\"\n\
+             [[files]]\npath = \"/b\"\ncontent = \"\"\nmode = \"0999\"\n",
+        );
+        let error = load(&path).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            format!(
+                "{}: files[1].mode: \"0999\" is not an octal file mode",
+                path.display()
+            )
+        );
+
+        write(
+            dir.path(),
+            "bad.toml",
+            "[package]\ninstal_root = \"/srv\"\n",
+        );
+        let lines = load(&path).unwrap_err().to_string();
+        let lines: Vec<&str> = lines.lines().collect();
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(
+            lines[0].ends_with("package.instal_root: unknown key (did you mean \"install_root\"?)")
+        );
+        assert!(lines[1]
+            .ends_with("package.install_root: is required (in this recipe or one it extends)"));
+    }
+
+    #[test]
+    fn extends_merges_tables_lists_and_services() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "c.toml",
+            r#"
+            commands = ["c1"]
+            [package]
+            install_root = "/srv/c"
+            owner = "c"
+            strip_components = 2
+            [vars]
+            x = "c"
+            y = "c"
+            [[files]]
+            path = "/etc/shared"
+            content = "from c"
+            [[files]]
+            path = "/etc/c"
+            content = "c"
+            [services]
+            enable = ["a", "b"]
+            disable = ["d"]
+            [tags]
+            t = "c"
+            "#,
+        );
+        fs::create_dir(dir.path().join("sub")).unwrap();
+        write(
+            dir.path(),
+            "sub/b.toml",
+            r#"
+            extends = "../c.toml"
+            commands = ["b1", "b2"]
+            [package]
+            group = "b"
+            [vars]
+            y = "b"
+            [services]
+            enable = ["d"]
+            "#,
+        );
+        let a = write(
+            dir.path(),
+            "a.toml",
+            r#"
+            description = "a"
+            extends = "sub/b.toml"
+            commands = ["a1"]
+            [package]
+            install_root = "/srv/a"
+            [[files]]
+            path = "/etc/shared"
+            content = "from a"
+            mode = "0600"
+            [services]
+            disable = ["b"]
+            [tags]
+            t = "a"
+            u = "a"
+            "#,
+        );
+        let recipe = load(&a).unwrap();
+        assert_eq!(
+            recipe.files_loaded,
+            [
+                a,
+                dir.path().join("sub/b.toml"),
+                dir.path().join("sub/../c.toml")
+            ]
+        );
+        assert_eq!(recipe.description.as_deref(), Some("a"));
+        let package = &recipe.package;
+        assert_eq!(package.install_root, "/srv/a");
+        assert_eq!((package.owner.as_str(), package.group.as_str()), ("c", "b"));
+        assert_eq!(package.strip_components, 2);
+        assert_eq!(package.max_expanded_bytes, DEFAULT_MAX_EXPANDED_BYTES);
+        assert_eq!(recipe.commands, ["c1", "b1", "b2", "a1"]);
+        let files: Vec<(&str, &str, u32)> = recipe
+            .files
+            .iter()
+            .map(|f| (f.path.as_str(), f.content.as_str(), f.mode))
+            .collect();
+        assert_eq!(
+            files,
+            [("/etc/c", "c", 0o644), ("/etc/shared", "from a", 0o600)]
+        );
+        assert_eq!(recipe.services.enable, ["a", "d"]);
+        assert_eq!(recipe.services.disable, ["b"]);
+        assert_eq!(
+            recipe.vars,
+            BTreeMap::from([("x".into(), "c".into()), ("y".into(), "b".into())])
+        );
+        assert_eq!(
+            recipe.tags,
+            BTreeMap::from([("t".into(), "a".into()), ("u".into(), "a".into())])
+        );
+    }
+
+    #[test]
+    fn problems_are_reported_against_the_file_holding_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = write(
+            dir.path(),
+            "base.toml",
+            "[[files]]\npath = \"/etc/x\"\ncontent = \"{{ name }}\"\nmode = \"888\"\n",
+        );
+        let child = write(
+            dir.path(),
+            "child.toml",
+            "extends = \"base.toml\"\n[package]\ninstall_root = \"/srv/../etc\"\n[vars]\nname = \"ok\"\n",
+        );
+        let problems = problems_of(load(&child));
+        let found: Vec<(&Path, &str)> = problems
+            .iter()
+            .map(|p| (p.file.as_path(), p.key.as_str()))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                (child.as_path(), "package.install_root"),
+                (base.as_path(), "files[0].mode")
+            ]
+        );
+    }
+
+    #[test]
+    fn extends_cycle_names_the_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = write(dir.path(), "a.toml", "extends = \"b.toml\"\n");
+        let b = write(dir.path(), "b.toml", "extends = \"a.toml\"\n");
+        let problems = problems_of(load(&a));
+        assert_eq!(problems.len(), 1, "{problems:#?}");
+        assert_eq!(
+            (problems[0].file.as_path(), problems[0].key.as_str()),
+            (b.as_path(), "extends")
+        );
+        let chain = [&a, &b, &a].map(|p| p.display().to_string()).join(" -> ");
+        assert_eq!(
+            problems[0].message,
+            format!("extends chain is a cycle: {chain}")
+        );
+
+        let own = write(dir.path(), "own.toml", "extends = \"own.toml\"\n");
+        assert!(problems_of(load(&own))[0].message.contains("cycle"));
+    }
+
+    #[test]
+    fn missing_extends_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let child = write(
+            dir.path(),
+            "child.toml",
+            "extends = \"nowhere.toml\"\n[vars]\n\"1x\" = \"a\"\n",
+        );
+        let problems = problems_of(load(&child));
+        // The bad var is still reported; the missing install_root is not, since the
+        // missing file might have set it.
+        assert_eq!(
+            keys(&problems),
+            BTreeSet::from(["extends", "vars.1x"]),
+            "{problems:#?}"
+        );
+        let missing = problems.iter().find(|p| p.key == "extends").unwrap();
+        assert!(missing
+            .message
+            .contains(&dir.path().join("nowhere.toml").display().to_string()));
+    }
+
+    #[test]
+    fn syntax_errors_name_the_file_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "syntax.toml", "description = \"x\"\n[package\n");
+        let error = load(&path).unwrap_err();
+        assert!(matches!(error, Error::Parse { .. }), "{error:?}");
+        let message = error.to_string();
+        assert!(
+            message.starts_with(&path.display().to_string()),
+            "{message}"
+        );
+        assert!(message.contains("line 2"), "{message}");
+
+        let child = write(dir.path(), "child.toml", "extends = \"syntax.toml\"\n");
+        assert!(matches!(load(&child), Err(Error::Parse { path: p, .. }) if p == path));
+    }
+
+    #[test]
+    fn templates_are_checked_and_rendered() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = write(
+            dir.path(),
+            "good.toml",
+            r#"
+            commands = ["echo {{app}}:{{ version }}:{{  greeting }}", "no templates"]
+            [package]
+            install_root = "/srv"
+            [vars]
+            greeting = "hi"
+            [tags]
+            build = "{{ build_job }}#{{ build_number }}"
+            "#,
+        );
+        let recipe = load(&good).unwrap();
+        let rendered = recipe.rendered(&builtins()).unwrap();
+        assert_eq!(
+            rendered.commands,
+            ["echo <app>:<version>:hi", "no templates"]
+        );
+        assert_eq!(rendered.tags["build"], "<build_job>#<build_number>");
+
+        let partial = BTreeMap::from([("app".to_string(), "hello".to_string())]);
+        let error = recipe.rendered(&partial).unwrap_err().to_string();
+        assert_eq!(
+            error,
+            "could not render commands[0]: no value was given for built-in \"version\""
+        );
+
+        let bad = write(
+            dir.path(),
+            "bad.toml",
+            r#"
+            commands = ["{{ greting }}", "{{ app", "{{ two words }}", "{{ app }} {{ nope }} {{ nope }}"]
+            [package]
+            install_root = "/srv"
+            [vars]
+            greeting = "hi"
+            app = "shadow"
+            "#,
+        );
+        let problems = problems_of(load(&bad));
+        let found: Vec<(&str, &str)> = problems
+            .iter()
+            .map(|p| (p.key.as_str(), p.message.as_str()))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                ("vars.app", "is a built-in template name and cannot be set"),
+                (
+                    "commands[0]",
+                    "unknown template name \"greting\" (did you mean \"greeting\"?)"
+                ),
+                (
+                    "commands[1]",
+                    "\"{{\" without a closing \"}}\" at \"{{ app\""
+                ),
+                (
+                    "commands[2]",
+                    "\"{{ two words }}\" is not a template reference"
+                ),
+                ("commands[3]", "unknown template name \"nope\""),
+            ]
+        );
+    }
+
+    #[test]
+    fn canonical_json_ignores_layout_but_not_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = write(
+            dir.path(),
+            "one.toml",
+            r#"
+            description = "first"
+            commands = ["a", "b"]
+            [package]
+            install_root = "/srv"
+            max_expanded_size = "1GiB"
+            [[files]]
+            path = "/etc/x"
+            content = "x"
+            [[files]]
+            path = "/etc/y"
+            content = "y"
+            mode = "644"
+            [services]
+            enable = ["b", "a", "a"]
+            [vars]
+            v = "1"
+            w = "2"
+            "#,
+        );
+        write(
+            dir.path(),
+            "base.toml",
+            "[package]\ninstall_root = \"/elsewhere\"\nowner = \"root\"\n[vars]\nw = \"2\"\n",
+        );
+        let two = write(
+            dir.path(),
+            "two.toml",
+            r#"
+extends = "base.toml"
+description = "second, with the same effect"
+commands = [ "a",
+  "b" ]
+[vars]
+v = "1"
+[services]
+enable = ["a", "b"]
+[[files]]
+content = "y"
+path = "/etc/y"
+mode = "0o644"
+[[files]]
+path = "/etc/x"
+content = 'x'
+[package]
+max_expanded_size = 1073741824
+install_root = "/srv"
+"#,
+        );
+        let three = write(
+            dir.path(),
+            "three.toml",
+            &fs::read_to_string(&one)
+                .unwrap()
+                .replace("\"b\"]", "\"c\"]"),
+        );
+        let json = |path: &Path| load(path).unwrap().canonical_json();
+        assert_eq!(json(&one), json(&two));
+        assert_ne!(json(&one), json(&three));
+    }
+
+    #[test]
+    fn field_checks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            dir.path(),
+            "fields.toml",
+            r#"
+            extends = 3
+            [package]
+            install_root = "/srv"
+            strip_components = -1
+            max_expanded_size = 0
+            allow_device_nodes = "no"
+            group = "a:b"
+            [[files]]
+            path = "/etc/dir/"
+            mode = 420
+            [[files]]
+            path = "relative"
+            content = "x"
+            owner = " "
+            [services]
+            enable = ["-x", "ok"]
+            disable = ["ok"]
+            [tags]
+            "aws:name" = "x"
+            commands = ["oops"]
+            "#,
+        );
+        let found: BTreeMap<String, String> = problems_of(load(&path))
+            .into_iter()
+            .map(|p| (p.key, p.message))
+            .collect();
+        let expected = [
+            ("extends", "must be a string, not integer"),
+            ("package.strip_components", "-1 is not a number of path components"),
+            ("package.max_expanded_size", "must be greater than zero"),
+            ("package.allow_device_nodes", "must be true or false, not string"),
+            ("package.group", "\"a:b\" is not a user or group name"),
+            ("files[0].path", "\"/etc/dir/\" names a directory, not a file"),
+            ("files[0].mode", "must be an octal string such as \"0644\", not integer"),
+            ("files[0].content", "is required"),
+            ("files[1].path", "\"relative\" is not an absolute path"),
+            ("files[1].owner", "\" \" is not a user or group name"),
+            ("services.enable[0]", "\"-x\" is not a systemd unit name"),
+            ("services.disable", "\"ok\" is also in services.enable"),
+            ("tags.aws:name", "tag keys starting with \"aws:\" are reserved"),
+            (
+                "tags.commands",
+                "must be a string, not array (top-level keys like \"commands\" must come before the first [table] header)",
+            ),
+        ];
+        let expected: BTreeMap<String, String> = expected
+            .into_iter()
+            .map(|(k, m)| (k.to_string(), m.to_string()))
+            .collect();
+        assert_eq!(found, expected);
+    }
+
+    #[test]
+    fn modes() {
+        assert_eq!(parse_mode("0644"), Some(0o644));
+        assert_eq!(parse_mode("755"), Some(0o755));
+        assert_eq!(parse_mode("04755"), Some(0o4755));
+        assert_eq!(parse_mode("0o7777"), Some(0o7777));
+        for bad in ["", "0999", "10000", "0o", "-644", "64 4", "0x1ff"] {
+            assert_eq!(parse_mode(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("10KiB"), Some(10 * 1024));
+        assert_eq!(parse_size("512MiB"), Some(512 << 20));
+        assert_eq!(parse_size("2 GiB"), Some(2 << 30));
+        assert_eq!(parse_size("100MB"), Some(100_000_000));
+        assert_eq!(parse_size("1TiB"), Some(1 << 40));
+        assert_eq!(parse_size("7B"), Some(7));
+        for bad in [
+            "",
+            "GiB",
+            "2 gigs",
+            "1.5GiB",
+            "-1",
+            "2gib",
+            "99999999999TiB",
+        ] {
+            assert_eq!(parse_size(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn did_you_mean() {
+        assert_eq!(
+            closest("comands", TOP_KEYS.iter().copied()),
+            Some("commands")
+        );
+        assert_eq!(closest("hepa", ["heap", "app"].into_iter()), Some("heap"));
+        assert_eq!(closest("zzzzzz", TOP_KEYS.iter().copied()), None);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+    }
+}

@@ -1,0 +1,394 @@
+//! End to end on the local provider: real loop devices, real ext4, the real Debian base image.
+//! Every bad input must fail with a clear error and a meaningful exit status, register nothing
+//! and leave nothing behind.
+
+mod common;
+
+use common::*;
+use flate2::{write::GzEncoder, Compression};
+use serde_json::Value;
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const RECIPE: &str = "recipes/tomcat-webapp.toml";
+
+fn bake_args<'a>(package: &'a str, version: &'a str) -> Vec<&'a str> {
+    vec!["bake", "--base", BASE, "--recipe", RECIPE, "--package", package, "--app", "hello", "--version", version]
+}
+
+#[test]
+fn a_bake_installs_every_package_file_and_says_what_is_inside() {
+    let _serial = serial();
+    let base = base_image();
+    let dir = tempfile::tempdir().unwrap();
+    let package = sample_package(dir.path(), "1.4.2", 0);
+    let package_arg = package.to_string_lossy();
+    let mut args = bake_args(&package_arg, "1.4.2");
+    args.extend(["--build-job", "hello-main", "--build-number", "42", "--commit", "abc123", "--tag", "owner=team-hello", "--rebake"]);
+    let (code, out, stderr) = run_json(&args);
+    assert_eq!(code, 0, "{stderr}");
+    for field in ["image_id", "name", "snapshot_id", "base_image_id", "package_sha256", "bake_key", "changed_blocks", "stored_bytes", "duration_ms", "reused"] {
+        assert!(out.get(field).is_some(), "missing {field} in {out}");
+    }
+    assert_eq!(out["base_image_id"], base.as_str());
+    assert_eq!(out["package_sha256"], sha256_file(&package).as_str(), "the sidecar supplied the checksum");
+    assert_eq!(out["reused"], false);
+    let changed = out["changed_blocks"].as_u64().unwrap();
+    assert!(changed > 0 && changed < 200, "a small app changes a few blocks, not the disk: {changed}");
+    assert!(out["stored_bytes"].as_u64().unwrap() <= changed * 512 * 1024);
+
+    let image_id = out["image_id"].as_str().unwrap();
+    let (code, image, _) = run_json(&["images", "show", image_id]);
+    assert_eq!(code, 0);
+    let tags = &image["tags"];
+    for (key, value) in [("app", "hello"), ("version", "1.4.2"), ("build_job", "hello-main"), ("build_number", "42"), ("commit", "abc123"), ("owner", "team-hello"), ("team", "hello")] {
+        assert_eq!(tags[key], value, "tag {key} in {tags}");
+    }
+    assert_eq!(tags["base_image_id"], base.as_str());
+    assert_eq!(tags["package_sha256"], out["package_sha256"]);
+    assert_eq!(tags["bakery:bake-key"], out["bake_key"]);
+    assert!(image["name"].as_str().unwrap().starts_with("hello-1.4.2-h42-"));
+
+    let disk = dir.path().join("disk.raw");
+    let (code, _, stderr) = run_json(&["images", "export", image_id, "--output-file", &disk.to_string_lossy()]);
+    assert_eq!(code, 0, "{stderr}");
+    let mounted = MountedDisk::new(&disk);
+    let manifest: Value = serde_json::from_slice(&std::fs::read(mounted.path("/var/lib/bakery/manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["package"]["sha256"], out["package_sha256"]);
+    assert_eq!(manifest["base_image_id"], base.as_str());
+    let files: Vec<&Value> = manifest["files"].as_array().unwrap().iter().filter(|f| f["kind"] == "file").collect();
+    assert_eq!(files.len(), 3, "index.html, version.txt, health: {manifest}");
+    let tomcat_uid = passwd_uid(&mounted.path("/etc/passwd"), "tomcat");
+    for file in files {
+        let path = mounted.path(file["path"].as_str().unwrap());
+        assert_eq!(sha256_file(&path), file["sha256"].as_str().unwrap(), "{}", path.display());
+        assert_eq!(std::fs::metadata(&path).unwrap().uid(), tomcat_uid, "owned by tomcat: {}", path.display());
+    }
+    let version = std::fs::read_to_string(mounted.path("/var/lib/tomcat10/webapps/hello/version.txt")).unwrap();
+    assert_eq!(version.trim(), "1.4.2");
+    let defaults = std::fs::read_to_string(mounted.path("/etc/default/tomcat10")).unwrap();
+    assert!(defaults.contains("-Dapp.version=1.4.2") && defaults.contains("-Xmx384m"), "{defaults}");
+    assert!(!mounted.path("/usr/sbin/policy-rc.d").exists(), "the service block is removed before the snapshot");
+    assert!(mounted.path("/etc/systemd/system/multi-user.target.wants/tomcat10.service").exists());
+    drop(mounted);
+    assert_no_leftovers("after a good bake");
+}
+
+fn passwd_uid(passwd: &Path, user: &str) -> u32 {
+    let text = std::fs::read_to_string(passwd).unwrap();
+    let line = text.lines().find(|l| l.starts_with(&format!("{user}:"))).expect("user exists in the image");
+    line.split(':').nth(2).unwrap().parse().unwrap()
+}
+
+#[test]
+fn the_same_bake_key_returns_the_existing_image_unless_rebaked() {
+    let _serial = serial();
+    base_image();
+    let dir = tempfile::tempdir().unwrap();
+    let package = sample_package(dir.path(), "2.0.0", 0);
+    let package_arg = package.to_string_lossy();
+    let args = bake_args(&package_arg, "2.0.0");
+    let (code, first, stderr) = run_json(&args);
+    assert_eq!(code, 0, "{stderr}");
+    let (code, second, _) = run_json(&args);
+    assert_eq!(code, 0);
+    assert_eq!(second["reused"], true);
+    assert_eq!(second["image_id"], first["image_id"]);
+    assert_eq!(second["bake_key"], first["bake_key"]);
+
+    let mut rebake = args.clone();
+    rebake.push("--rebake");
+    let (code, third, _) = run_json(&rebake);
+    assert_eq!(code, 0);
+    assert_eq!(third["reused"], false);
+    assert_ne!(third["image_id"], first["image_id"]);
+    assert_eq!(third["bake_key"], first["bake_key"]);
+    assert_no_leftovers("after rebakes");
+}
+
+/// A tar entry as a hostile package would write it, bypassing the tar crate's own checks.
+enum Entry<'a> {
+    File(&'a str, &'a [u8]),
+    Symlink(&'a str, &'a str),
+    HardLink(&'a str, &'a str),
+    CharDevice(&'a str),
+}
+
+fn tarball(dir: &Path, name: &str, entries: &[Entry]) -> PathBuf {
+    let path = dir.join(name);
+    let mut gz = GzEncoder::new(std::fs::File::create(&path).unwrap(), Compression::fast());
+    for entry in entries {
+        let mut header = tar::Header::new_old();
+        let (path, kind, data, link): (&str, tar::EntryType, &[u8], Option<&str>) = match entry {
+            Entry::File(p, data) => (p, tar::EntryType::Regular, data, None),
+            Entry::Symlink(p, target) => (p, tar::EntryType::Symlink, b"", Some(target)),
+            Entry::HardLink(p, target) => (p, tar::EntryType::Link, b"", Some(target)),
+            Entry::CharDevice(p) => (p, tar::EntryType::Char, b"", None),
+        };
+        let old = header.as_old_mut();
+        old.name[..path.len()].copy_from_slice(path.as_bytes());
+        if let Some(link) = link {
+            old.linkname[..link.len()].copy_from_slice(link.as_bytes());
+        }
+        header.set_entry_type(kind);
+        header.set_mode(0o644);
+        header.set_size(data.len() as u64);
+        header.set_mtime(1_700_000_000);
+        header.set_cksum();
+        gz.write_all(header.as_bytes()).unwrap();
+        gz.write_all(data).unwrap();
+        gz.write_all(&vec![0u8; (512 - data.len() % 512) % 512]).unwrap();
+    }
+    gz.write_all(&[0u8; 1024]).unwrap();
+    gz.finish().unwrap();
+    path
+}
+
+struct BadCase {
+    name: &'static str,
+    package: PathBuf,
+    extra: Vec<String>,
+    exit: i32,
+    message: &'static str,
+}
+
+#[test]
+fn bad_inputs_fail_clearly_register_nothing_and_leave_nothing() {
+    let _serial = serial();
+    base_image();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let good = sample_package(d, "3.0.0", 0);
+    let escape = format!("bakery-escape-{}", std::process::id());
+    let outside = Path::new("/tmp").join(&escape);
+    let dotdot = format!("hello/../../../../../../../tmp/{escape}");
+    let absolute = format!("/tmp/{escape}");
+
+    let truncated = d.join("truncated.tar.gz");
+    let bytes = std::fs::read(&good).unwrap();
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    let not_tar = d.join("not-a-tar.tar.gz");
+    let mut gz = GzEncoder::new(std::fs::File::create(&not_tar).unwrap(), Compression::fast());
+    gz.write_all(&b"this is a text file, not a tar archive\n".repeat(40)).unwrap();
+    gz.finish().unwrap();
+    let big = d.join("big.tar.gz");
+    let zeros = vec![0u8; 8 << 20];
+    tarball(d, "big.tar.gz", &[Entry::File("hello/zeros.bin", &zeros)]);
+    let small_limit = d.join("small-limit.toml");
+    std::fs::write(
+        &small_limit,
+        format!("extends = \"{}\"\n[package]\nmax_expanded_size = \"1MiB\"\n", workspace().join(RECIPE).display()),
+    )
+    .unwrap();
+
+    let cases = vec![
+        BadCase { name: "wrong sha256", package: good.clone(), extra: vec!["--sha256".into(), "0".repeat(64)], exit: 3, message: "checksum" },
+        BadCase { name: "truncated gzip", package: truncated, extra: vec![], exit: 3, message: "" },
+        BadCase { name: "not a tar", package: not_tar, extra: vec![], exit: 3, message: "" },
+        BadCase { name: "../ entry", package: tarball(d, "dotdot.tar.gz", &[Entry::File(&dotdot, b"pwned")]), extra: vec![], exit: 3, message: ".." },
+        BadCase { name: "absolute path", package: tarball(d, "abs.tar.gz", &[Entry::File(&absolute, b"pwned")]), extra: vec![], exit: 3, message: "absolute" },
+        BadCase {
+            name: "symlink out, then a file through it",
+            package: tarball(d, "symlink.tar.gz", &[Entry::Symlink("hello/out", "/tmp"), Entry::File(&format!("hello/out/{escape}"), b"pwned")]),
+            extra: vec![],
+            exit: 3,
+            message: "symlink",
+        },
+        BadCase {
+            name: "hard link out",
+            package: tarball(d, "hardlink.tar.gz", &[Entry::HardLink("hello/passwd", "/etc/passwd")]),
+            extra: vec![],
+            exit: 3,
+            message: "link",
+        },
+        BadCase { name: "device node", package: tarball(d, "device.tar.gz", &[Entry::CharDevice("hello/null")]), extra: vec![], exit: 3, message: "device" },
+        BadCase { name: "oversized expansion", package: big, extra: vec!["--recipe".into(), small_limit.to_string_lossy().into()], exit: 3, message: "" },
+        BadCase { name: "unknown base", package: good.clone(), extra: vec!["--base".into(), "no-such-base".into()], exit: 4, message: "no-such-base" },
+        BadCase {
+            name: "broken recipe",
+            package: good.clone(),
+            extra: vec!["--recipe".into(), "recipes/examples/broken.toml".into()],
+            exit: 3,
+            message: "broken.toml",
+        },
+    ];
+
+    let before = image_ids();
+    for case in cases {
+        let package = case.package.to_string_lossy().into_owned();
+        let mut args: Vec<String> = bake_args(&package, "3.0.0").into_iter().map(String::from).collect();
+        // Later flags override the defaults above (clap keeps the last --recipe/--base).
+        args.extend(case.extra.iter().cloned());
+        args.push("--rebake".into());
+        let output = bakery().args(&args).args(["--output", "json"]).stdin(Stdio::null()).output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(case.exit), "{}: exit status; stderr: {stderr}", case.name);
+        assert!(stderr.contains("error: "), "{}: {stderr}", case.name);
+        assert!(stderr.to_lowercase().contains(&case.message.to_lowercase()), "{}: expected {:?} in: {stderr}", case.name, case.message);
+        let out: Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|_| panic!("{}: one JSON error object", case.name));
+        assert_eq!(out["exit_code"], case.exit);
+        assert_eq!(image_ids(), before, "{}: nothing registered", case.name);
+        assert!(!outside.exists(), "{}: wrote outside the image root", case.name);
+        assert_no_leftovers(case.name);
+    }
+}
+
+#[test]
+fn a_broken_recipe_reports_every_problem_at_once() {
+    let output = run(&["recipe", "check", "recipes/examples/broken.toml"]);
+    assert_eq!(output.status.code(), Some(3));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let problems = stderr.lines().filter(|l| l.contains("broken.toml: ")).count();
+    assert!(problems >= 4, "every problem is listed, each naming file and key: {stderr}");
+    assert!(run(&["recipe", "check", RECIPE]).status.success());
+}
+
+/// Serves one file over HTTP/1.0 on loopback, for as many requests as come.
+fn serve(file: PathBuf) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let file = file.clone();
+            std::thread::spawn(move || {
+                let mut stream = stream;
+                let mut request = [0u8; 4096];
+                let n = std::io::Read::read(&mut stream, &mut request).unwrap_or(0);
+                let line = String::from_utf8_lossy(&request[..n]);
+                let found = line.starts_with("GET /hello.tar.gz ");
+                if !found {
+                    let _ = stream.write_all(b"HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n");
+                    return;
+                }
+                let len = std::fs::metadata(&file).unwrap().len();
+                let _ = write!(stream, "HTTP/1.0 200 OK\r\nContent-Length: {len}\r\n\r\n");
+                let _ = std::io::copy(&mut std::fs::File::open(&file).unwrap(), &mut stream);
+            });
+        }
+    });
+    format!("http://{address}/hello.tar.gz")
+}
+
+#[test]
+fn a_package_streams_from_an_http_url() {
+    let _serial = serial();
+    base_image();
+    let dir = tempfile::tempdir().unwrap();
+    let package = sample_package(dir.path(), "4.0.0", 4);
+    let url = serve(package.clone());
+    let sha = sha256_file(&package);
+    let mut args = bake_args(&url, "4.0.0");
+    args.extend(["--sha256", &sha, "--rebake"]);
+    let (code, out, stderr) = run_json(&args);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(out["package_sha256"], sha.as_str());
+    assert_no_leftovers("after an http bake");
+}
+
+#[test]
+fn two_bakes_at_once_both_succeed() {
+    let _serial = serial();
+    base_image();
+    let dir = tempfile::tempdir().unwrap();
+    let children: Vec<_> = ["5.0.0", "5.0.1"]
+        .iter()
+        .map(|version| {
+            let package = sample_package(dir.path(), version, 8);
+            let package = package.to_string_lossy().into_owned();
+            bakery()
+                .args(bake_args(&package, version))
+                .args(["--rebake", "--output", "json"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for child in children {
+        let output = child.wait_with_output().unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        let out: Value = serde_json::from_slice(&output.stdout).unwrap();
+        ids.push(out["image_id"].as_str().unwrap().to_string());
+    }
+    assert_ne!(ids[0], ids[1]);
+    assert_no_leftovers("after concurrent bakes");
+}
+
+/// Starts a slow bake and waits until its journal shows the image mounted.
+fn bake_until_mounted(package: &Path, version: &str) -> std::process::Child {
+    let package = package.to_string_lossy().into_owned();
+    let child = bakery()
+        .args(bake_args(&package, version))
+        .arg("--rebake")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        assert!(Instant::now() < deadline, "the bake never mounted its volume");
+        let journals = std::fs::read_dir(state_dir().join("journal")).into_iter().flatten().flatten();
+        let mounted = journals
+            .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+            .any(|e| std::fs::read_to_string(e.path()).unwrap_or_default().contains("\"mount\""));
+        if mounted {
+            return child;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn gc_spares_a_live_bake_and_cleans_up_after_one_killed_with_sigkill() {
+    let _serial = serial();
+    base_image();
+    let dir = tempfile::tempdir().unwrap();
+    let package = sample_package(dir.path(), "6.0.0", 400);
+    let before = image_ids();
+    let mut child = bake_until_mounted(&package, "6.0.0");
+
+    let (code, report, stderr) = run_json(&["gc"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!report["kept_live"].as_array().unwrap().is_empty(), "gc saw the live bake: {report}");
+    assert!(!leftovers().is_empty(), "gc left the live bake's resources alone");
+
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::SIGKILL).unwrap();
+    child.wait().unwrap();
+    assert!(!leftovers().is_empty(), "a killed bake leaves its mount, loop device and volume");
+    let (code, report, stderr) = run_json(&["gc"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!report["removed"].as_array().unwrap().is_empty());
+    assert_no_leftovers("after gc");
+    assert_eq!(image_ids(), before);
+    let (code, report, _) = run_json(&["gc"]);
+    assert_eq!(code, 0);
+    assert!(report["removed"].as_array().unwrap().is_empty(), "a second gc finds nothing: {report}");
+}
+
+#[test]
+fn ctrl_c_undoes_everything_and_exits_130() {
+    let _serial = serial();
+    base_image();
+    let dir = tempfile::tempdir().unwrap();
+    let package = sample_package(dir.path(), "7.0.0", 400);
+    let before = image_ids();
+    let child = bake_until_mounted(&package, "7.0.0");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::SIGINT).unwrap();
+    let status = child.wait_with_output().unwrap().status;
+    assert_eq!(status.code(), Some(130));
+    assert_eq!(image_ids(), before);
+    assert_no_leftovers("after Ctrl-C");
+}
+
+#[test]
+fn help_teaches() {
+    let output = Command::new(env!("CARGO_BIN_EXE_bakery")).args(["bake", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&output.stdout);
+    for needle in ["--base", "--recipe", "--package", "--sha256", "--rebake", "Example"] {
+        assert!(help.contains(needle), "bake --help mentions {needle}");
+    }
+}
