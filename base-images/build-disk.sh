@@ -59,7 +59,7 @@ fi
 [[ $packages =~ ^[a-z0-9][a-z0-9+.,:=~\ -]*$ ]] || die "bad --packages: $packages"
 [[ -d $work ]] || die "--work $work is not a directory (the caller creates it)"
 ((EUID == 0)) || die "must run as root (loop devices, mounts, chroot)"
-for tool in mmdebstrap sgdisk mke2fs e2fsck losetup partx mount umount chroot awk; do
+for tool in mmdebstrap sgdisk mke2fs e2fsck losetup partx mount umount chroot setsid awk; do
     command -v "$tool" >/dev/null || die "missing host tool: $tool"
 done
 
@@ -91,7 +91,7 @@ cleanup() {
     trap - EXIT INT TERM HUP ERR
     set +e
     if [[ -n $child ]] && kill -0 "$child" 2>/dev/null; then
-        kill -TERM "$child" 2>/dev/null
+        kill -TERM -- "-$child" 2>/dev/null || kill -TERM "$child" 2>/dev/null
         wait "$child" 2>/dev/null
     fi
     local i
@@ -120,11 +120,12 @@ trap 'on_signal INT 130' INT
 trap 'on_signal TERM 143' TERM
 trap 'on_signal HUP 129' HUP
 
-# Run a long command in the background and wait, so that a SIGTERM to this
-# script is handled at once (forwarded by cleanup) rather than after the
-# command ends. Background jobs ignore SIGINT, hence the forwarding.
+# Run a long command in the background and wait, so that a signal to this
+# script is handled at once rather than after the command ends. The command
+# gets its own process group, which cleanup signals as a whole: mmdebstrap
+# alone would wait for the running apt/dpkg to finish before cleaning up.
 run() {
-    "$@" &
+    setsid "$@" &
     child=$!
     local rc=0
     wait "$child" || rc=$?

@@ -88,7 +88,10 @@ fn load(path: &Path) -> Result<(BaseRecipe, String)> {
         !recipe.name.is_empty() && recipe.name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b)),
         invalid("name must be letters, digits, '-', '.' or '_'")
     );
-    ensure!(recipe.disk_size_mib >= 512 && recipe.disk_size_mib % 2 == 0, invalid("disk_size_mib must be an even number ≥ 512"));
+    ensure!(
+        recipe.disk_size_mib >= 512 && recipe.disk_size_mib % 2 == 0,
+        invalid("disk_size_mib must be an even number ≥ 512")
+    );
     ensure!(!recipe.packages.is_empty(), invalid("packages is empty"));
     let script = builder_script(path);
     let script_text = std::fs::read(&script).context(ReadSnafu { path: &script })?;
@@ -103,11 +106,19 @@ fn builder_script(recipe_path: &Path) -> PathBuf {
 }
 
 /// Builds (or finds in the cache) the base image a recipe describes.
-pub fn build(provider: &dyn Provider, state_dir: &Path, path: &Path, rebuild: bool, ui: &Ui, cancel: &AtomicBool) -> Result<BaseOutcome> {
+pub fn build(
+    provider: &dyn Provider,
+    state_dir: &Path,
+    path: &Path,
+    rebuild: bool,
+    ui: &Ui,
+    cancel: &AtomicBool,
+) -> Result<BaseOutcome> {
     let started = Instant::now();
     let (recipe, hash) = load(path)?;
     if !rebuild {
-        let cached = provider.images_tagged(RECIPE_HASH_TAG, &hash).context(ProviderSnafu { step: "looking up the cache" })?;
+        let cached =
+            provider.images_tagged(RECIPE_HASH_TAG, &hash).context(ProviderSnafu { step: "looking up the cache" })?;
         if let Some(image) = cached.into_iter().next() {
             return Ok(BaseOutcome {
                 image_id: image.id,
@@ -122,7 +133,8 @@ pub fn build(provider: &dyn Provider, state_dir: &Path, path: &Path, rebuild: bo
     }
 
     let id = crate::ids::new_id("base");
-    let mut journal = Journal::begin(state_dir, &id, &format!("base build {}", recipe.name), provider.kind()).context(JournalSnafu)?;
+    let mut journal = Journal::begin(state_dir, &id, &format!("base build {}", recipe.name), provider.kind())
+        .context(JournalSnafu)?;
     let result = build_and_register(provider, state_dir, path, &recipe, &hash, &mut journal, ui, cancel);
     match result {
         Ok(outcome) => {

@@ -44,8 +44,16 @@ fn guid(bytes: &[u8]) -> String {
     // The first three fields are little-endian on disk.
     format!(
         "{:02x}{:02x}{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}-{}-{}",
-        bytes[3], bytes[2], bytes[1], bytes[0], bytes[5], bytes[4], bytes[7], bytes[6],
-        hex::encode(&bytes[8..10]), hex::encode(&bytes[10..16])
+        bytes[3],
+        bytes[2],
+        bytes[1],
+        bytes[0],
+        bytes[5],
+        bytes[4],
+        bytes[7],
+        bytes[6],
+        hex::encode(&bytes[8..10]),
+        hex::encode(&bytes[10..16])
     )
 }
 

@@ -6,9 +6,7 @@ use rand::Rng;
 /// A new random identifier such as `ami-0f3c9a1b2d4e5f607`.
 pub fn new_id(prefix: &str) -> String {
     let mut rng = rand::thread_rng();
-    let digits: String = (0..17)
-        .map(|_| char::from_digit(rng.gen_range(0..16), 16).expect("digit below 16"))
-        .collect();
+    let digits: String = (0..17).map(|_| char::from_digit(rng.gen_range(0..16), 16).expect("digit below 16")).collect();
     format!("{prefix}-{digits}")
 }
 

@@ -67,7 +67,10 @@ impl Resource {
             Resource::Volume { id } => provider.delete_volume(id),
             Resource::Attachment { volume, device } => provider.detach_volume(volume, device),
             Resource::PartitionNodes { device } => Ok(crate::loopdev::remove_partition_nodes(device)?),
-            Resource::Mount { path } => Ok(mounts::unmount_tree(path)?),
+            Resource::Mount { path } => {
+                mounts::unmount_tree(path)?;
+                remove(path, |p| fs::remove_dir(p))
+            }
             Resource::File { path } => remove(path, |p| fs::remove_file(p)),
             Resource::Dir { path } => remove(path, |p| fs::remove_dir_all(p)),
             Resource::Snapshot { id } => provider.delete_snapshot(id),

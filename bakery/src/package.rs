@@ -45,9 +45,8 @@ const HTTP_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Per read, so a stalled server fails the bake instead of hanging it.
 const HTTP_READ_TIMEOUT: Duration = Duration::from_secs(120);
 /// Entries are resolved beneath the install root and never through a symlink.
-const BENEATH: ResolveFlag = ResolveFlag::RESOLVE_BENEATH
-    .union(ResolveFlag::RESOLVE_NO_SYMLINKS)
-    .union(ResolveFlag::RESOLVE_NO_MAGICLINKS);
+const BENEATH: ResolveFlag =
+    ResolveFlag::RESOLVE_BENEATH.union(ResolveFlag::RESOLVE_NO_SYMLINKS).union(ResolveFlag::RESOLVE_NO_MAGICLINKS);
 
 #[derive(Debug, Snafu)]
 pub enum Error {
@@ -87,9 +86,7 @@ pub enum Error {
     #[snafu(display("package {package} has a corrupt tar header after entry '{after}': {source}"))]
     CorruptTar { package: String, after: String, source: io::Error },
 
-    #[snafu(display(
-        "package {package} has over {HEADER_ALLOWANCE} bytes of tar headers after entry '{after}'"
-    ))]
+    #[snafu(display("package {package} has over {HEADER_ALLOWANCE} bytes of tar headers after entry '{after}'"))]
     OversizedHeaders { package: String, after: String },
 
     #[snafu(display("package {package} contains no entries"))]
@@ -212,11 +209,7 @@ pub struct PackageSource {
 /// Opens a package given as a local path or an `http(s)://` URL.
 pub fn open_source(spec: &str) -> Result<PackageSource> {
     if is_url(spec) {
-        let response = agent()
-            .get(spec)
-            .call()
-            .map_err(Box::new)
-            .context(HttpSnafu { url: spec })?;
+        let response = agent().get(spec).call().map_err(Box::new).context(HttpSnafu { url: spec })?;
         let len = response.header("Content-Length").and_then(|len| len.parse().ok());
         return Ok(PackageSource { reader: response.into_reader(), len, display: spec.to_string() });
     }
@@ -247,15 +240,9 @@ pub fn sidecar_sha256(spec: &str) -> Result<Option<String>> {
         }
     };
     let mut text = String::new();
-    reader
-        .take(SIDECAR_LIMIT)
-        .read_to_string(&mut text)
-        .context(ReadSidecarSnafu { path: &path })?;
-    let digest = text
-        .split_whitespace()
-        .next()
-        .filter(|token| is_sha256(token))
-        .context(BadSidecarSnafu { path: &path })?;
+    reader.take(SIDECAR_LIMIT).read_to_string(&mut text).context(ReadSidecarSnafu { path: &path })?;
+    let digest =
+        text.split_whitespace().next().filter(|token| is_sha256(token)).context(BadSidecarSnafu { path: &path })?;
     Ok(Some(digest.to_ascii_lowercase()))
 }
 
@@ -270,10 +257,7 @@ pub fn install(
     cancel: &AtomicBool,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<InstallReport> {
-    ensure!(
-        is_sha256(expected_sha256),
-        BadExpectedChecksumSnafu { expected: expected_sha256 }
-    );
+    ensure!(is_sha256(expected_sha256), BadExpectedChecksumSnafu { expected: expected_sha256 });
     let (uid, gid) = opts.owner;
     let install_dir = root
         .open_dir(&opts.install_root, Some((0o755, uid, gid)))
@@ -300,18 +284,9 @@ pub fn install(
     let (entries, expanded_bytes) = extracted?;
     ensure!(
         package_sha256.eq_ignore_ascii_case(expected_sha256),
-        ChecksumMismatchSnafu {
-            expected: expected_sha256.to_ascii_lowercase(),
-            actual: &package_sha256,
-        }
+        ChecksumMismatchSnafu { expected: expected_sha256.to_ascii_lowercase(), actual: &package_sha256 }
     );
-    tracing::debug!(
-        package,
-        entries = entries.len(),
-        compressed_bytes,
-        expanded_bytes,
-        "installed package"
-    );
+    tracing::debug!(package, entries = entries.len(), compressed_bytes, expanded_bytes, "installed package");
     Ok(InstallReport { package_sha256, compressed_bytes, expanded_bytes, entries })
 }
 
@@ -324,10 +299,7 @@ fn is_sha256(text: &str) -> bool {
 }
 
 fn agent() -> ureq::Agent {
-    ureq::AgentBuilder::new()
-        .timeout_connect(HTTP_CONNECT_TIMEOUT)
-        .timeout_read(HTTP_READ_TIMEOUT)
-        .build()
+    ureq::AgentBuilder::new().timeout_connect(HTTP_CONNECT_TIMEOUT).timeout_read(HTTP_READ_TIMEOUT).build()
 }
 
 /// The reader thread: reads the raw package in chunks, hashing and counting it, until the end
@@ -505,14 +477,7 @@ impl Item {
     }
 
     fn manifest(&self, kind: EntryKind, size: u64) -> ManifestEntry {
-        ManifestEntry {
-            path: self.path.clone(),
-            kind,
-            size,
-            mode: self.mode,
-            sha256: None,
-            target: None,
-        }
+        ManifestEntry { path: self.path.clone(), kind, size, mode: self.mode, sha256: None, target: None }
     }
 }
 
@@ -566,10 +531,8 @@ impl<'a> Extractor<'a> {
         ensure!(head.starts_with(&[0x1f, 0x8b]), NotGzipSnafu { package });
 
         // Multi-member, as gzip and tar accept concatenated members (pigz, bgzip).
-        let mut archive = tar::Archive::new(Metered {
-            inner: MultiGzDecoder::new(input),
-            meter: Rc::clone(&self.meter),
-        });
+        let mut archive =
+            tar::Archive::new(Metered { inner: MultiGzDecoder::new(input), meter: Rc::clone(&self.meter) });
         self.meter.allow(HEADER_ALLOWANCE);
         let entries = archive.entries().map_err(|e| self.stream_error(e))?;
         for entry in entries {
@@ -705,22 +668,15 @@ impl<'a> Extractor<'a> {
                 break;
             }
             hasher.update(&self.buf[..n]);
-            file.write_all(&self.buf[..n])
-                .context(WriteDataSnafu { path: &item.path, entry: &item.name })?;
+            file.write_all(&self.buf[..n]).context(WriteDataSnafu { path: &item.path, entry: &item.name })?;
             written += n as u64;
         }
-        ensure!(
-            written == size,
-            TruncatedEntrySnafu { entry: &item.name, expected: size, actual: written }
-        );
+        ensure!(written == size, TruncatedEntrySnafu { entry: &item.name, expected: size, actual: written });
         self.set_attributes(file.as_fd(), item)?;
         stat::futimens(file.as_raw_fd(), &TimeSpec::UTIME_OMIT, &item.mtime)
             .context(self.unpack("set the mtime of", item))?;
         self.files.insert(item.rel.clone());
-        Ok(ManifestEntry {
-            sha256: Some(hex::encode(hasher.finalize())),
-            ..item.manifest(EntryKind::File, written)
-        })
+        Ok(ManifestEntry { sha256: Some(hex::encode(hasher.finalize())), ..item.manifest(EntryKind::File, written) })
     }
 
     fn directory(&mut self, item: &Item) -> Result<ManifestEntry> {
@@ -761,8 +717,7 @@ impl<'a> Extractor<'a> {
         self.make_way(&parent, name, item)?;
         let parent_fd = Some(parent.as_raw_fd());
         // The target is only text: never resolved here, so it may point anywhere.
-        unistd::symlinkat(target.as_str(), parent_fd, name)
-            .context(self.unpack("create the symlink", item))?;
+        unistd::symlinkat(target.as_str(), parent_fd, name).context(self.unpack("create the symlink", item))?;
         let (uid, gid) = self.opts.owner;
         unistd::fchownat(
             parent_fd,
@@ -778,9 +733,7 @@ impl<'a> Extractor<'a> {
     }
 
     fn hard_link(&mut self, item: &Item, target: String) -> Result<ManifestEntry> {
-        let refuse = |reason| {
-            HardLinkTargetSnafu { entry: &item.name, target: &target, reason }.fail()
-        };
+        let refuse = |reason| HardLinkTargetSnafu { entry: &item.name, target: &target, reason }.fail();
         let target_rel = match relative(&target, self.opts.strip_components) {
             Ok(Some(rel)) => rel,
             Ok(None) => return refuse("is stripped away by strip_components"),
@@ -797,7 +750,9 @@ impl<'a> Extractor<'a> {
         // Resolved beneath the install root without symlinks, so even a file the package did
         // not extract (when allowed) is inside the install root.
         let (target_dir, target_name) = target_rel.rsplit_once('/').unwrap_or((".", &target_rel));
-        let Ok(target_parent) = rootfs::openat2(self.install_dir.as_fd(), target_dir, OFlag::O_PATH | OFlag::O_DIRECTORY, BENEATH) else {
+        let Ok(target_parent) =
+            rootfs::openat2(self.install_dir.as_fd(), target_dir, OFlag::O_PATH | OFlag::O_DIRECTORY, BENEATH)
+        else {
             return refuse("is not reachable beneath the install root without following symlinks");
         };
         let is_file = stat::fstatat(Some(target_parent.as_raw_fd()), target_name, AtFlags::AT_SYMLINK_NOFOLLOW)
@@ -810,14 +765,8 @@ impl<'a> Extractor<'a> {
         let parent = self.parent(dir, item)?;
         self.make_way(&parent, name, item)?;
         // linkat without AT_SYMLINK_FOLLOW links the name itself, never a symlink's target.
-        unistd::linkat(
-            Some(target_parent.as_raw_fd()),
-            target_name,
-            Some(parent.as_raw_fd()),
-            name,
-            AtFlags::empty(),
-        )
-        .context(self.unpack("create the hard link", item))?;
+        unistd::linkat(Some(target_parent.as_raw_fd()), target_name, Some(parent.as_raw_fd()), name, AtFlags::empty())
+            .context(self.unpack("create the hard link", item))?;
         self.files.insert(item.rel.clone());
         let target = format!("{}/{target_rel}", self.prefix);
         Ok(ManifestEntry { target: Some(target), ..item.manifest(EntryKind::Hardlink, 0) })
@@ -890,8 +839,11 @@ impl<'a> Extractor<'a> {
             let at = current.as_ref().map_or(self.install_dir.as_fd(), |fd| fd.as_fd());
             let next = match rootfs::openat2(at, part, OFlag::O_PATH | OFlag::O_DIRECTORY, BENEATH) {
                 Ok(fd) => fd,
-                Err(Errno::ENOENT) => rootfs::create_dir(at, part, 0o755, uid, gid)
-                    .context(self.unpack_dir("create the directory", prefix, item))?,
+                Err(Errno::ENOENT) => rootfs::create_dir(at, part, 0o755, uid, gid).context(self.unpack_dir(
+                    "create the directory",
+                    prefix,
+                    item,
+                ))?,
                 Err(Errno::ELOOP) => {
                     let symlink = format!("{}/{prefix}", self.prefix);
                     return SymlinkInPathSnafu { entry: &item.name, symlink }.fail();
@@ -925,17 +877,12 @@ impl<'a> Extractor<'a> {
         let (uid, gid) = self.opts.owner;
         unistd::fchown(fd.as_raw_fd(), Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)))
             .context(self.unpack("set the owner of", item))?;
-        stat::fchmod(fd.as_raw_fd(), Mode::from_bits_truncate(item.mode))
-            .context(self.unpack("set the mode of", item))
+        stat::fchmod(fd.as_raw_fd(), Mode::from_bits_truncate(item.mode)).context(self.unpack("set the mode of", item))
     }
 
     fn restore_dir_times(&self) -> Result<()> {
         for (rel, name, mtime) in &self.dir_times {
-            let context = |action| UnpackSnafu {
-                action,
-                path: format!("{}/{rel}", self.prefix),
-                entry: name.as_str(),
-            };
+            let context = |action| UnpackSnafu { action, path: format!("{}/{rel}", self.prefix), entry: name.as_str() };
             let fd = rootfs::openat2(self.install_dir.as_fd(), rel, OFlag::O_RDONLY | OFlag::O_DIRECTORY, BENEATH)
                 .context(context("open the directory"))?;
             stat::futimens(fd.as_raw_fd(), &TimeSpec::UTIME_OMIT, mtime).context(context("set the mtime of"))?;
@@ -947,7 +894,12 @@ impl<'a> Extractor<'a> {
         UnpackSnafu { action, path: item.path.as_str(), entry: item.name.as_str() }
     }
 
-    fn unpack_dir<'b>(&self, action: &'static str, dir: &str, item: &'b Item) -> UnpackSnafu<&'static str, String, &'b str> {
+    fn unpack_dir<'b>(
+        &self,
+        action: &'static str,
+        dir: &str,
+        item: &'b Item,
+    ) -> UnpackSnafu<&'static str, String, &'b str> {
         UnpackSnafu { action, path: format!("{}/{dir}", self.prefix), entry: item.name.as_str() }
     }
 }

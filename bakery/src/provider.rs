@@ -80,8 +80,13 @@ pub trait Provider: Send + Sync {
         progress: Progress,
     ) -> Result<SnapshotResult>;
     /// Snapshots a raw disk image file (base images, `push`).
-    fn import_disk(&self, path: &Path, description: &str, cancel: &AtomicBool, progress: Progress)
-        -> Result<SnapshotResult>;
+    fn import_disk(
+        &self,
+        path: &Path,
+        description: &str,
+        cancel: &AtomicBool,
+        progress: Progress,
+    ) -> Result<SnapshotResult>;
     fn delete_snapshot(&self, snapshot_id: &str) -> Result<()>;
 
     fn register_image(&self, request: &ImageRequest) -> Result<Image>;

@@ -13,30 +13,14 @@ use std::path::{Component, Path, PathBuf};
 use toml::{Table, Value};
 
 /// Template names whose values come from the bake rather than from `[vars]`.
-pub const BUILTIN_VARS: &[&str] = &[
-    "app",
-    "version",
-    "package_sha256",
-    "build_job",
-    "build_number",
-    "commit",
-    "base_image",
-];
+pub const BUILTIN_VARS: &[&str] =
+    &["app", "version", "package_sha256", "build_job", "build_number", "commit", "base_image"];
 
 const DEFAULT_ACCOUNT: &str = "root";
 const DEFAULT_FILE_MODE: u32 = 0o644;
 const DEFAULT_MAX_EXPANDED_BYTES: u64 = 4 << 30;
 
-const TOP_KEYS: &[&str] = &[
-    "description",
-    "extends",
-    "package",
-    "vars",
-    "files",
-    "commands",
-    "services",
-    "tags",
-];
+const TOP_KEYS: &[&str] = &["description", "extends", "package", "vars", "files", "commands", "services", "tags"];
 const PACKAGE_KEYS: &[&str] = &[
     "install_root",
     "owner",
@@ -52,16 +36,10 @@ const SERVICES_KEYS: &[&str] = &["enable", "disable"];
 #[derive(Debug, Snafu)]
 pub enum Error {
     #[snafu(display("could not read recipe {}: {source}", path.display()))]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
 
     #[snafu(display("{}: {source}", path.display()))]
-    Parse {
-        path: PathBuf,
-        source: toml::de::Error,
-    },
+    Parse { path: PathBuf, source: toml::de::Error },
 
     #[snafu(display("{}", problems.iter().map(Problem::to_string).collect::<Vec<_>>().join("\n")))]
     Invalid { problems: Vec<Problem> },
@@ -141,19 +119,13 @@ pub fn load(path: &Path) -> Result<Recipe, Error> {
     let mut complete = true;
 
     loop {
-        let child = layers
-            .last()
-            .expect("the chain starts with the loaded file");
+        let child = layers.last().expect("the chain starts with the loaded file");
         let Some(extends) = &child.extends else {
             complete &= !declares_extends;
             break;
         };
         let parent = child.file.parent().unwrap_or(Path::new("")).join(extends);
-        let extends_problem = |message: String| Problem {
-            file: child.file.clone(),
-            key: "extends".into(),
-            message,
-        };
+        let extends_problem = |message: String| Problem { file: child.file.clone(), key: "extends".into(), message };
         let unreadable = |e: &std::io::Error| format!("cannot read {}: {e}", parent.display());
         let canonical = match fs::canonicalize(&parent) {
             Ok(canonical) => canonical,
@@ -170,9 +142,7 @@ pub fn load(path: &Path) -> Result<Recipe, Error> {
                 .chain([parent.display().to_string()])
                 .collect();
             let cycle = cycle.join(" -> ");
-            problems.push(extends_problem(format!(
-                "extends chain is a cycle: {cycle}"
-            )));
+            problems.push(extends_problem(format!("extends chain is a cycle: {cycle}")));
             complete = false;
             break;
         }
@@ -192,11 +162,7 @@ pub fn load(path: &Path) -> Result<Recipe, Error> {
 
     if complete {
         let mut known: BTreeSet<&str> = BUILTIN_VARS.iter().copied().collect();
-        known.extend(
-            layers
-                .iter()
-                .flat_map(|l| l.vars.keys().map(String::as_str)),
-        );
+        known.extend(layers.iter().flat_map(|l| l.vars.keys().map(String::as_str)));
         for layer in &layers {
             check_templates(layer, &known, &mut problems);
         }
@@ -251,16 +217,11 @@ impl Recipe {
         let values: BTreeMap<&str, &str> = self
             .vars
             .iter()
-            .chain(
-                builtins
-                    .iter()
-                    .filter(|(k, _)| BUILTIN_VARS.contains(&k.as_str())),
-            )
+            .chain(builtins.iter().filter(|(k, _)| BUILTIN_VARS.contains(&k.as_str())))
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
-        let render_one = |text: &str, what: String| {
-            render(text, &values).map_err(|message| RenderSnafu { what, message }.build())
-        };
+        let render_one =
+            |text: &str, what: String| render(text, &values).map_err(|message| RenderSnafu { what, message }.build());
         let mut out = self.clone();
         for file in &mut out.files {
             file.content = render_one(&file.content, format!("the content of {}", file.path))?;
@@ -306,10 +267,7 @@ fn read_layer(path: &Path, problems: &mut Vec<Problem>) -> Result<(Layer, bool),
     tracing::debug!(recipe = %path.display(), "loading recipe");
     let text = fs::read_to_string(path).context(ReadSnafu { path })?;
     let table: Table = text.parse().context(ParseSnafu { path })?;
-    let mut checker = Checker {
-        file: path,
-        problems,
-    };
+    let mut checker = Checker { file: path, problems };
     Ok((checker.layer(&table), table.contains_key("extends")))
 }
 
@@ -364,10 +322,7 @@ fn merge(layers: Vec<Layer>, install_root: String) -> Recipe {
         },
         files: files.into_values().collect(),
         commands,
-        services: Services {
-            enable: enable.into_iter().collect(),
-            disable: disable.into_iter().collect(),
-        },
+        services: Services { enable: enable.into_iter().collect(), disable: disable.into_iter().collect() },
         vars,
         tags,
     }
@@ -375,10 +330,7 @@ fn merge(layers: Vec<Layer>, install_root: String) -> Recipe {
 
 /// Reports unknown template names, which need every file's vars and so come after reading.
 fn check_templates(layer: &Layer, known: &BTreeSet<&str>, problems: &mut Vec<Problem>) {
-    let mut checker = Checker {
-        file: &layer.file,
-        problems,
-    };
+    let mut checker = Checker { file: &layer.file, problems };
     for (i, file) in &layer.files {
         checker.template(&format!("files[{i}].content"), &file.content, known);
     }
@@ -398,18 +350,11 @@ struct Checker<'a> {
 
 impl Checker<'_> {
     fn report(&mut self, key: &str, message: impl Into<String>) {
-        self.problems.push(Problem {
-            file: self.file.to_path_buf(),
-            key: key.to_string(),
-            message: message.into(),
-        });
+        self.problems.push(Problem { file: self.file.to_path_buf(), key: key.to_string(), message: message.into() });
     }
 
     fn layer(&mut self, table: &Table) -> Layer {
-        let mut layer = Layer {
-            file: self.file.to_path_buf(),
-            ..Layer::default()
-        };
+        let mut layer = Layer { file: self.file.to_path_buf(), ..Layer::default() };
         for (key, value) in table {
             match key.as_str() {
                 "description" => layer.description = self.string(key, value),
@@ -483,9 +428,7 @@ impl Checker<'_> {
                 }
                 "max_expanded_size" => layer.max_expanded_bytes = self.size(&key, value),
                 "allow_device_nodes" => layer.allow_device_nodes = self.boolean(&key, value),
-                "allow_external_hardlinks" => {
-                    layer.allow_external_hardlinks = self.boolean(&key, value)
-                }
+                "allow_external_hardlinks" => layer.allow_external_hardlinks = self.boolean(&key, value),
                 _ => self.unknown(&key, name, PACKAGE_KEYS),
             }
         }
@@ -497,10 +440,7 @@ impl Checker<'_> {
             if BUILTIN_VARS.contains(&name.as_str()) {
                 self.report(&key, "is a built-in template name and cannot be set");
             } else if !is_template_name(name) {
-                self.report(
-                    &key,
-                    "is not a valid template name (use letters, digits, _ and -)",
-                );
+                self.report(&key, "is not a valid template name (use letters, digits, _ and -)");
             }
             let text = self.string_in_table(&key, name, value);
             layer.vars.insert(name.clone(), text.unwrap_or_default());
@@ -510,10 +450,7 @@ impl Checker<'_> {
     fn files(&mut self, value: &Value, layer: &mut Layer) {
         let Some(entries) = value.as_array() else {
             let found = value.type_str();
-            self.report(
-                "files",
-                format!("must be an array of [[files]] tables, not {found}"),
-            );
+            self.report("files", format!("must be an array of [[files]] tables, not {found}"));
             return;
         };
         let mut first_with_path: BTreeMap<String, usize> = BTreeMap::new();
@@ -526,10 +463,7 @@ impl Checker<'_> {
             if !file.path.is_empty() {
                 if let Some(first) = first_with_path.get(&file.path) {
                     let path = &file.path;
-                    self.report(
-                        &format!("{key}.path"),
-                        format!("\"{path}\" is already the path of files[{first}]"),
-                    );
+                    self.report(&format!("{key}.path"), format!("\"{path}\" is already the path of files[{first}]"));
                 } else {
                     first_with_path.insert(file.path.clone(), i);
                 }
@@ -558,10 +492,7 @@ impl Checker<'_> {
                 _ => self.unknown(&key, name, FILE_KEYS),
             }
         }
-        for (name, present) in [
-            ("path", table.contains_key("path")),
-            ("content", table.contains_key("content")),
-        ] {
+        for (name, present) in [("path", table.contains_key("path")), ("content", table.contains_key("content"))] {
             if !present {
                 self.report(&format!("{key}.{name}"), "is required");
             }
@@ -591,18 +522,12 @@ impl Checker<'_> {
                 if is_unit_name(&service) {
                     list.push(service);
                 } else {
-                    self.report(
-                        &format!("{key}[{i}]"),
-                        format!("\"{service}\" is not a systemd unit name"),
-                    );
+                    self.report(&format!("{key}[{i}]"), format!("\"{service}\" is not a systemd unit name"));
                 }
             }
         }
         for service in layer.disable.iter().filter(|s| layer.enable.contains(s)) {
-            self.report(
-                "services.disable",
-                format!("\"{service}\" is also in services.enable"),
-            );
+            self.report("services.disable", format!("\"{service}\" is also in services.enable"));
         }
     }
 
@@ -717,11 +642,7 @@ impl Checker<'_> {
             self.wrong_type(key, "an array of strings", value);
             return Vec::new();
         };
-        entries
-            .iter()
-            .enumerate()
-            .map(|(i, entry)| self.string(&format!("{key}[{i}]"), entry))
-            .collect()
+        entries.iter().enumerate().map(|(i, entry)| self.string(&format!("{key}[{i}]"), entry)).collect()
     }
 
     /// A user or group name; resolved later against the image, so only its shape is checked.
@@ -764,15 +685,13 @@ impl Checker<'_> {
         match size {
             Some(0) => self.report(key, "must be greater than zero"),
             Some(bytes) => return Some(bytes),
-            None => {
-                self.report(
-                    key,
-                    format!(
+            None => self.report(
+                key,
+                format!(
                     "{value} is not a size (use bytes, or a whole number with one of the units {})",
                     SIZE_UNITS.iter().map(|(unit, _)| *unit).collect::<Vec<_>>().join(", ")
                 ),
-                )
-            }
+            ),
         }
         None
     }
@@ -783,10 +702,7 @@ impl Checker<'_> {
         if !path.starts_with('/') {
             self.report(key, format!("\"{path}\" is not an absolute path"));
             false
-        } else if Path::new(path)
-            .components()
-            .any(|c| c == Component::ParentDir)
-        {
+        } else if Path::new(path).components().any(|c| c == Component::ParentDir) {
             self.report(key, format!("\"{path}\" must not contain \"..\""));
             false
         } else {
@@ -841,31 +757,22 @@ fn edit_distance(a: &str, b: &str) -> usize {
 
 fn is_template_name(name: &str) -> bool {
     let mut chars = name.chars();
-    chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
 /// Plausible systemd unit names; a leading '-' would reach systemctl as an option.
 fn is_unit_name(name: &str) -> bool {
-    !name.is_empty()
-        && !name.starts_with('-')
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "@._-".contains(c))
+    !name.is_empty() && !name.starts_with('-') && name.chars().all(|c| c.is_ascii_alphanumeric() || "@._-".contains(c))
 }
 
 /// Parses a file mode such as "0644", "644" or "0o4755".
 fn parse_mode(text: &str) -> Option<u32> {
     let digits = text.strip_prefix("0o").unwrap_or(text);
-    if digits.is_empty() || digits.len() > 5 || !digits.bytes().all(|b| (b'0'..=b'7').contains(&b))
-    {
+    if digits.is_empty() || digits.len() > 5 || !digits.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
         return None;
     }
-    u32::from_str_radix(digits, 8)
-        .ok()
-        .filter(|mode| *mode <= 0o7777)
+    u32::from_str_radix(digits, 8).ok().filter(|mode| *mode <= 0o7777)
 }
 
 const SIZE_UNITS: &[(&str, u64)] = &[
@@ -883,16 +790,10 @@ const SIZE_UNITS: &[(&str, u64)] = &[
 /// Parses "4096", "512MiB", "2 GiB", "100MB"...; `None` if malformed or over `u64::MAX`.
 fn parse_size(text: &str) -> Option<u64> {
     let text = text.trim();
-    let digits = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
+    let digits = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
     let (number, unit) = text.split_at(digits);
     let unit = unit.trim_start();
-    let multiplier = if unit.is_empty() {
-        1
-    } else {
-        SIZE_UNITS.iter().find(|(name, _)| *name == unit)?.1
-    };
+    let multiplier = if unit.is_empty() { 1 } else { SIZE_UNITS.iter().find(|(name, _)| *name == unit)?.1 };
     number.parse::<u64>().ok()?.checked_mul(multiplier)
 }
 
@@ -910,16 +811,11 @@ fn parse_template(text: &str) -> Result<Vec<Piece<'_>>, String> {
         let inner = &rest[start + 2..];
         let Some(end) = inner.find("}}") else {
             let excerpt: String = rest[start..].chars().take(20).collect();
-            return Err(format!(
-                "\"{{{{\" without a closing \"}}}}\" at \"{excerpt}\""
-            ));
+            return Err(format!("\"{{{{\" without a closing \"}}}}\" at \"{excerpt}\""));
         };
         let name = inner[..end].trim();
         if !is_template_name(name) {
-            return Err(format!(
-                "\"{{{{{}}}}}\" is not a template reference",
-                &inner[..end]
-            ));
+            return Err(format!("\"{{{{{}}}}}\" is not a template reference", &inner[..end]));
         }
         pieces.push(Piece::Name(name));
         rest = &inner[end + 2..];
@@ -970,25 +866,16 @@ mod tests {
     }
 
     fn builtins() -> BTreeMap<String, String> {
-        BUILTIN_VARS
-            .iter()
-            .map(|name| (name.to_string(), format!("<{name}>")))
-            .collect()
+        BUILTIN_VARS.iter().map(|name| (name.to_string(), format!("<{name}>"))).collect()
     }
 
     #[test]
     fn sample_webapp_recipe_loads_merged() {
         let path = Path::new(RECIPES).join("tomcat-webapp.toml");
         let recipe = load(&path).unwrap();
-        assert_eq!(
-            recipe.files_loaded,
-            [path.clone(), Path::new(RECIPES).join("tomcat-base.toml")]
-        );
+        assert_eq!(recipe.files_loaded, [path.clone(), Path::new(RECIPES).join("tomcat-base.toml")]);
         assert_eq!(recipe.package.install_root, "/var/lib/tomcat10/webapps");
-        assert_eq!(
-            (recipe.package.owner.as_str(), recipe.package.group.as_str()),
-            ("tomcat", "tomcat")
-        );
+        assert_eq!((recipe.package.owner.as_str(), recipe.package.group.as_str()), ("tomcat", "tomcat"));
         assert_eq!(recipe.package.max_expanded_bytes, 2 << 30);
         assert_eq!(recipe.services.enable, ["tomcat10"]);
         assert_eq!(recipe.vars["heap"], "384m");
@@ -997,14 +884,9 @@ mod tests {
         assert_eq!(recipe.commands.len(), 1);
 
         let rendered = recipe.rendered(&builtins()).unwrap();
-        assert!(rendered.files[0]
-            .content
-            .contains("-Xmx384m -Dapp.version=<version>"));
-        assert_eq!(
-            rendered.commands[0],
-            "chown -R tomcat:tomcat /var/lib/tomcat10/webapps/<app>"
-        );
-        assert_eq!(rendered.tags["commit"], "<commit>");
+        assert!(rendered.files[0].content.contains("-Xmx384m -Dapp.version=<version>"));
+        assert_eq!(rendered.commands[0], "chown -R tomcat:tomcat /var/lib/tomcat10/webapps/<app>");
+        assert_eq!(rendered.tags["team"], "hello");
     }
 
     #[test]
@@ -1032,9 +914,7 @@ mod tests {
         ]);
         assert_eq!(keys(&problems), expected, "{problems:#?}");
         assert_eq!(problems.len(), expected.len(), "{problems:#?}");
-        assert!(problems
-            .iter()
-            .all(|p| p.file.ends_with("examples/broken.toml")));
+        assert!(problems.iter().all(|p| p.file.ends_with("examples/broken.toml")));
     }
 
     #[test]
@@ -1047,27 +927,14 @@ mod tests {
              [[files]]\npath = \"/b\"\ncontent = \"\"\nmode = \"0999\"\n",
         );
         let error = load(&path).unwrap_err();
-        assert_eq!(
-            error.to_string(),
-            format!(
-                "{}: files[1].mode: \"0999\" is not an octal file mode",
-                path.display()
-            )
-        );
+        assert_eq!(error.to_string(), format!("{}: files[1].mode: \"0999\" is not an octal file mode", path.display()));
 
-        write(
-            dir.path(),
-            "bad.toml",
-            "[package]\ninstal_root = \"/srv\"\n",
-        );
+        write(dir.path(), "bad.toml", "[package]\ninstal_root = \"/srv\"\n");
         let lines = load(&path).unwrap_err().to_string();
         let lines: Vec<&str> = lines.lines().collect();
         assert_eq!(lines.len(), 2, "{lines:?}");
-        assert!(
-            lines[0].ends_with("package.instal_root: unknown key (did you mean \"install_root\"?)")
-        );
-        assert!(lines[1]
-            .ends_with("package.install_root: is required (in this recipe or one it extends)"));
+        assert!(lines[0].ends_with("package.instal_root: unknown key (did you mean \"install_root\"?)"));
+        assert!(lines[1].ends_with("package.install_root: is required (in this recipe or one it extends)"));
     }
 
     #[test]
@@ -1134,14 +1001,7 @@ mod tests {
             "#,
         );
         let recipe = load(&a).unwrap();
-        assert_eq!(
-            recipe.files_loaded,
-            [
-                a,
-                dir.path().join("sub/b.toml"),
-                dir.path().join("sub/../c.toml")
-            ]
-        );
+        assert_eq!(recipe.files_loaded, [a, dir.path().join("sub/b.toml"), dir.path().join("sub/../c.toml")]);
         assert_eq!(recipe.description.as_deref(), Some("a"));
         let package = &recipe.package;
         assert_eq!(package.install_root, "/srv/a");
@@ -1149,52 +1009,28 @@ mod tests {
         assert_eq!(package.strip_components, 2);
         assert_eq!(package.max_expanded_bytes, DEFAULT_MAX_EXPANDED_BYTES);
         assert_eq!(recipe.commands, ["c1", "b1", "b2", "a1"]);
-        let files: Vec<(&str, &str, u32)> = recipe
-            .files
-            .iter()
-            .map(|f| (f.path.as_str(), f.content.as_str(), f.mode))
-            .collect();
-        assert_eq!(
-            files,
-            [("/etc/c", "c", 0o644), ("/etc/shared", "from a", 0o600)]
-        );
+        let files: Vec<(&str, &str, u32)> =
+            recipe.files.iter().map(|f| (f.path.as_str(), f.content.as_str(), f.mode)).collect();
+        assert_eq!(files, [("/etc/c", "c", 0o644), ("/etc/shared", "from a", 0o600)]);
         assert_eq!(recipe.services.enable, ["a", "d"]);
         assert_eq!(recipe.services.disable, ["b"]);
-        assert_eq!(
-            recipe.vars,
-            BTreeMap::from([("x".into(), "c".into()), ("y".into(), "b".into())])
-        );
-        assert_eq!(
-            recipe.tags,
-            BTreeMap::from([("t".into(), "a".into()), ("u".into(), "a".into())])
-        );
+        assert_eq!(recipe.vars, BTreeMap::from([("x".into(), "c".into()), ("y".into(), "b".into())]));
+        assert_eq!(recipe.tags, BTreeMap::from([("t".into(), "a".into()), ("u".into(), "a".into())]));
     }
 
     #[test]
     fn problems_are_reported_against_the_file_holding_the_key() {
         let dir = tempfile::tempdir().unwrap();
-        let base = write(
-            dir.path(),
-            "base.toml",
-            "[[files]]\npath = \"/etc/x\"\ncontent = \"{{ name }}\"\nmode = \"888\"\n",
-        );
+        let base =
+            write(dir.path(), "base.toml", "[[files]]\npath = \"/etc/x\"\ncontent = \"{{ name }}\"\nmode = \"888\"\n");
         let child = write(
             dir.path(),
             "child.toml",
             "extends = \"base.toml\"\n[package]\ninstall_root = \"/srv/../etc\"\n[vars]\nname = \"ok\"\n",
         );
         let problems = problems_of(load(&child));
-        let found: Vec<(&Path, &str)> = problems
-            .iter()
-            .map(|p| (p.file.as_path(), p.key.as_str()))
-            .collect();
-        assert_eq!(
-            found,
-            [
-                (child.as_path(), "package.install_root"),
-                (base.as_path(), "files[0].mode")
-            ]
-        );
+        let found: Vec<(&Path, &str)> = problems.iter().map(|p| (p.file.as_path(), p.key.as_str())).collect();
+        assert_eq!(found, [(child.as_path(), "package.install_root"), (base.as_path(), "files[0].mode")]);
     }
 
     #[test]
@@ -1204,15 +1040,9 @@ mod tests {
         let b = write(dir.path(), "b.toml", "extends = \"a.toml\"\n");
         let problems = problems_of(load(&a));
         assert_eq!(problems.len(), 1, "{problems:#?}");
-        assert_eq!(
-            (problems[0].file.as_path(), problems[0].key.as_str()),
-            (b.as_path(), "extends")
-        );
+        assert_eq!((problems[0].file.as_path(), problems[0].key.as_str()), (b.as_path(), "extends"));
         let chain = [&a, &b, &a].map(|p| p.display().to_string()).join(" -> ");
-        assert_eq!(
-            problems[0].message,
-            format!("extends chain is a cycle: {chain}")
-        );
+        assert_eq!(problems[0].message, format!("extends chain is a cycle: {chain}"));
 
         let own = write(dir.path(), "own.toml", "extends = \"own.toml\"\n");
         assert!(problems_of(load(&own))[0].message.contains("cycle"));
@@ -1221,23 +1051,13 @@ mod tests {
     #[test]
     fn missing_extends_names_the_file() {
         let dir = tempfile::tempdir().unwrap();
-        let child = write(
-            dir.path(),
-            "child.toml",
-            "extends = \"nowhere.toml\"\n[vars]\n\"1x\" = \"a\"\n",
-        );
+        let child = write(dir.path(), "child.toml", "extends = \"nowhere.toml\"\n[vars]\n\"1x\" = \"a\"\n");
         let problems = problems_of(load(&child));
         // The bad var is still reported; the missing install_root is not, since the
         // missing file might have set it.
-        assert_eq!(
-            keys(&problems),
-            BTreeSet::from(["extends", "vars.1x"]),
-            "{problems:#?}"
-        );
+        assert_eq!(keys(&problems), BTreeSet::from(["extends", "vars.1x"]), "{problems:#?}");
         let missing = problems.iter().find(|p| p.key == "extends").unwrap();
-        assert!(missing
-            .message
-            .contains(&dir.path().join("nowhere.toml").display().to_string()));
+        assert!(missing.message.contains(&dir.path().join("nowhere.toml").display().to_string()));
     }
 
     #[test]
@@ -1247,10 +1067,7 @@ mod tests {
         let error = load(&path).unwrap_err();
         assert!(matches!(error, Error::Parse { .. }), "{error:?}");
         let message = error.to_string();
-        assert!(
-            message.starts_with(&path.display().to_string()),
-            "{message}"
-        );
+        assert!(message.starts_with(&path.display().to_string()), "{message}");
         assert!(message.contains("line 2"), "{message}");
 
         let child = write(dir.path(), "child.toml", "extends = \"syntax.toml\"\n");
@@ -1275,18 +1092,12 @@ mod tests {
         );
         let recipe = load(&good).unwrap();
         let rendered = recipe.rendered(&builtins()).unwrap();
-        assert_eq!(
-            rendered.commands,
-            ["echo <app>:<version>:hi", "no templates"]
-        );
+        assert_eq!(rendered.commands, ["echo <app>:<version>:hi", "no templates"]);
         assert_eq!(rendered.tags["build"], "<build_job>#<build_number>");
 
         let partial = BTreeMap::from([("app".to_string(), "hello".to_string())]);
         let error = recipe.rendered(&partial).unwrap_err().to_string();
-        assert_eq!(
-            error,
-            "could not render commands[0]: no value was given for built-in \"version\""
-        );
+        assert_eq!(error, "could not render commands[0]: no value was given for built-in \"version\"");
 
         let bad = write(
             dir.path(),
@@ -1301,26 +1112,14 @@ mod tests {
             "#,
         );
         let problems = problems_of(load(&bad));
-        let found: Vec<(&str, &str)> = problems
-            .iter()
-            .map(|p| (p.key.as_str(), p.message.as_str()))
-            .collect();
+        let found: Vec<(&str, &str)> = problems.iter().map(|p| (p.key.as_str(), p.message.as_str())).collect();
         assert_eq!(
             found,
             [
                 ("vars.app", "is a built-in template name and cannot be set"),
-                (
-                    "commands[0]",
-                    "unknown template name \"greting\" (did you mean \"greeting\"?)"
-                ),
-                (
-                    "commands[1]",
-                    "\"{{\" without a closing \"}}\" at \"{{ app\""
-                ),
-                (
-                    "commands[2]",
-                    "\"{{ two words }}\" is not a template reference"
-                ),
+                ("commands[0]", "unknown template name \"greting\" (did you mean \"greeting\"?)"),
+                ("commands[1]", "\"{{\" without a closing \"}}\" at \"{{ app\""),
+                ("commands[2]", "\"{{ two words }}\" is not a template reference"),
                 ("commands[3]", "unknown template name \"nope\""),
             ]
         );
@@ -1381,13 +1180,7 @@ max_expanded_size = 1073741824
 install_root = "/srv"
 "#,
         );
-        let three = write(
-            dir.path(),
-            "three.toml",
-            &fs::read_to_string(&one)
-                .unwrap()
-                .replace("\"b\"]", "\"c\"]"),
-        );
+        let three = write(dir.path(), "three.toml", &fs::read_to_string(&one).unwrap().replace("\"b\"]", "\"c\"]"));
         let json = |path: &Path| load(path).unwrap().canonical_json();
         assert_eq!(json(&one), json(&two));
         assert_ne!(json(&one), json(&three));
@@ -1422,10 +1215,8 @@ install_root = "/srv"
             commands = ["oops"]
             "#,
         );
-        let found: BTreeMap<String, String> = problems_of(load(&path))
-            .into_iter()
-            .map(|p| (p.key, p.message))
-            .collect();
+        let found: BTreeMap<String, String> =
+            problems_of(load(&path)).into_iter().map(|p| (p.key, p.message)).collect();
         let expected = [
             ("extends", "must be a string, not integer"),
             ("package.strip_components", "-1 is not a number of path components"),
@@ -1445,10 +1236,8 @@ install_root = "/srv"
                 "must be a string, not array (top-level keys like \"commands\" must come before the first [table] header)",
             ),
         ];
-        let expected: BTreeMap<String, String> = expected
-            .into_iter()
-            .map(|(k, m)| (k.to_string(), m.to_string()))
-            .collect();
+        let expected: BTreeMap<String, String> =
+            expected.into_iter().map(|(k, m)| (k.to_string(), m.to_string())).collect();
         assert_eq!(found, expected);
     }
 
@@ -1472,25 +1261,14 @@ install_root = "/srv"
         assert_eq!(parse_size("100MB"), Some(100_000_000));
         assert_eq!(parse_size("1TiB"), Some(1 << 40));
         assert_eq!(parse_size("7B"), Some(7));
-        for bad in [
-            "",
-            "GiB",
-            "2 gigs",
-            "1.5GiB",
-            "-1",
-            "2gib",
-            "99999999999TiB",
-        ] {
+        for bad in ["", "GiB", "2 gigs", "1.5GiB", "-1", "2gib", "99999999999TiB"] {
             assert_eq!(parse_size(bad), None, "{bad}");
         }
     }
 
     #[test]
     fn did_you_mean() {
-        assert_eq!(
-            closest("comands", TOP_KEYS.iter().copied()),
-            Some("commands")
-        );
+        assert_eq!(closest("comands", TOP_KEYS.iter().copied()), Some("commands"));
         assert_eq!(closest("hepa", ["heap", "app"].into_iter()), Some("heap"));
         assert_eq!(closest("zzzzzz", TOP_KEYS.iter().copied()), None);
         assert_eq!(edit_distance("kitten", "sitting"), 3);

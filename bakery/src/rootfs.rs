@@ -77,12 +77,8 @@ pub struct RootDir {
 
 impl RootDir {
     pub fn open(host_path: &Path) -> Result<Self> {
-        let fd = fcntl::open(
-            host_path,
-            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )
-        .context(OpenRootSnafu { root: host_path })?;
+        let fd = fcntl::open(host_path, OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
+            .context(OpenRootSnafu { root: host_path })?;
         Ok(Self {
             // SAFETY: open just returned this descriptor and nothing else owns it.
             fd: unsafe { OwnedFd::from_raw_fd(fd) },
@@ -128,9 +124,7 @@ impl RootDir {
                         }
                         .fail();
                     }
-                    Err(e) => {
-                        return Err(e).context(CreateDirSnafu { path: shown, root: &self.host_path })
-                    }
+                    Err(e) => return Err(e).context(CreateDirSnafu { path: shown, root: &self.host_path }),
                 },
                 Err(e) => return Err(e).context(OpenDirSnafu { path: shown, root: &self.host_path }),
             };
@@ -143,33 +137,24 @@ impl RootDir {
     /// An existing symlink at `path` is an error rather than something to write through.
     pub fn write_file(&self, path: &str, content: &[u8], mode: u32, uid: u32, gid: u32) -> Result<()> {
         let parts = components(path)?;
-        let (name, parents) = parts
-            .split_last()
-            .context(BadPathSnafu { path, reason: "it names no file" })?;
+        let (name, parents) = parts.split_last().context(BadPathSnafu { path, reason: "it names no file" })?;
         let dir = self.open_dir(&format!("/{}", parents.join("/")), Some((0o755, 0, 0)))?;
         let dir_fd = Some(dir.as_raw_fd());
         let root = &self.host_path;
 
         match stat::fstatat(dir_fd, *name, AtFlags::AT_SYMLINK_NOFOLLOW) {
             Ok(st) if file_type(st.st_mode) == SFlag::S_IFLNK => {
-                let target = fcntl::readlinkat(dir_fd, *name)
-                    .context(FileOpSnafu { action: "read the symlink", path, root })?;
+                let target =
+                    fcntl::readlinkat(dir_fd, *name).context(FileOpSnafu { action: "read the symlink", path, root })?;
                 return FinalSymlinkSnafu { path, target: target.to_string_lossy(), root }.fail();
             }
-            Ok(st) => ensure!(
-                file_type(st.st_mode) == SFlag::S_IFREG,
-                NotRegularFileSnafu { path, root }
-            ),
+            Ok(st) => ensure!(file_type(st.st_mode) == SFlag::S_IFREG, NotRegularFileSnafu { path, root }),
             Err(Errno::ENOENT) => {}
             Err(e) => return Err(e).context(FileOpSnafu { action: "inspect", path, root }),
         }
 
         static SEQUENCE: AtomicU64 = AtomicU64::new(0);
-        let temp = format!(
-            ".{name}.bakery-{}-{}",
-            std::process::id(),
-            SEQUENCE.fetch_add(1, Ordering::Relaxed)
-        );
+        let temp = format!(".{name}.bakery-{}-{}", std::process::id(), SEQUENCE.fetch_add(1, Ordering::Relaxed));
         let fd = fcntl::openat(
             dir_fd,
             temp.as_str(),
@@ -184,11 +169,17 @@ impl RootDir {
             // Owner before mode: chown clears setuid/setgid bits.
             unistd::fchown(file.as_raw_fd(), Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)))
                 .context(FileOpSnafu { action: "set the owner of", path, root })?;
-            stat::fchmod(file.as_raw_fd(), Mode::from_bits_truncate(mode & 0o7777))
-                .context(FileOpSnafu { action: "set the mode of", path, root })?;
+            stat::fchmod(file.as_raw_fd(), Mode::from_bits_truncate(mode & 0o7777)).context(FileOpSnafu {
+                action: "set the mode of",
+                path,
+                root,
+            })?;
             // No fsync: the volume is unmounted (and so flushed) before it is snapshotted.
-            fcntl::renameat(dir_fd, temp.as_str(), dir_fd, *name)
-                .context(FileOpSnafu { action: "rename the temporary file over", path, root })
+            fcntl::renameat(dir_fd, temp.as_str(), dir_fd, *name).context(FileOpSnafu {
+                action: "rename the temporary file over",
+                path,
+                root,
+            })
         })();
         if result.is_err() {
             let _ = unistd::unlinkat(dir_fd, temp.as_str(), unistd::UnlinkatFlags::NoRemoveDir);
@@ -202,15 +193,15 @@ impl RootDir {
         let root = &self.host_path;
         let uid = match user.parse() {
             Ok(uid) => uid,
-            Err(_) => self
-                .lookup_name("/etc/passwd", user)?
-                .context(UnknownUserSnafu { user, file: "/etc/passwd", root })?,
+            Err(_) => {
+                self.lookup_name("/etc/passwd", user)?.context(UnknownUserSnafu { user, file: "/etc/passwd", root })?
+            }
         };
         let gid = match group.parse() {
             Ok(gid) => gid,
-            Err(_) => self
-                .lookup_name("/etc/group", group)?
-                .context(UnknownGroupSnafu { group, file: "/etc/group", root })?,
+            Err(_) => {
+                self.lookup_name("/etc/group", group)?.context(UnknownGroupSnafu { group, file: "/etc/group", root })?
+            }
         };
         Ok((uid, gid))
     }
@@ -227,18 +218,11 @@ impl RootDir {
         .map_err(std::io::Error::from)
         .context(ReadIdsSnafu { file, root })?;
         let mut text = String::new();
-        File::from(fd)
-            .take(ID_FILE_LIMIT)
-            .read_to_string(&mut text)
-            .context(ReadIdsSnafu { file, root })?;
+        File::from(fd).take(ID_FILE_LIMIT).read_to_string(&mut text).context(ReadIdsSnafu { file, root })?;
         let Some(line) = text.lines().find(|line| line.split(':').next() == Some(name)) else {
             return Ok(None);
         };
-        let id = line
-            .split(':')
-            .nth(2)
-            .and_then(|id| id.parse().ok())
-            .context(BadIdEntrySnafu { name, file, root })?;
+        let id = line.split(':').nth(2).and_then(|id| id.parse().ok()).context(BadIdEntrySnafu { name, file, root })?;
         Ok(Some(id))
     }
 
@@ -254,12 +238,7 @@ impl RootDir {
 }
 
 /// `openat2(2)` returning an owned descriptor, always close-on-exec.
-pub(crate) fn openat2(
-    dir: BorrowedFd<'_>,
-    path: &str,
-    flags: OFlag,
-    resolve: ResolveFlag,
-) -> nix::Result<OwnedFd> {
+pub(crate) fn openat2(dir: BorrowedFd<'_>, path: &str, flags: OFlag, resolve: ResolveFlag) -> nix::Result<OwnedFd> {
     let how = OpenHow::new().flags(flags | OFlag::O_CLOEXEC).resolve(resolve);
     // EAGAIN means a concurrent rename made the kernel unsure that `..` stayed inside; the
     // kernel asks callers to retry. Bounded, as the cause is outside our control.
@@ -296,10 +275,7 @@ pub(crate) fn create_dir(parent: BorrowedFd<'_>, name: &str, mode: u32, uid: u32
 fn components(path: &str) -> Result<Vec<&str>> {
     ensure!(path.starts_with('/'), BadPathSnafu { path, reason: "it is not absolute" });
     let parts: Vec<&str> = path.split('/').filter(|c| !c.is_empty() && *c != ".").collect();
-    ensure!(
-        !parts.contains(&".."),
-        BadPathSnafu { path, reason: "it has a '..' component" }
-    );
+    ensure!(!parts.contains(&".."), BadPathSnafu { path, reason: "it has a '..' component" });
     Ok(parts)
 }
 
@@ -339,10 +315,8 @@ mod tests {
     }
 
     fn assert_contained(parent: &tempfile::TempDir) {
-        let names: Vec<_> = fs::read_dir(parent.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
+        let names: Vec<_> =
+            fs::read_dir(parent.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
         assert_eq!(names, ["root"], "something was written outside the image root");
     }
 
@@ -392,10 +366,8 @@ mod tests {
         assert!(matches!(err, Error::NotRegularFile { .. }), "{err}");
 
         // Only the files themselves: no temporary files left behind.
-        let mut names: Vec<_> = fs::read_dir(&root_path)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
+        let mut names: Vec<_> =
+            fs::read_dir(&root_path).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
         names.sort();
         assert_eq!(names, ["evil", "link", "old", "parent", "run", "up", "var"]);
         assert_contained(&parent);

@@ -90,16 +90,19 @@ pub fn image_ids() -> Vec<String> {
 pub fn leftovers() -> Vec<String> {
     let state = state_dir();
     let mut found = Vec::new();
-    let losetup = Command::new("losetup").args(["--list", "--noheadings", "--output", "NAME,BACK-FILE"]).output().unwrap();
+    let losetup =
+        Command::new("losetup").args(["--list", "--noheadings", "--output", "NAME,BACK-FILE"]).output().unwrap();
     for line in String::from_utf8_lossy(&losetup.stdout).lines() {
-        if line.contains(&*state.to_string_lossy()) {
+        if line.contains(&format!("{}/", state.display())) {
             found.push(format!("loop device: {line}"));
         }
     }
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     for line in mounts.lines() {
         let point = line.split(' ').nth(4).unwrap_or_default();
-        if point.starts_with(&*state.join("mnt").to_string_lossy()) || point.starts_with(&*state.join("tmp").to_string_lossy()) {
+        if point.starts_with(&*state.join("mnt").to_string_lossy())
+            || point.starts_with(&*state.join("tmp").to_string_lossy())
+        {
             found.push(format!("mount: {point}"));
         }
     }

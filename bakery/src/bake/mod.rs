@@ -14,7 +14,7 @@ mod step_register_image;
 mod step_snapshot;
 mod step_write_manifest;
 
-pub use plan::{BakeRequest, BakePlan};
+pub use plan::{BakePlan, BakeRequest};
 
 use crate::journal::{Journal, Resource};
 use crate::provider::{Image, Provider, SnapshotResult};
@@ -114,7 +114,13 @@ const STEPS: &[(&str, StepFn)] = &[
 ];
 
 /// Bakes an image, or returns the existing one with the same bake key unless `rebake`.
-pub fn bake(provider: &dyn Provider, state_dir: PathBuf, request: &BakeRequest, ui: &Ui, cancel: &AtomicBool) -> Result<BakeOutcome> {
+pub fn bake(
+    provider: &dyn Provider,
+    state_dir: PathBuf,
+    request: &BakeRequest,
+    ui: &Ui,
+    cancel: &AtomicBool,
+) -> Result<BakeOutcome> {
     let started = Instant::now();
     let plan = plan::resolve(provider, request).context(PlanSnafu)?;
 

@@ -144,10 +144,8 @@ pub fn resolve(provider: &dyn Provider, request: &BakeRequest) -> Result<BakePla
             .context(PackageSnafu { package: &request.package })?
             .context(MissingChecksumSnafu { package: &request.package })?,
     };
-    let base = provider
-        .find_image(&request.base)
-        .context(LookupSnafu)?
-        .context(BaseNotFoundSnafu { base: &request.base })?;
+    let base =
+        provider.find_image(&request.base).context(LookupSnafu)?.context(BaseNotFoundSnafu { base: &request.base })?;
 
     let optional = |value: &Option<String>| value.clone().unwrap_or_default();
     let builtins: BTreeMap<String, String> = [

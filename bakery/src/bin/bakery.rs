@@ -284,10 +284,7 @@ fn run(cli: &Cli, ui: &Ui) -> Result<(), Failure> {
 
 fn images(provider: &dyn Provider, command: &ImagesCommand, ui: &Ui, cancel: &AtomicBool) -> Result<(), Failure> {
     let find = |id: &str| {
-        provider
-            .find_image(id)
-            .map_err(|e| failure(1, e))?
-            .ok_or_else(|| failure(4, format!("image {id} not found")))
+        provider.find_image(id).map_err(|e| failure(1, e))?.ok_or_else(|| failure(4, format!("image {id} not found")))
     };
     match command {
         ImagesCommand::List => {

@@ -162,7 +162,12 @@ impl Provider for LocalProvider {
         let path = self.volume_path(&id);
         // The record goes first (gc treats a volume file without one as an orphan), and is
         // rewritten once we know whether the clone shares extents with the cache.
-        let mut meta = VolumeMeta { id: id.clone(), snapshot_id: snapshot_id.to_string(), bake_id: bake_id.to_string(), reflinked: false };
+        let mut meta = VolumeMeta {
+            id: id.clone(),
+            snapshot_id: snapshot_id.to_string(),
+            bake_id: bake_id.to_string(),
+            reflinked: false,
+        };
         let meta_path = path.with_extension("json");
         io(&meta_path, crate::atomic::write(&meta_path, &serde_json::to_vec(&meta)?))?;
         let source = io(&cached, File::open(&cached))?;
@@ -188,7 +193,9 @@ impl Provider for LocalProvider {
         let path = self.volume_path(volume_id);
         for file in [path.with_extension("json"), path] {
             match fs::remove_file(&file) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::Io { path: file, source: e }.into()),
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(Error::Io { path: file, source: e }.into())
+                }
                 _ => {}
             }
         }
@@ -211,7 +218,13 @@ impl Provider for LocalProvider {
         self.snapshot_file(&self.volume_path(volume_id), parent, hint, description, cancel, progress)
     }
 
-    fn import_disk(&self, path: &Path, description: &str, cancel: &AtomicBool, progress: Progress) -> Result<SnapshotResult> {
+    fn import_disk(
+        &self,
+        path: &Path,
+        description: &str,
+        cancel: &AtomicBool,
+        progress: Progress,
+    ) -> Result<SnapshotResult> {
         self.snapshot_file(path, None, ChangeHint::None, description, cancel, progress)
     }
 
@@ -257,7 +270,11 @@ impl Provider for LocalProvider {
     fn collect_garbage(&self, live_bakes: &[String], dry_run: bool) -> Result<GcReport> {
         let mut report = GcReport::default();
         let mut note = |what: String, removed: bool| {
-            if removed { report.removed.push(what) } else { report.kept_live.push(what) }
+            if removed {
+                report.removed.push(what)
+            } else {
+                report.kept_live.push(what)
+            }
         };
         // Mount points, scratch files and volume records all carry the bake id in their names.
         let is_live_path = |p: &Path| live_bakes.iter().any(|id| p.to_string_lossy().contains(id.as_str()));

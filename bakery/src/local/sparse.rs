@@ -201,14 +201,7 @@ pub fn clone_or_copy(source: &File, dest: &File) -> Result<bool> {
             let remaining = (end - offset as u64) as usize;
             // SAFETY: both descriptors are valid and the offsets point at owned i64s.
             let copied = unsafe {
-                libc::copy_file_range(
-                    source.as_raw_fd(),
-                    &mut offset,
-                    dest.as_raw_fd(),
-                    &mut dest_offset,
-                    remaining,
-                    0,
-                )
+                libc::copy_file_range(source.as_raw_fd(), &mut offset, dest.as_raw_fd(), &mut dest_offset, remaining, 0)
             };
             if copied < 0 {
                 return Err(std::io::Error::last_os_error()).context(CopySnafu);

@@ -92,10 +92,7 @@ pub struct Store {
 
 impl Store {
     pub fn open(state_dir: &Path) -> Result<Store> {
-        let store = Store {
-            blocks: state_dir.join("blocks"),
-            snapshots: state_dir.join("snapshots"),
-        };
+        let store = Store { blocks: state_dir.join("blocks"), snapshots: state_dir.join("snapshots") };
         for dir in [&store.blocks, &store.snapshots, &store.blocks.join("incoming")] {
             fs::create_dir_all(dir).context(IoSnafu { path: dir.clone() })?;
         }
@@ -115,10 +112,7 @@ impl Store {
         }
         let dir = path.parent().expect("block paths have a parent");
         fs::create_dir_all(dir).context(IoSnafu { path: dir })?;
-        let incoming = self
-            .blocks
-            .join("incoming")
-            .join(format!("{hash}.{}", crate::ids::new_id("tmp")));
+        let incoming = self.blocks.join("incoming").join(format!("{hash}.{}", crate::ids::new_id("tmp")));
         let mut file = File::create(&incoming).context(IoSnafu { path: &incoming })?;
         file.write_all(data).context(IoSnafu { path: &incoming })?;
         drop(file);
@@ -164,9 +158,7 @@ impl Store {
     pub fn incoming_files(&self) -> Result<Vec<PathBuf>> {
         let dir = self.blocks.join("incoming");
         let entries = fs::read_dir(&dir).context(IoSnafu { path: &dir })?;
-        entries
-            .map(|entry| entry.map(|e| e.path()).context(IoSnafu { path: &dir }))
-            .collect()
+        entries.map(|entry| entry.map(|e| e.path()).context(IoSnafu { path: &dir })).collect()
     }
 
     fn manifest_path(&self, id: &str) -> PathBuf {
@@ -259,9 +251,8 @@ impl Store {
         }
         let empty = BTreeMap::new();
         let parent_blocks = parent.map_or(&empty, |p| &p.blocks);
-        let changed = (0..size / BLOCK_SIZE as u64)
-            .filter(|index| blocks.get(index) != parent_blocks.get(index))
-            .count() as u64;
+        let changed =
+            (0..size / BLOCK_SIZE as u64).filter(|index| blocks.get(index) != parent_blocks.get(index)).count() as u64;
         Ok((blocks, changed, stored_bytes.into_inner()))
     }
 
@@ -290,9 +281,7 @@ fn remove_if_present(path: &Path) -> Result<()> {
 
 fn sync_filesystem(path: &Path) -> Result<()> {
     let dir = File::open(path).context(IoSnafu { path })?;
-    nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&dir))
-        .map_err(std::io::Error::from)
-        .context(IoSnafu { path })
+    nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&dir)).map_err(std::io::Error::from).context(IoSnafu { path })
 }
 
 #[cfg(test)]
