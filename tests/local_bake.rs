@@ -396,9 +396,10 @@ fn two_bakes_at_once_both_succeed() {
 }
 
 /// Starts a slow bake and waits until its journal shows the image mounted.
+#[allow(clippy::zombie_processes)] // the child is returned; the caller waits for it
 fn bake_until_mounted(package: &Path, version: &str) -> std::process::Child {
     let package = package.to_string_lossy().into_owned();
-    let child = bakery()
+    let mut child = bakery()
         .args(bake_args(&package, version))
         .arg("--rebake")
         .stdout(Stdio::null())
@@ -407,7 +408,11 @@ fn bake_until_mounted(package: &Path, version: &str) -> std::process::Child {
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        assert!(Instant::now() < deadline, "the bake never mounted its volume");
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the bake never mounted its volume");
+        }
         let journals = std::fs::read_dir(state_dir().join("journal")).into_iter().flatten().flatten();
         let mounted = journals
             .filter(|e| e.path().extension().is_some_and(|x| x == "json"))

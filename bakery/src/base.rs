@@ -89,7 +89,7 @@ fn load(path: &Path) -> Result<(BaseRecipe, String)> {
         invalid("name must be letters, digits, '-', '.' or '_'")
     );
     ensure!(
-        recipe.disk_size_mib >= 512 && recipe.disk_size_mib % 2 == 0,
+        recipe.disk_size_mib >= 512 && recipe.disk_size_mib.is_multiple_of(2),
         invalid("disk_size_mib must be an even number ≥ 512")
     );
     ensure!(!recipe.packages.is_empty(), invalid("packages is empty"));
@@ -169,7 +169,9 @@ fn build_and_register(
     // The builder wants its output outside its scratch directory.
     let disk = state_dir.join("tmp").join(format!("{}.raw", journal.id()));
     journal.push(Resource::File { path: disk.clone() }).context(JournalSnafu)?;
-    let script = builder_script(path);
+    // Run a copy: bash reads a script as it goes, so editing the original mid-build would bite.
+    let script = work.join(BUILDER_SCRIPT);
+    std::fs::copy(builder_script(path), &script).context(ReadSnafu { path: &script })?;
     ui.step(1, 3, "build the root filesystem and disk (mmdebstrap)");
     let mut child = Command::new("bash")
         .arg(&script)

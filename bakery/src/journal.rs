@@ -35,14 +35,41 @@ pub type Result<T> = std::result::Result<T, Error>;
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Resource {
-    Volume { id: String },
-    Attachment { volume: String, device: PathBuf },
-    PartitionNodes { device: PathBuf },
-    Mount { path: PathBuf },
-    File { path: PathBuf },
-    Dir { path: PathBuf },
-    Snapshot { id: String },
-    Image { id: String },
+    Volume {
+        id: String,
+    },
+    Attachment {
+        volume: String,
+        device: PathBuf,
+    },
+    PartitionNodes {
+        device: PathBuf,
+    },
+    Mount {
+        path: PathBuf,
+    },
+    File {
+        path: PathBuf,
+    },
+    Dir {
+        path: PathBuf,
+    },
+    Snapshot {
+        id: String,
+    },
+    Image {
+        id: String,
+    },
+    /// A loop device on a file that is not a volume (an instance's read-only root).
+    LoopDevice {
+        device: PathBuf,
+        file: PathBuf,
+    },
+    /// A process, identified by pid and start time so that a reused pid is never signalled.
+    Process {
+        pid: i32,
+        start_time: u64,
+    },
 }
 
 impl std::fmt::Display for Resource {
@@ -56,6 +83,8 @@ impl std::fmt::Display for Resource {
             Resource::Dir { path } => write!(f, "directory {}", path.display()),
             Resource::Snapshot { id } => write!(f, "snapshot {id}"),
             Resource::Image { id } => write!(f, "image {id}"),
+            Resource::LoopDevice { device, file } => write!(f, "loop device {} ({})", device.display(), file.display()),
+            Resource::Process { pid, .. } => write!(f, "process {pid}"),
         }
     }
 }
@@ -75,6 +104,11 @@ impl Resource {
             Resource::Dir { path } => remove(path, |p| fs::remove_dir_all(p)),
             Resource::Snapshot { id } => provider.delete_snapshot(id),
             Resource::Image { id } => provider.delete_image(id),
+            Resource::LoopDevice { device, file } => Ok(crate::loopdev::detach_if_backed_by(device, file)?),
+            Resource::Process { pid, start_time } => {
+                crate::process::stop(*pid, *start_time);
+                Ok(())
+            }
         }
     }
 }

@@ -106,3 +106,17 @@ pub fn remove_partition_nodes(disk: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+/// Attaches the byte range `[offset, offset + size)` of `file` read-only: one partition of a
+/// disk image, with no need for partition nodes.
+pub fn attach_partition_read_only(file: &Path, offset: u64, size: u64) -> Result<PathBuf> {
+    let (offset, size) = (offset.to_string(), size.to_string());
+    let mut args: Vec<&std::ffi::OsStr> =
+        ["--find", "--show", "--read-only", "--offset", &offset, "--sizelimit", &size]
+            .into_iter()
+            .map(std::ffi::OsStr::new)
+            .collect();
+    args.push(file.as_os_str());
+    let out = command::run("losetup", &args).context(AttachSnafu { file })?;
+    Ok(PathBuf::from(out.trim()))
+}

@@ -217,7 +217,7 @@ pub fn open_source(spec: &str) -> Result<PackageSource> {
     let metadata = file.metadata().context(OpenFileSnafu { path: spec })?;
     Ok(PackageSource {
         reader: Box::new(file),
-        len: metadata.is_file().then(|| metadata.len()),
+        len: metadata.is_file().then_some(metadata.len()),
         display: spec.to_string(),
     })
 }
@@ -486,7 +486,7 @@ struct Extractor<'a> {
     cancel: &'a AtomicBool,
     package: &'a str,
     install_dir: Rc<OwnedFd>,
-    /// The install root's image path without a trailing slash ("" for "/").
+    /// The install root's normalized image path without a trailing slash ("" for "/").
     prefix: String,
     meter: Rc<Meter>,
     /// Consecutive entries usually share a directory. Directories are never removed, so a
@@ -510,7 +510,12 @@ impl<'a> Extractor<'a> {
             cancel,
             package,
             install_dir: Rc::new(install_dir),
-            prefix: opts.install_root.trim_end_matches('/').to_string(),
+            prefix: opts
+                .install_root
+                .split('/')
+                .filter(|part| !part.is_empty() && *part != ".")
+                .map(|part| format!("/{part}"))
+                .collect(),
             meter: Rc::default(),
             last_dir: None,
             files: HashSet::new(),
@@ -567,7 +572,7 @@ impl<'a> Extractor<'a> {
     fn stream_error(&self, e: io::Error) -> Error {
         let package = self.package;
         if self.meter.tripped.get() {
-            let after = self.last.clone().unwrap_or_default();
+            let after = self.last.clone().unwrap_or_else(|| "(none yet)".to_string());
             OversizedHeadersSnafu { package, after }.build()
         } else if self.meter.inner_failed.get() {
             gzip_error(package, e)
@@ -778,9 +783,13 @@ impl<'a> Extractor<'a> {
             EntryType::Block => SFlag::S_IFBLK,
             _ => SFlag::S_IFIFO,
         };
-        let major = header.device_major().context(BadHeaderSnafu { entry: &item.name })?;
-        let minor = header.device_minor().context(BadHeaderSnafu { entry: &item.name })?;
-        let device = stat::makedev(major.unwrap_or(0).into(), minor.unwrap_or(0).into());
+        let device = if file_type == SFlag::S_IFIFO {
+            0
+        } else {
+            let major = header.device_major().context(BadHeaderSnafu { entry: &item.name })?;
+            let minor = header.device_minor().context(BadHeaderSnafu { entry: &item.name })?;
+            stat::makedev(major.unwrap_or(0).into(), minor.unwrap_or(0).into())
+        };
 
         let (dir, name) = item.split();
         let parent = self.parent(dir, item)?;
@@ -910,5 +919,566 @@ fn gzip_error(package: &str, source: io::Error) -> Error {
         Error::TruncatedGzip { package, source }
     } else {
         Error::CorruptGzip { package, source }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flate2::write::GzEncoder;
+    use flate2::Compression;
+    use std::fs;
+    use std::io::BufReader;
+    use std::net::TcpListener;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    use std::path::{Path, PathBuf};
+    use tar::Header;
+
+    const MTIME: u64 = 1_600_000_000;
+
+    /// An image root inside a parent directory (so that anything written outside the root
+    /// shows up there), and a separate directory for packages.
+    struct Image {
+        parent: tempfile::TempDir,
+        root_path: PathBuf,
+        root: RootDir,
+        packages: tempfile::TempDir,
+    }
+
+    fn image() -> Image {
+        let parent = tempfile::tempdir().unwrap();
+        let root_path = parent.path().join("root");
+        fs::create_dir(&root_path).unwrap();
+        let root = RootDir::open(&root_path).unwrap();
+        Image { parent, root_path, root, packages: tempfile::tempdir().unwrap() }
+    }
+
+    impl Image {
+        fn install(&self, package: &[u8], opts: &InstallOptions) -> Result<InstallReport> {
+            self.install_with(package, &sha256(package), opts, &AtomicBool::new(false), &|_| {})
+        }
+
+        fn install_with(
+            &self,
+            package: &[u8],
+            expected: &str,
+            opts: &InstallOptions,
+            cancel: &AtomicBool,
+            progress: &(dyn Fn(u64) + Sync),
+        ) -> Result<InstallReport> {
+            let path = self.packages.path().join("package.tar.gz");
+            fs::write(&path, package).unwrap();
+            let source = open_source(path.to_str().unwrap()).unwrap();
+            install(source, &self.root, expected, opts, cancel, progress)
+        }
+
+        fn app(&self) -> PathBuf {
+            self.root_path.join("opt/app")
+        }
+
+        /// Nothing but the root in its parent, and `outside` (a decoy) untouched.
+        fn assert_contained(&self) {
+            let names: Vec<_> = fs::read_dir(self.parent.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            assert_eq!(names, ["root"], "something was written outside the image root");
+        }
+
+        /// An absolute host path outside the root that evil entries aim at.
+        fn outside(&self) -> String {
+            self.parent.path().join("outside").to_str().unwrap().to_string()
+        }
+    }
+
+    fn options() -> InstallOptions {
+        InstallOptions {
+            install_root: "/opt/app".to_string(),
+            owner: (1234, 5678),
+            strip_components: 0,
+            max_expanded_bytes: 1 << 30,
+            allow_device_nodes: false,
+            allow_external_hardlinks: false,
+        }
+    }
+
+    fn sha256(bytes: &[u8]) -> String {
+        hex::encode(Sha256::digest(bytes))
+    }
+
+    /// Deterministic incompressible-ish bytes.
+    fn noise(len: usize, seed: u64) -> Vec<u8> {
+        let mut state = seed | 1;
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect()
+    }
+
+    /// Builds a .tar.gz with headers written by hand, so that evil names get through as-is.
+    struct Package(tar::Builder<GzEncoder<Vec<u8>>>);
+
+    impl Package {
+        fn new() -> Self {
+            Self(tar::Builder::new(GzEncoder::new(Vec::new(), Compression::fast())))
+        }
+
+        fn raw(mut self, kind: EntryType, name: &str, link: &str, mode: u32, data: &[u8]) -> Self {
+            let mut header = Header::new_gnu();
+            header.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+            header.as_old_mut().linkname[..link.len()].copy_from_slice(link.as_bytes());
+            header.set_entry_type(kind);
+            header.set_size(data.len() as u64);
+            header.set_mode(mode);
+            header.set_mtime(MTIME);
+            header.set_cksum();
+            self.0.append(&header, data).unwrap();
+            self
+        }
+
+        fn file(self, name: &str, data: &[u8]) -> Self {
+            self.raw(EntryType::Regular, name, "", 0o644, data)
+        }
+
+        fn dir(self, name: &str) -> Self {
+            self.raw(EntryType::Directory, name, "", 0o755, b"")
+        }
+
+        fn symlink(self, name: &str, target: &str) -> Self {
+            self.raw(EntryType::Symlink, name, target, 0o777, b"")
+        }
+
+        fn hard_link(self, name: &str, target: &str) -> Self {
+            self.raw(EntryType::Link, name, target, 0o644, b"")
+        }
+
+        fn finish(self) -> Vec<u8> {
+            self.0.into_inner().unwrap().finish().unwrap()
+        }
+    }
+
+    fn entry<'a>(report: &'a InstallReport, path: &str) -> &'a ManifestEntry {
+        report.entries.iter().find(|e| e.path == path).unwrap_or_else(|| panic!("no {path}"))
+    }
+
+    #[test]
+    fn installs_files_dirs_and_links_with_owner_mode_and_manifest() {
+        let image = image();
+        let jar = noise(3 * CHUNK_SIZE + 123, 1);
+        let long_name = format!("./pkg/{}/deep.txt", "d".repeat(120));
+        let mut package = Package::new()
+            .dir("./pkg/")
+            .raw(EntryType::Directory, "./pkg/bin/", "", 0o750, b"")
+            .raw(EntryType::Regular, "./pkg/bin/run.sh", "", 0o4755, b"#!/bin/sh\n")
+            .file("./pkg/lib/app.jar", &jar)
+            .symlink("./pkg/current", "lib/app.jar")
+            .hard_link("./pkg/lib/same.jar", "./pkg/lib/app.jar")
+            .file("./pkg/twice", b"first")
+            .file("./pkg/twice", b"second");
+        // A name too long for the header: the tar crate adds a GNU long-name entry.
+        let mut header = Header::new_gnu();
+        header.set_size(4);
+        header.set_mode(0o600);
+        header.set_mtime(MTIME);
+        package.0.append_data(&mut header, &long_name, &b"deep"[..]).unwrap();
+        let package = package.finish();
+
+        let opts = InstallOptions { strip_components: 2, ..options() };
+        let seen = std::sync::Mutex::new(Vec::new());
+        let report = image
+            .install_with(&package, &sha256(&package).to_uppercase(), &opts, &AtomicBool::new(false), &|n| {
+                seen.lock().unwrap().push(n)
+            })
+            .unwrap();
+
+        assert_eq!(report.package_sha256, sha256(&package));
+        assert_eq!(report.compressed_bytes, package.len() as u64);
+        assert_eq!(seen.lock().unwrap().last(), Some(&(package.len() as u64)));
+        assert_eq!(report.expanded_bytes, (10 + jar.len() + 5 + 6 + 4) as u64);
+        let paths: Vec<&str> = report.entries.iter().map(|e| e.path.as_str()).collect();
+        let mut sorted = paths.clone();
+        sorted.sort();
+        assert_eq!(paths, sorted);
+        let deep = format!("/opt/app/{}/deep.txt", "d".repeat(120));
+        assert_eq!(
+            sorted,
+            [
+                "/opt/app/bin",
+                "/opt/app/bin/run.sh",
+                "/opt/app/current",
+                deep.as_str(),
+                "/opt/app/lib/app.jar",
+                "/opt/app/lib/same.jar",
+                "/opt/app/twice",
+            ]
+        );
+
+        let app = image.app();
+        let jar_entry = entry(&report, "/opt/app/lib/app.jar");
+        assert_eq!(jar_entry.kind, EntryKind::File);
+        assert_eq!(jar_entry.sha256.as_deref(), Some(sha256(&jar).as_str()));
+        assert_eq!(jar_entry.size, jar.len() as u64);
+        assert_eq!(fs::read(app.join("lib/app.jar")).unwrap(), jar);
+        let twice = entry(&report, "/opt/app/twice");
+        assert_eq!(twice.sha256.as_deref(), Some(sha256(b"second").as_str()));
+        assert_eq!(fs::read(app.join("twice")).unwrap(), b"second");
+        assert_eq!(fs::read(app.join(&deep[9..])).unwrap(), b"deep");
+
+        let run = fs::metadata(app.join("bin/run.sh")).unwrap();
+        assert_eq!(run.mode() & 0o7777, 0o755, "setuid must be stripped");
+        assert_eq!(entry(&report, "/opt/app/bin/run.sh").mode, 0o755);
+        assert_eq!(run.mtime(), MTIME as i64);
+        let bin = fs::metadata(app.join("bin")).unwrap();
+        assert_eq!((bin.mode() & 0o7777, bin.mtime()), (0o750, MTIME as i64));
+
+        let link = entry(&report, "/opt/app/current");
+        assert_eq!((link.kind, link.target.as_deref()), (EntryKind::Symlink, Some("lib/app.jar")));
+        assert_eq!(fs::read_link(app.join("current")).unwrap(), Path::new("lib/app.jar"));
+        let hard = entry(&report, "/opt/app/lib/same.jar");
+        assert_eq!((hard.kind, hard.target.as_deref()), (EntryKind::Hardlink, Some("/opt/app/lib/app.jar")));
+        assert_eq!(
+            fs::metadata(app.join("lib/same.jar")).unwrap().ino(),
+            fs::metadata(app.join("lib/app.jar")).unwrap().ino()
+        );
+
+        // Everything, including directories made implicitly and the install root, is owned
+        // by the owner.
+        for path in ["", "bin", "bin/run.sh", "lib", "lib/app.jar", "current", "twice", &deep[9..]] {
+            let meta = fs::symlink_metadata(app.join(path)).unwrap();
+            assert_eq!((meta.uid(), meta.gid()), (1234, 5678), "{path}");
+        }
+        assert_eq!(fs::metadata(app.join("lib")).unwrap().mode() & 0o7777, 0o755);
+
+        let json = serde_json::to_value(link).unwrap();
+        assert_eq!(json["kind"], "symlink");
+        assert!(json.get("sha256").is_none());
+        image.assert_contained();
+    }
+
+    #[test]
+    fn later_entries_replace_symlinks_instead_of_writing_through_them() {
+        let image = image();
+        let outside = image.outside();
+        let package = Package::new()
+            .symlink("conf", &outside)
+            .file("conf", b"mine")
+            .symlink("dir", &outside)
+            .dir("dir/")
+            .finish();
+        let report = image.install(&package, &options()).unwrap();
+        assert_eq!(fs::read(image.app().join("conf")).unwrap(), b"mine");
+        assert!(fs::symlink_metadata(image.app().join("dir")).unwrap().is_dir());
+        assert_eq!(entry(&report, "/opt/app/conf").kind, EntryKind::File);
+        image.assert_contained();
+    }
+
+    #[test]
+    fn wrong_checksum_is_reported_with_both_digests() {
+        let image = image();
+        let package = Package::new().file("a", b"a").finish();
+        let wrong = "0".repeat(64);
+        let err = image.install_with(&package, &wrong, &options(), &AtomicBool::new(false), &|_| {}).unwrap_err();
+        match err {
+            Error::ChecksumMismatch { expected, actual } => {
+                assert_eq!((expected, actual), (wrong, sha256(&package)));
+            }
+            other => panic!("{other}"),
+        }
+        let err = image.install_with(&package, "abc", &options(), &AtomicBool::new(false), &|_| {}).unwrap_err();
+        assert!(matches!(err, Error::BadExpectedChecksum { .. }), "{err}");
+        image.assert_contained();
+    }
+
+    #[test]
+    fn truncated_gzip_is_reported() {
+        let image = image();
+        let package = Package::new().file("a", &noise(100_000, 2)).finish();
+        let err = image.install(&package[..package.len() / 2], &options()).unwrap_err();
+        assert!(matches!(err, Error::TruncatedGzip { .. }), "{err}");
+        image.assert_contained();
+    }
+
+    #[test]
+    fn non_gzip_and_non_tar_packages_are_reported() {
+        let image = image();
+        let err = image.install(b"just some text", &options()).unwrap_err();
+        assert!(matches!(err, Error::NotGzip { .. }), "{err}");
+        let err = image.install(b"", &options()).unwrap_err();
+        assert!(matches!(err, Error::NotGzip { .. }), "{err}");
+
+        let mut text = GzEncoder::new(Vec::new(), Compression::fast());
+        text.write_all(&b"lorem ipsum dolor sit amet ".repeat(100)).unwrap();
+        let err = image.install(&text.finish().unwrap(), &options()).unwrap_err();
+        assert!(matches!(err, Error::NotTar { .. }), "{err}");
+
+        let err = image.install(&Package::new().finish(), &options()).unwrap_err();
+        assert!(matches!(err, Error::EmptyArchive { .. }), "{err}");
+        image.assert_contained();
+    }
+
+    #[test]
+    fn corrupt_and_truncated_tar_data_is_reported() {
+        let image = image();
+        let mut tar = tar::Builder::new(Vec::new());
+        let mut header = Header::new_gnu();
+        header.set_size(3);
+        header.set_mode(0o644);
+        header.set_mtime(MTIME);
+        tar.append_data(&mut header, "ok", &b"abc"[..]).unwrap();
+        let mut bytes = tar.into_inner().unwrap();
+        let gzip = |bytes: &[u8]| {
+            let mut encoder = GzEncoder::new(Vec::new(), Compression::fast());
+            encoder.write_all(bytes).unwrap();
+            encoder.finish().unwrap()
+        };
+
+        // Garbage where the next header (or the end-of-archive blocks) should be.
+        let mut garbage = bytes[..1024].to_vec();
+        garbage.extend_from_slice(&[b'x'; 512]);
+        let err = image.install(&gzip(&garbage), &options()).unwrap_err();
+        assert!(matches!(&err, Error::CorruptTar { after, .. } if after == "ok"), "{err}");
+
+        // A valid gzip stream of a tar that stops inside an entry's data.
+        let mut header = Header::new_gnu();
+        header.set_size(10_000);
+        header.set_mode(0o644);
+        header.set_mtime(MTIME);
+        let mut tar = tar::Builder::new(Vec::new());
+        tar.append_data(&mut header, "big", &vec![7u8; 10_000][..]).unwrap();
+        bytes = tar.into_inner().unwrap();
+        let err = image.install(&gzip(&bytes[..3000]), &options()).unwrap_err();
+        assert!(matches!(err, Error::TruncatedEntry { expected: 10_000, actual: 2488, .. }), "{err}");
+        image.assert_contained();
+    }
+
+    #[test]
+    fn dot_dot_and_absolute_entries_are_refused() {
+        let image = image();
+        for name in ["../escape", "a/../../escape", "ok/.."] {
+            let package = Package::new().file(name, b"x").finish();
+            let err = image.install(&package, &options()).unwrap_err();
+            assert!(matches!(err, Error::DotDotPath { .. }), "{name}: {err}");
+        }
+        let absolute = format!("{}/abs", image.outside());
+        for name in ["/etc/bakery-absolute-test", absolute.as_str()] {
+            let package = Package::new().file(name, b"x").finish();
+            let err = image.install(&package, &options()).unwrap_err();
+            assert!(matches!(err, Error::AbsolutePath { .. }), "{name}: {err}");
+        }
+        assert!(!Path::new("/etc/bakery-absolute-test").exists());
+        image.assert_contained();
+    }
+
+    #[test]
+    fn entries_through_symlinks_are_refused() {
+        let image = image();
+        let outside = image.outside();
+        let cases = [
+            Package::new().dir("app/").symlink("app/link", &outside).file("app/link/pwned", b"x"),
+            Package::new().symlink("up", "../../../../../../..").file("up/pwned", b"x"),
+            Package::new().symlink("etc", "/etc").dir("etc/cron.d/"),
+        ];
+        for (package, symlink) in cases.into_iter().zip(["/opt/app/app/link", "/opt/app/up", "/opt/app/etc"]) {
+            let err = image.install(&package.finish(), &options()).unwrap_err();
+            assert!(matches!(&err, Error::SymlinkInPath { symlink: s, .. } if s == symlink), "{err}");
+        }
+
+        // A symlink already in the image under the install root is not followed either.
+        std::os::unix::fs::symlink(&outside, image.app().join("webapps")).unwrap();
+        let package = Package::new().file("webapps/ROOT.war", b"x").finish();
+        let err = image.install(&package, &options()).unwrap_err();
+        assert!(matches!(err, Error::SymlinkInPath { .. }), "{err}");
+        assert!(!Path::new("/etc/cron.d/pwned").exists());
+        image.assert_contained();
+    }
+
+    #[test]
+    fn entries_under_files_and_files_over_directories_are_refused() {
+        let image = image();
+        let package = Package::new().file("a", b"x").file("a/b", b"y").finish();
+        let err = image.install(&package, &options()).unwrap_err();
+        assert!(matches!(&err, Error::NotADirectory { path, .. } if path == "/opt/app/a"), "{err}");
+        let package = Package::new().file("d/f", b"x").file("d", b"y").finish();
+        let err = image.install(&package, &options()).unwrap_err();
+        assert!(matches!(err, Error::ReplacesDirectory { .. }), "{err}");
+        image.assert_contained();
+    }
+
+    #[test]
+    fn hard_links_must_target_files_from_the_package() {
+        let image = image();
+        for target in ["/etc/passwd", "../../../etc/passwd", "not-extracted", "dir", "self"] {
+            let package = Package::new().dir("dir/").hard_link("self", target).finish();
+            let err = image.install(&package, &options()).unwrap_err();
+            assert!(matches!(err, Error::HardLinkTarget { .. }), "{target}: {err}");
+        }
+        // Allowed to reach files already in the image, but only beneath the install root and
+        // not through symlinks.
+        fs::write(image.app().join("existing"), b"e").unwrap();
+        std::os::unix::fs::symlink("/etc", image.app().join("etc")).unwrap();
+        let opts = InstallOptions { allow_external_hardlinks: true, ..options() };
+        let package = Package::new().hard_link("copy", "existing").finish();
+        image.install(&package, &opts).unwrap();
+        assert_eq!(fs::read(image.app().join("copy")).unwrap(), b"e");
+        for target in ["etc/passwd", "/etc/passwd"] {
+            let package = Package::new().hard_link("passwd", target).finish();
+            let err = image.install(&package, &opts).unwrap_err();
+            assert!(matches!(err, Error::HardLinkTarget { .. }), "{target}: {err}");
+        }
+        image.assert_contained();
+    }
+
+    #[test]
+    fn device_nodes_need_permission() {
+        let image = image();
+        let mut package = Package::new();
+        let mut header = Header::new_gnu();
+        header.set_entry_type(EntryType::Char);
+        header.set_device_major(1).unwrap();
+        header.set_device_minor(3).unwrap();
+        header.set_size(0);
+        header.set_mode(0o666);
+        package.0.append_data(&mut header, "null", io::empty()).unwrap();
+        let err = image.install(&package.finish(), &options()).unwrap_err();
+        assert!(matches!(err, Error::DeviceNode { .. }), "{err}");
+        assert!(!image.app().join("null").exists());
+
+        let package = Package::new().raw(EntryType::Fifo, "pipe", "", 0o640, b"").finish();
+        let err = image.install(&package, &options()).unwrap_err();
+        assert!(matches!(err, Error::DeviceNode { .. }), "{err}");
+        let opts = InstallOptions { allow_device_nodes: true, ..options() };
+        let report = image.install(&package, &opts).unwrap();
+        assert_eq!(report.entries[0].kind, EntryKind::Device);
+        let meta = fs::symlink_metadata(image.app().join("pipe")).unwrap();
+        assert!(meta.file_type().is_fifo());
+        assert_eq!((meta.mode() & 0o7777, meta.uid()), (0o640, 1234));
+        image.assert_contained();
+    }
+
+    #[test]
+    fn unsupported_entry_types_are_refused() {
+        let image = image();
+        let package = Package::new().raw(EntryType::new(b'V'), "label", "", 0o644, b"").finish();
+        let err = image.install(&package, &options()).unwrap_err();
+        assert!(matches!(err, Error::UnsupportedEntry { .. }), "{err}");
+        image.assert_contained();
+    }
+
+    #[test]
+    fn expansion_past_the_limit_fails_before_writing() {
+        let image = image();
+        let mut package = Package::new().file("small", b"fine");
+        let mut header = Header::new_gnu();
+        header.set_size(50 << 20);
+        header.set_mode(0o644);
+        package.0.append_data(&mut header, "zeros", io::repeat(0).take(50 << 20)).unwrap();
+        let package = package.finish();
+        assert!(package.len() < 1 << 20);
+
+        let opts = InstallOptions { max_expanded_bytes: 10 << 20, ..options() };
+        let err = image.install(&package, &opts).unwrap_err();
+        assert!(
+            matches!(&err, Error::ExpansionLimit { entry, limit } if entry == "zeros" && *limit == 10 << 20),
+            "{err}"
+        );
+        assert!(!image.app().join("zeros").exists());
+        image.assert_contained();
+    }
+
+    #[test]
+    fn oversized_extension_headers_are_refused() {
+        let image = image();
+        let package = Package::new()
+            .file("first", b"x")
+            .raw(EntryType::GNULongName, "././@LongLink", "", 0o644, &vec![b'n'; 2 << 20])
+            .file("short", b"y")
+            .finish();
+        let err = image.install(&package, &options()).unwrap_err();
+        assert!(matches!(&err, Error::OversizedHeaders { after, .. } if after == "first"), "{err}");
+        image.assert_contained();
+    }
+
+    #[test]
+    fn cancellation_stops_the_install() {
+        let image = image();
+        let package = Package::new().file("a", &noise(4 << 20, 3)).finish();
+        let err =
+            image.install_with(&package, &sha256(&package), &options(), &AtomicBool::new(true), &|_| {}).unwrap_err();
+        assert!(matches!(err, Error::Cancelled), "{err}");
+
+        // Cancelled mid-stream, from the progress callback.
+        let cancel = AtomicBool::new(false);
+        let err = image
+            .install_with(&package, &sha256(&package), &options(), &cancel, &|_| cancel.store(true, Ordering::Relaxed))
+            .unwrap_err();
+        assert!(matches!(err, Error::Cancelled), "{err}");
+        image.assert_contained();
+    }
+
+    /// Serves `routes` over HTTP on 127.0.0.1 for `requests` requests; 404 for other paths.
+    fn serve(routes: Vec<(&'static str, Vec<u8>)>, requests: usize) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        thread::spawn(move || {
+            for stream in listener.incoming().take(requests) {
+                let mut stream = stream.unwrap();
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut request = String::new();
+                reader.read_line(&mut request).unwrap();
+                let mut line = String::new();
+                while reader.read_line(&mut line).unwrap() > 2 {
+                    line.clear();
+                }
+                let path = request.split_whitespace().nth(1).unwrap_or_default();
+                let (status, body) = match routes.iter().find(|(route, _)| *route == path) {
+                    Some((_, body)) => ("200 OK", body.as_slice()),
+                    None => ("404 Not Found", &b""[..]),
+                };
+                write!(stream, "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len())
+                    .unwrap();
+                stream.write_all(body).unwrap();
+            }
+        });
+        base
+    }
+
+    #[test]
+    fn installs_from_http_with_a_sidecar_checksum() {
+        let image = image();
+        let package = Package::new().file("index.html", &noise(600_000, 4)).finish();
+        let sidecar = format!("{}  app.tar.gz\n", sha256(&package).to_uppercase());
+        let base = serve(vec![("/app.tar.gz", package.clone()), ("/app.tar.gz.sha256", sidecar.into_bytes())], 4);
+        let url = format!("{base}/app.tar.gz");
+        let expected = sidecar_sha256(&url).unwrap().unwrap();
+        assert_eq!(expected, sha256(&package));
+        let source = open_source(&url).unwrap();
+        assert_eq!(source.len, Some(package.len() as u64));
+        let report = install(source, &image.root, &expected, &options(), &AtomicBool::new(false), &|_| {}).unwrap();
+        assert_eq!(report.compressed_bytes, package.len() as u64);
+        assert!(image.app().join("index.html").exists());
+
+        assert_eq!(sidecar_sha256(&format!("{base}/other.tar.gz")).unwrap(), None);
+        let err = open_source(&format!("{base}/missing.tar.gz")).err().unwrap();
+        assert!(matches!(err, Error::Http { .. }), "{err}");
+        image.assert_contained();
+    }
+
+    #[test]
+    fn sidecar_files_are_read_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let package = dir.path().join("app.tar.gz");
+        let spec = package.to_str().unwrap();
+        assert_eq!(sidecar_sha256(spec).unwrap(), None);
+        fs::write(dir.path().join("app.tar.gz.sha256"), format!("{}\n", "AB".repeat(32))).unwrap();
+        assert_eq!(sidecar_sha256(spec).unwrap(), Some("ab".repeat(32)));
+        fs::write(dir.path().join("app.tar.gz.sha256"), "not-a-digest app.tar.gz\n").unwrap();
+        let err = sidecar_sha256(spec).unwrap_err();
+        assert!(matches!(err, Error::BadSidecar { .. }), "{err}");
+        let err = open_source(spec).err().unwrap();
+        assert!(matches!(err, Error::OpenFile { .. }), "{err}");
     }
 }

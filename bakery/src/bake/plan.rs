@@ -24,7 +24,10 @@ pub enum Error {
     Lookup { source: crate::provider::Error },
 
     #[snafu(display("{source}"))]
-    Recipe { source: recipe::Error },
+    Recipe {
+        #[snafu(source(from(recipe::Error, Box::new)))]
+        source: Box<recipe::Error>,
+    },
 
     #[snafu(display("--app {app:?} is not a valid application name: use letters, digits, '.' and '_'"))]
     BadApp { app: String },
@@ -42,7 +45,11 @@ pub enum Error {
     MissingChecksum { package: String },
 
     #[snafu(display("package {package}: {source}"))]
-    Package { package: String, source: crate::package::Error },
+    Package {
+        package: String,
+        #[snafu(source(from(crate::package::Error, Box::new)))]
+        source: Box<crate::package::Error>,
+    },
 
     #[snafu(display("package {} does not exist or is not a file", path.display()))]
     NoPackage { path: PathBuf },

@@ -88,7 +88,7 @@ impl LocalProvider {
 
     /// The snapshot's blocks as one file, built once and shared read-only by the volumes
     /// created from it (as clones where the filesystem can).
-    fn cached_image(&self, manifest: &SnapshotManifest) -> Result<PathBuf> {
+    pub fn cached_image(&self, manifest: &SnapshotManifest) -> Result<PathBuf> {
         let cache = self.state_dir.join("cache");
         let path = cache.join(format!("{}.raw", manifest.id));
         let lock_path = cache.join(format!("{}.lock", manifest.id));
@@ -96,7 +96,15 @@ impl LocalProvider {
         let _lock = Flock::lock(lock_file, FlockArg::LockExclusive).map_err(|(_, e)| e)?;
         if !path.exists() {
             let partial = cache.join(format!("{}.partial", manifest.id));
-            self.store.materialize(manifest, &partial, &AtomicBool::new(false))?;
+            let cancel = AtomicBool::new(false);
+            // A baked image is its parent plus a few blocks: start from the parent's image.
+            match manifest.parent.as_deref().map(|id| self.store.snapshot(id)) {
+                Some(Ok(parent)) => {
+                    let parent_path = self.cached_image(&parent)?;
+                    self.store.materialize_over(manifest, (&parent, &parent_path), &partial, &cancel)?;
+                }
+                _ => self.store.materialize(manifest, &partial, &cancel)?,
+            }
             io(&path, fs::rename(&partial, &path))?;
         }
         Ok(path)

@@ -14,6 +14,7 @@ use snafu::{ensure, ResultExt, Snafu};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -116,8 +117,16 @@ impl Store {
         let mut file = File::create(&incoming).context(IoSnafu { path: &incoming })?;
         file.write_all(data).context(IoSnafu { path: &incoming })?;
         drop(file);
-        fs::rename(&incoming, &path).context(IoSnafu { path: &path })?;
-        Ok(true)
+        // Exactly one of several writers of the same block wins, so stored bytes count once.
+        let renamed = nix::fcntl::renameat2(None, &incoming, None, &path, nix::fcntl::RenameFlags::RENAME_NOREPLACE);
+        match renamed {
+            Ok(()) => Ok(true),
+            Err(nix::errno::Errno::EEXIST) => {
+                fs::remove_file(&incoming).context(IoSnafu { path: &incoming })?;
+                Ok(false)
+            }
+            Err(errno) => Err(std::io::Error::from(errno)).context(IoSnafu { path: &path }),
+        }
     }
 
     /// Reads a block into `buf`, verifying it still hashes to its name.
@@ -260,15 +269,53 @@ impl Store {
     pub fn materialize(&self, manifest: &SnapshotManifest, out: &Path, cancel: &AtomicBool) -> Result<()> {
         let file = File::create(out).context(IoSnafu { path: out })?;
         file.set_len(manifest.volume_size).context(IoSnafu { path: out })?;
-        manifest.blocks.par_iter().try_for_each_init(
+        self.write_blocks(&file, out, manifest.blocks.iter(), cancel)?;
+        file.sync_all().context(IoSnafu { path: out })
+    }
+
+    /// Like [`Store::materialize`], starting from `base`, the materialised image of another
+    /// snapshot (usually the parent): it is cloned (O(1) with reflink) and only the blocks that
+    /// differ are written, or punched out where they became zero.
+    pub fn materialize_over(
+        &self,
+        manifest: &SnapshotManifest,
+        base: (&SnapshotManifest, &Path),
+        out: &Path,
+        cancel: &AtomicBool,
+    ) -> Result<()> {
+        let (base_manifest, base_path) = base;
+        let source = File::open(base_path).context(IoSnafu { path: base_path })?;
+        let file = File::create(out).context(IoSnafu { path: out })?;
+        sparse::clone_or_copy(&source, &file).context(ExtentsSnafu)?;
+        file.set_len(manifest.volume_size).context(IoSnafu { path: out })?;
+        let differing = manifest.blocks.iter().filter(|(index, hash)| base_manifest.blocks.get(index) != Some(hash));
+        self.write_blocks(&file, out, differing, cancel)?;
+        for index in base_manifest.blocks.keys().filter(|index| !manifest.blocks.contains_key(index)) {
+            let offset = (index * BLOCK_SIZE as u64) as libc::off_t;
+            let flags = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+            // SAFETY: fallocate on a valid descriptor with in-range offsets.
+            if unsafe { libc::fallocate(file.as_raw_fd(), flags, offset, BLOCK_SIZE as libc::off_t) } != 0 {
+                return Err(std::io::Error::last_os_error()).context(IoSnafu { path: out });
+            }
+        }
+        file.sync_all().context(IoSnafu { path: out })
+    }
+
+    fn write_blocks<'a>(
+        &self,
+        file: &File,
+        path: &Path,
+        blocks: impl Iterator<Item = (&'a u64, &'a String)> + Send,
+        cancel: &AtomicBool,
+    ) -> Result<()> {
+        blocks.par_bridge().try_for_each_init(
             || vec![0u8; BLOCK_SIZE],
             |buf, (index, hash)| -> Result<()> {
                 ensure!(!cancel.load(Ordering::Relaxed), CancelledSnafu);
                 self.read_block(hash, buf)?;
-                file.write_all_at(buf, index * BLOCK_SIZE as u64).context(IoSnafu { path: out })
+                file.write_all_at(buf, index * BLOCK_SIZE as u64).context(IoSnafu { path })
             },
-        )?;
-        file.sync_all().context(IoSnafu { path: out })
+        )
     }
 }
 
@@ -338,9 +385,13 @@ mod tests {
         assert_eq!(blocks.get(&4), base.blocks.get(&4));
         assert!(!blocks.contains_key(&3));
 
+        let child = manifest("snap-child", Some("snap-base"), 8 * BS, blocks);
         let out = dir.path().join("out.raw");
-        store.materialize(&manifest("snap-child", Some("snap-base"), 8 * BS, blocks), &out, &cancel).unwrap();
+        store.materialize(&child, &out, &cancel).unwrap();
         assert_eq!(fs::read(&out).unwrap(), fs::read(&child_path).unwrap());
+        let over = dir.path().join("over.raw");
+        store.materialize_over(&child, (&base, &base_path), &over, &cancel).unwrap();
+        assert_eq!(fs::read(&over).unwrap(), fs::read(&child_path).unwrap(), "clone + differing blocks");
     }
 
     #[test]

@@ -1,0 +1,75 @@
+//! Processes that outlive a function call (booted instances): identified by pid *and* start
+//! time, stopped by pid, never by name, and never a process that merely reused the pid.
+
+use std::time::{Duration, Instant};
+
+/// The process's start time in clock ticks since boot (/proc/PID/stat field 22), or None when
+/// it no longer exists (or is a zombie).
+pub fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: parse after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    if fields.first() == Some(&"Z") {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
+}
+
+pub fn is_running(pid: i32, started: u64) -> bool {
+    start_time(pid) == Some(started)
+}
+
+/// Asks the process to stop (SIGTERM), gives it `grace`, then kills it; reaps it if it is our
+/// child. Does nothing when the process is gone or the pid now belongs to another process.
+pub fn stop_within(pid: i32, started: u64, grace: Duration) {
+    use nix::sys::signal::{kill, Signal};
+    use nix::sys::wait::{waitpid, WaitPidFlag};
+    use nix::unistd::Pid;
+    let target = Pid::from_raw(pid);
+    let reap = || {
+        let _ = waitpid(target, Some(WaitPidFlag::WNOHANG));
+    };
+    if !is_running(pid, started) {
+        reap();
+        return;
+    }
+    let _ = kill(target, Signal::SIGTERM);
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        reap();
+        if !is_running(pid, started) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    tracing::warn!(pid, "did not stop in time; killing it");
+    let _ = kill(target, Signal::SIGKILL);
+    while is_running(pid, started) {
+        reap();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    reap();
+}
+
+/// [`stop_within`] with the grace a booted system needs to shut down.
+pub fn stop(pid: i32, started: u64) {
+    stop_within(pid, started, Duration::from_secs(20));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stopped_process_is_gone_and_a_stale_start_time_is_not_signalled() {
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let pid = child.id() as i32;
+        let started = start_time(pid).expect("running");
+        stop_within(pid, started + 1, Duration::from_secs(1));
+        assert!(is_running(pid, started), "a different start time means a different process");
+        stop_within(pid, started, Duration::from_secs(5));
+        assert!(!is_running(pid, started));
+        let _ = child.wait();
+    }
+}
