@@ -88,7 +88,9 @@ unmount_under_work() {
 
 cleanup() {
     local rc=$?
-    trap - EXIT INT TERM HUP ERR
+    # Ignore further signals: a second one mid-cleanup would leave bind mounts of the host behind.
+    trap - EXIT ERR
+    trap "" INT TERM HUP
     set +e
     if [[ -n $child ]] && kill -0 "$child" 2>/dev/null; then
         kill -TERM -- "-$child" 2>/dev/null || kill -TERM "$child" 2>/dev/null

@@ -101,7 +101,12 @@ impl Resource {
                 remove(path, |p| fs::remove_dir(p))
             }
             Resource::File { path } => remove(path, |p| fs::remove_file(p)),
-            Resource::Dir { path } => remove(path, |p| fs::remove_dir_all(p)),
+            Resource::Dir { path } => {
+                // Never let a recursive delete walk into something still mounted below it
+                // (a builder's bind mount of the host's /dev, say).
+                mounts::unmount_tree(path)?;
+                remove(path, |p| fs::remove_dir_all(p))
+            }
             Resource::Snapshot { id } => provider.delete_snapshot(id),
             Resource::Image { id } => provider.delete_image(id),
             Resource::LoopDevice { device, file } => Ok(crate::loopdev::detach_if_backed_by(device, file)?),
@@ -246,10 +251,22 @@ pub fn census(state_dir: &Path) -> Result<Census> {
         };
         let record: Record = serde_json::from_slice(&bytes).context(ParseSnafu { path: &path })?;
         let lock_path = path.with_extension("lock");
-        let lock_file = OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path);
-        let lock_file = lock_file.context(IoSnafu { path: &lock_path })?;
+        // Never create the lock: a missing one means the bake just finished.
+        let lock_file = match OpenOptions::new().write(true).open(&lock_path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            other => other.context(IoSnafu { path: &lock_path })?,
+        };
         match Flock::lock(lock_file, FlockArg::LockExclusiveNonblock) {
-            Ok(_released_on_drop) => census.dead.push((record, path)),
+            Ok(_released_on_drop) => {
+                // Re-read under the lock: the record may have grown or gone since.
+                match fs::read(&path) {
+                    Ok(bytes) => {
+                        census.dead.push((serde_json::from_slice(&bytes).context(ParseSnafu { path: &path })?, path))
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(source) => return Err(Error::Io { path, source }),
+                }
+            }
             Err(_) => census.live.push(record),
         }
     }
@@ -261,7 +278,10 @@ pub fn reclaim(provider: &dyn Provider, record: &Record, path: &Path) -> Result<
     for resource in record.resources.iter().rev() {
         resource.release(provider).context(ReleaseSnafu { resource: resource.to_string() })?;
     }
-    fs::remove_file(path).context(IoSnafu { path })?;
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e).context(IoSnafu { path }),
+        _ => {}
+    }
     let lock_path = path.with_extension("lock");
     match fs::remove_file(&lock_path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e).context(IoSnafu { path: lock_path }),

@@ -22,3 +22,4 @@ pub mod provider;
 pub mod recipe;
 pub mod rootfs;
 pub mod ui;
+pub mod verify;

@@ -90,6 +90,8 @@ pub trait Provider: Send + Sync {
     fn delete_snapshot(&self, snapshot_id: &str) -> Result<()>;
 
     fn register_image(&self, request: &ImageRequest) -> Result<Image>;
+    /// Adds or replaces tags on an image (as EC2 CreateTags does).
+    fn tag_image(&self, image_id: &str, tags: &BTreeMap<String, String>) -> Result<()>;
     /// Deregisters an image and deletes its snapshot.
     fn delete_image(&self, image_id: &str) -> Result<()>;
     /// Writes an image's root disk to a raw file.

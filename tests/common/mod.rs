@@ -106,7 +106,7 @@ pub fn leftovers() -> Vec<String> {
             found.push(format!("mount: {point}"));
         }
     }
-    for dir in ["volumes", "mnt", "tmp", "journal"] {
+    for dir in ["volumes", "mnt", "tmp", "journal", "instances"] {
         if let Ok(entries) = std::fs::read_dir(state.join(dir)) {
             for entry in entries.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();

@@ -1,8 +1,10 @@
 //! The `bakery` command line: a thin layer over the library.
 
 use bakery::bake::{self, BakeRequest};
+use bakery::instance::Method;
 use bakery::provider::Provider;
 use bakery::ui::{OutputFormat, Ui};
+use bakery::verify::{self, Expect};
 use bakery::{base, gc, local, recipe};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
@@ -18,7 +20,7 @@ use std::sync::Arc;
 /// the changed blocks and registers an image tagged with what is inside.
 ///
 /// Exit status: 0 success, 2 usage, 3 bad input (recipe, package, checksum), 4 not found,
-/// 5 busy, 130 interrupted, 1 anything else.
+/// 5 busy, 6 the image failed verification, 130 interrupted, 1 anything else.
 #[derive(Parser)]
 #[command(version, max_term_width = 100)]
 struct Cli {
@@ -64,6 +66,19 @@ enum Commands {
     ///     --package build/hello-1.4.2.tar.gz --app hello --version 1.4.2 --build-number 42
     #[command(verbatim_doc_comment)]
     Bake(BakeArgs),
+
+    /// Boot an image on this host and check that it serves the app.
+    ///
+    /// `container` boots the image's own systemd in systemd-nspawn on a copy-on-write overlay
+    /// (seconds); `vm` boots the whole disk in QEMU: firmware, GRUB, kernel on NVMe, DHCP
+    /// (a minute or more without KVM). Each --expect PATH=TEXT passes when GET PATH answers 200
+    /// with TEXT in the body; without any, GET / must answer 200. A failure prints the guest's
+    /// last console lines and exits 6.
+    ///
+    /// Example:
+    ///   bakery verify ami-0123456789abcdef0 --expect /hello/version.txt=1.4.2
+    #[command(verbatim_doc_comment)]
+    Verify(VerifyArgs),
 
     /// List, show, remove and export registered images.
     #[command(subcommand)]
@@ -129,6 +144,28 @@ struct BakeArgs {
     /// Bake even when an image with the same bake key exists.
     #[arg(long)]
     rebake: bool,
+    /// Boot the new image (container method) and run the --expect checks; a failure tags the
+    /// image bakery:verified=false and exits 6.
+    #[arg(long)]
+    verify: bool,
+    /// With --verify: GET PATH must answer 200 with TEXT in the body; repeatable.
+    #[arg(long, value_name = "PATH=TEXT", requires = "verify")]
+    expect: Vec<Expect>,
+}
+
+#[derive(clap::Args)]
+struct VerifyArgs {
+    /// Image id or name.
+    image: String,
+    /// How to boot it.
+    #[arg(long, value_enum, default_value_t = Method::Container)]
+    method: Method,
+    /// GET PATH must answer 200 with TEXT in the body; repeatable.
+    #[arg(long, value_name = "PATH=TEXT")]
+    expect: Vec<Expect>,
+    /// How long the image may take to pass, e.g. 90s, 5m.
+    #[arg(long, default_value = "300s", value_parser = humantime::parse_duration)]
+    timeout: std::time::Duration,
 }
 
 #[derive(Subcommand)]
@@ -153,24 +190,38 @@ enum RecipeCommand {
     Check { files: Vec<PathBuf> },
 }
 
-/// A failure with its exit status.
+const DEFAULT_VERIFY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// A failure with its exit status. `reported` when the JSON result already went to stdout.
 struct Failure {
     code: u8,
     message: String,
+    reported: bool,
 }
 
 fn failure(code: i32, error: impl std::fmt::Display) -> Failure {
-    Failure { code: code as u8, message: error.to_string() }
+    Failure { code: code as u8, message: error.to_string(), reported: false }
+}
+
+/// A failure whose result object (e.g. a failed verification) was already printed.
+fn reported_failure(code: i32, error: impl std::fmt::Display) -> Failure {
+    Failure { reported: true, ..failure(code, error) }
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    // Mount tables and loop devices speak in resolved absolute paths; so must we.
+    if std::fs::create_dir_all(&cli.state_dir).is_ok() {
+        if let Ok(canonical) = cli.state_dir.canonicalize() {
+            cli.state_dir = canonical;
+        }
+    }
     init_logging(cli.verbose);
     let ui = Ui::new(cli.output);
     match run(&cli, &ui) {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
-            if cli.output == OutputFormat::Json {
+            if cli.output == OutputFormat::Json && !failure.reported {
                 let error = serde_json::json!({ "error": failure.message, "exit_code": failure.code });
                 println!("{error}");
             }
@@ -194,7 +245,7 @@ fn init_logging(verbose: u8) {
 /// Ctrl-C or SIGTERM asks the running step to stop and undo; a second one exits at once.
 fn cancellation() -> Arc<AtomicBool> {
     let cancel = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM, signal_hook::consts::SIGHUP] {
         signal_hook::flag::register_conditional_shutdown(signal, 130, Arc::clone(&cancel)).expect("signal handler");
         signal_hook::flag::register(signal, Arc::clone(&cancel)).expect("signal handler");
     }
@@ -203,11 +254,52 @@ fn cancellation() -> Arc<AtomicBool> {
 
 fn open_provider(cli: &Cli) -> Result<Box<dyn Provider>, Failure> {
     match cli.provider {
-        ProviderKind::Local => local::LocalProvider::open(&cli.state_dir)
-            .map(|p| Box::new(p) as Box<dyn Provider>)
-            .map_err(|e| failure(1, format!("opening the local state in {}: {e}", cli.state_dir.display()))),
+        ProviderKind::Local => open_local(cli).map(|p| Box::new(p) as Box<dyn Provider>),
         ProviderKind::Aws => Err(failure(2, "the aws provider is not part of this build yet; use --provider local")),
     }
+}
+
+/// Booting images is this host's business: verify needs the local provider's disks.
+fn open_local(cli: &Cli) -> Result<local::LocalProvider, Failure> {
+    local::LocalProvider::open(&cli.state_dir)
+        .map_err(|e| failure(1, format!("opening the local state in {}: {e}", cli.state_dir.display())))
+}
+
+/// Runs a verification and records its verdict on the image.
+fn verify_image(
+    cli: &Cli,
+    image_id: &str,
+    method: Method,
+    expects: &[Expect],
+    timeout: std::time::Duration,
+    cancel: &AtomicBool,
+) -> Result<verify::VerifyOutcome, Failure> {
+    let local = open_local(cli)?;
+    let outcome = verify::verify(&local, &cli.state_dir, image_id, method, expects, timeout, cancel)
+        .map_err(|e| failure(e.exit_code(), e))?;
+    let mut tags = std::collections::BTreeMap::new();
+    tags.insert("bakery:verified".to_string(), outcome.passed.to_string());
+    if let Some(boot_ms) = outcome.boot_ms {
+        tags.insert("bakery:verified-boot-ms".to_string(), boot_ms.to_string());
+    }
+    local.tag_image(&outcome.image_id, &tags).map_err(|e| failure(1, e))?;
+    Ok(outcome)
+}
+
+fn describe_verification(v: &verify::VerifyOutcome) -> String {
+    let mut lines = vec![match v.boot_ms {
+        Some(ms) => format!("verified {} ({:?}): serving after {:.1}s", v.image_id, v.method, ms as f64 / 1000.0),
+        None => format!("FAILED verification of {} ({:?})", v.image_id, v.method),
+    }];
+    for check in &v.checks {
+        let status = check.status.map_or("no answer".to_string(), |s| s.to_string());
+        lines.push(format!("  {} {} → {status}", if check.matched { "ok  " } else { "FAIL" }, check.url));
+    }
+    if let Some(tail) = &v.console_tail {
+        lines.push("  last console lines:".into());
+        lines.extend(tail.lines().map(|l| format!("    {l}")));
+    }
+    lines.join("\n")
 }
 
 fn print<T: Serialize>(ui: &Ui, value: &T, text: impl FnOnce(&T) -> String) {
@@ -250,20 +342,51 @@ fn run(cli: &Cli, ui: &Ui) -> Result<(), Failure> {
             };
             let outcome = bake::bake(provider, cli.state_dir.clone(), &request, ui, &cancel)
                 .map_err(|e| failure(e.exit_code(), e))?;
-            print(ui, &outcome, |o| {
-                let what = if o.reused { "reused (same bake key)" } else { "baked" };
-                format!(
+            let verification = match args.verify {
+                true => Some(verify_image(
+                    cli,
+                    &outcome.image_id,
+                    Method::Container,
+                    &args.expect,
+                    DEFAULT_VERIFY_TIMEOUT,
+                    &cancel,
+                )?),
+                false => None,
+            };
+            let passed = verification.as_ref().is_none_or(|v| v.passed);
+            let mut result =
+                serde_json::to_value(&outcome).expect("serialisable").as_object().cloned().unwrap_or_default();
+            if let Some(v) = &verification {
+                result.insert("verification".into(), serde_json::to_value(v).expect("serialisable"));
+            }
+            print(ui, &result, |_| {
+                let what = if outcome.reused { "reused (same bake key)" } else { "baked" };
+                let mut text = format!(
                     "{what}: {} {}\n  snapshot {} over base {}\n  {} changed blocks, {} bytes stored, {:.1}s\n  package sha256 {}",
-                    o.image_id,
-                    o.name,
-                    o.snapshot_id,
-                    o.base_image_id,
-                    o.changed_blocks,
-                    o.stored_bytes,
-                    o.duration_ms as f64 / 1000.0,
-                    o.package_sha256
-                )
+                    outcome.image_id,
+                    outcome.name,
+                    outcome.snapshot_id,
+                    outcome.base_image_id,
+                    outcome.changed_blocks,
+                    outcome.stored_bytes,
+                    outcome.duration_ms as f64 / 1000.0,
+                    outcome.package_sha256
+                );
+                if let Some(v) = &verification {
+                    text.push_str(&format!("\n{}", describe_verification(v)));
+                }
+                text
             });
+            if !passed {
+                return Err(reported_failure(6, format!("image {} failed verification", outcome.image_id)));
+            }
+        }
+        Commands::Verify(args) => {
+            let outcome = verify_image(cli, &args.image, args.method, &args.expect, args.timeout, &cancel)?;
+            print(ui, &outcome, describe_verification);
+            if !outcome.passed {
+                return Err(reported_failure(6, format!("image {} failed verification", outcome.image_id)));
+            }
         }
         Commands::Images(command) => images(provider, command, ui, &cancel)?,
         Commands::Gc { dry_run } => {

@@ -263,6 +263,12 @@ impl Provider for LocalProvider {
         Ok(image)
     }
 
+    fn tag_image(&self, image_id: &str, tags: &BTreeMap<String, String>) -> Result<()> {
+        let mut image = self.registry.get(image_id)?.ok_or_else(|| Error::NoSuchImage { id: image_id.to_string() })?;
+        image.tags.extend(tags.clone());
+        Ok(self.registry.update(&image)?)
+    }
+
     fn delete_image(&self, image_id: &str) -> Result<()> {
         let Some(image) = self.registry.get(image_id)? else { return Ok(()) };
         self.registry.remove(image_id)?;
