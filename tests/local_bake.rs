@@ -291,6 +291,7 @@ fn bad_inputs_fail_clearly_register_nothing_and_leave_nothing() {
     for case in cases {
         let package = case.package.to_string_lossy().into_owned();
         let mut args: Vec<String> = bake_args(&package, "3.0.0").into_iter().map(String::from).collect();
+        args.extend(["--sha256".to_string(), sha256_file(&case.package)]);
         // Later flags override the defaults above (clap keeps the last --recipe/--base).
         args.extend(case.extra.iter().cloned());
         args.push("--rebake".into());

@@ -21,6 +21,8 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 pub fn collect(provider: &dyn Provider, state_dir: &Path, dry_run: bool) -> Result<GcReport> {
+    // Taken before the census: while we hold it, no bake can start.
+    let sweep = journal::try_lock_sweep(state_dir).context(CensusSnafu)?;
     let census = journal::census(state_dir).context(CensusSnafu)?;
     let mut removed = Vec::new();
     for (record, path) in census.dead.iter().filter(|(record, _)| record.provider == provider.kind()) {
@@ -29,8 +31,12 @@ pub fn collect(provider: &dyn Provider, state_dir: &Path, dry_run: bool) -> Resu
         }
         removed.extend(record.resources.iter().rev().map(|r| format!("{r} (from dead {} {})", record.what, record.id)));
     }
-    let live: Vec<String> = census.live.iter().map(|record| record.id.clone()).collect();
-    let mut report = provider.collect_garbage(&live, dry_run).context(SweepSnafu)?;
+    // Orphans no journal names are only swept when nothing runs: a bake that is starting may
+    // own a volume or blocks that no journal names yet.
+    let mut report = match sweep {
+        Some(_exclusive) => provider.collect_garbage(dry_run).context(SweepSnafu)?,
+        None => GcReport::default(),
+    };
     removed.append(&mut report.removed);
     report.removed = removed;
     report.kept_live.extend(census.live.iter().map(|r| format!("live {} {} (pid {})", r.what, r.id, r.pid)));

@@ -141,6 +141,7 @@ pub struct Journal {
     path: PathBuf,
     lock_path: PathBuf,
     _lock: Flock<File>,
+    _sweep_guard: Flock<File>,
     record: Record,
 }
 
@@ -153,6 +154,7 @@ impl Journal {
     pub fn begin(state_dir: &Path, id: &str, what: &str, provider: &str) -> Result<Journal> {
         let dir = journal_dir(state_dir);
         fs::create_dir_all(&dir).context(IoSnafu { path: &dir })?;
+        let sweep_guard = lock_sweep(state_dir, FlockArg::LockShared)?;
         let lock_path = dir.join(format!("{id}.lock"));
         let lock_file = File::create(&lock_path).context(IoSnafu { path: &lock_path })?;
         let lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock)
@@ -162,6 +164,7 @@ impl Journal {
             path: dir.join(format!("{id}.json")),
             lock_path,
             _lock: lock,
+            _sweep_guard: sweep_guard,
             record: Record {
                 id: id.to_string(),
                 pid: std::process::id(),
@@ -226,6 +229,26 @@ impl Journal {
     }
 }
 
+/// Every running journal holds this lock shared; `gc` sweeps orphans only while it holds it
+/// exclusively, so no bake can start (and store blocks or create a volume) mid-sweep.
+fn lock_sweep(state_dir: &Path, how: FlockArg) -> Result<Flock<File>> {
+    let dir = journal_dir(state_dir);
+    fs::create_dir_all(&dir).context(IoSnafu { path: &dir })?;
+    let path = dir.join("gc.lock");
+    let file = OpenOptions::new().create(true).truncate(false).write(true).open(&path);
+    let file = file.context(IoSnafu { path: &path })?;
+    Flock::lock(file, how).map_err(|(_, errno)| errno).context(LockSnafu { path })
+}
+
+/// The exclusive sweep lock, or None while any bake, build or verification runs.
+pub fn try_lock_sweep(state_dir: &Path) -> Result<Option<Flock<File>>> {
+    match lock_sweep(state_dir, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(Some(lock)),
+        Err(Error::Lock { source: nix::errno::Errno::EWOULDBLOCK, .. }) => Ok(None),
+        Err(other) => Err(other),
+    }
+}
+
 /// Journals on disk, split into those of live processes and those of dead ones.
 pub struct Census {
     pub live: Vec<Record>,
@@ -242,7 +265,9 @@ pub fn census(state_dir: &Path) -> Result<Census> {
     };
     for entry in entries {
         let path = entry.context(IoSnafu { path: &dir })?.path();
-        if path.extension().is_none_or(|ext| ext != "json") {
+        if path.extension().is_none_or(|ext| ext != "json")
+            || path.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        {
             continue;
         }
         let bytes = match fs::read(&path) {

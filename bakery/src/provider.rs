@@ -98,6 +98,6 @@ pub trait Provider: Send + Sync {
     fn export_image(&self, image_id: &str, out: &Path, cancel: &AtomicBool) -> Result<()>;
 
     /// Removes what dead bakes left that their journals do not name (orphans of a crash
-    /// between creating a resource and recording it), sparing the bakes in `live_bakes`.
-    fn collect_garbage(&self, live_bakes: &[String], dry_run: bool) -> Result<GcReport>;
+    /// between creating a resource and recording it). Called only while no bake runs.
+    fn collect_garbage(&self, dry_run: bool) -> Result<GcReport>;
 }

@@ -22,7 +22,7 @@ use std::sync::Arc;
 /// Exit status: 0 success, 2 usage, 3 bad input (recipe, package, checksum), 4 not found,
 /// 5 busy, 6 the image failed verification, 130 interrupted, 1 anything else.
 #[derive(Parser)]
-#[command(version, max_term_width = 100)]
+#[command(version, max_term_width = 100, args_override_self = true)]
 struct Cli {
     /// Where images are baked and registered.
     #[arg(long, global = true, env = "BAKERY_PROVIDER", value_enum, default_value_t = ProviderKind::Local)]

@@ -281,69 +281,41 @@ impl Provider for LocalProvider {
         Ok(self.store.materialize(&manifest, out, cancel)?)
     }
 
-    fn collect_garbage(&self, live_bakes: &[String], dry_run: bool) -> Result<GcReport> {
+    fn collect_garbage(&self, dry_run: bool) -> Result<GcReport> {
         let mut report = GcReport::default();
-        let mut note = |what: String, removed: bool| {
-            if removed {
-                report.removed.push(what)
-            } else {
-                report.kept_live.push(what)
-            }
-        };
-        // Mount points, scratch files and volume records all carry the bake id in their names.
-        let is_live_path = |p: &Path| live_bakes.iter().any(|id| p.to_string_lossy().contains(id.as_str()));
-        let is_live_volume = |file: &Path| {
-            let id = file.file_stem().unwrap_or_default().to_string_lossy().into_owned();
-            self.volume_meta(&id).is_ok_and(|meta| live_bakes.contains(&meta.bake_id))
-        };
-        let scratch = [self.state_dir.join("mnt"), self.state_dir.join("tmp")];
+        let mut note = |what: String| report.removed.push(what);
+        let scratch = [self.state_dir.join("mnt"), self.state_dir.join("tmp"), self.state_dir.join("instances")];
 
         // Mounts first, then the loop devices under them, then files: the reverse of creation.
         for prefix in &scratch {
             for point in mounts::mounted_under(prefix) {
-                let live = is_live_path(&point);
-                if !live && !dry_run {
+                if !dry_run {
                     mounts::unmount_tree(&point)?;
                 }
-                note(format!("mount {}", point.display()), !live);
+                note(format!("mount {}", point.display()));
             }
         }
-        for (device, file) in loopdev::list() {
-            let ours = file.starts_with(self.state_dir.join("volumes")) || scratch.iter().any(|s| file.starts_with(s));
-            if !ours {
-                continue;
-            }
-            let live = is_live_volume(&file) || is_live_path(&file);
-            if !live && !dry_run {
+        let ours = |file: &Path| {
+            ["volumes", "cache"].iter().any(|d| file.starts_with(self.state_dir.join(d)))
+                || scratch.iter().any(|s| file.starts_with(s))
+        };
+        for (device, file) in loopdev::list().into_iter().filter(|(_, file)| ours(file)) {
+            if !dry_run {
                 loopdev::detach_if_backed_by(&device, &file)?;
             }
-            note(format!("loop device {} ({})", device.display(), file.display()), !live);
+            note(format!("loop device {} ({})", device.display(), file.display()));
         }
         let volumes = self.state_dir.join("volumes");
-        for entry in io(&volumes, fs::read_dir(&volumes))?.flatten() {
-            let path = entry.path();
-            let live = is_live_volume(&path);
-            if !live && !dry_run {
-                io(&path, fs::remove_file(&path))?;
-            }
-            note(format!("volume file {}", path.display()), !live);
-        }
-        for prefix in &scratch {
+        for prefix in scratch.iter().chain([&volumes]) {
             for entry in io(prefix, fs::read_dir(prefix))?.flatten() {
                 let path = entry.path();
-                let live = is_live_path(&path);
-                if !live && !dry_run {
+                if !dry_run {
                     io(&path, if path.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) })?;
                 }
-                note(format!("scratch {}", path.display()), !live);
+                note(format!("leftover {}", path.display()));
             }
         }
 
-        // Snapshots and blocks are only swept when no bake runs: a live bake may have stored
-        // blocks or a snapshot that nothing references yet.
-        if !live_bakes.is_empty() {
-            return Ok(report);
-        }
         let images = self.registry.list()?;
         let used: BTreeSet<&str> = images.iter().map(|i| i.snapshot_id.as_str()).collect();
         let mut referenced = BTreeSet::new();
@@ -354,7 +326,7 @@ impl Provider for LocalProvider {
                 if !dry_run {
                     self.store.delete_snapshot(&id)?;
                 }
-                note(format!("unregistered snapshot {id}"), true);
+                note(format!("unregistered snapshot {id}"));
             }
         }
         let cache = self.state_dir.join("cache");
@@ -365,7 +337,7 @@ impl Provider for LocalProvider {
                 if !dry_run {
                     io(&path, fs::remove_file(&path))?;
                 }
-                note(format!("cache {}", path.display()), true);
+                note(format!("cache {}", path.display()));
             }
         }
         let mut unreferenced = 0;
@@ -378,13 +350,13 @@ impl Provider for LocalProvider {
             }
         }
         if unreferenced > 0 {
-            note(format!("{unreferenced} unreferenced blocks"), true);
+            note(format!("{unreferenced} unreferenced blocks"));
         }
         for partial in self.store.incoming_files()? {
             if !dry_run {
                 io(&partial, fs::remove_file(&partial))?;
             }
-            note(format!("partial block {}", partial.display()), true);
+            note(format!("partial block {}", partial.display()));
         }
         Ok(report)
     }
