@@ -55,8 +55,11 @@ fn a_recipe_that_breaks_tomcat_fails_verification_and_shows_the_console() {
         webapp.display()
     );
     std::fs::write(&recipe, broken).unwrap();
-    let (code, baked, stderr) =
-        bake_sample("8.2.0", &recipe.to_string_lossy(), &["--verify", "--expect", "/hello/health=ok"]);
+    let (code, baked, stderr) = bake_sample(
+        "8.2.0",
+        &recipe.to_string_lossy(),
+        &["--verify", "--expect", "/hello/health=ok", "--verify-timeout", "90s"],
+    );
     assert_eq!(code, 6, "{baked}\n{stderr}");
     let verification = &baked["verification"];
     assert_eq!(verification["passed"], false);

@@ -11,9 +11,6 @@ pub enum Error {
     #[snafu(display("reading bake journals: {source}"))]
     Census { source: journal::Error },
 
-    #[snafu(display("undoing dead bake {id}: {source}"))]
-    Reclaim { id: String, source: journal::Error },
-
     #[snafu(display("sweeping orphans: {source}"))]
     Sweep { source: crate::provider::Error },
 }
@@ -25,9 +22,15 @@ pub fn collect(provider: &dyn Provider, state_dir: &Path, dry_run: bool) -> Resu
     let sweep = journal::try_lock_sweep(state_dir).context(CensusSnafu)?;
     let census = journal::census(state_dir).context(CensusSnafu)?;
     let mut removed = Vec::new();
+    let mut failed = Vec::new();
     for (record, path) in census.dead.iter().filter(|(record, _)| record.provider == provider.kind()) {
         if !dry_run {
-            journal::reclaim(provider, record, path).context(ReclaimSnafu { id: &record.id })?;
+            // One journal that cannot be undone must not stop the others from being reclaimed.
+            if let Err(error) = journal::reclaim(provider, record, path) {
+                tracing::error!(journal = %record.id, %error, "could not undo a dead bake; its journal stays");
+                failed.push(format!("{}: {error}", record.id));
+                continue;
+            }
         }
         removed.extend(record.resources.iter().rev().map(|r| format!("{r} (from dead {} {})", record.what, record.id)));
     }
@@ -40,5 +43,6 @@ pub fn collect(provider: &dyn Provider, state_dir: &Path, dry_run: bool) -> Resu
     removed.append(&mut report.removed);
     report.removed = removed;
     report.kept_live.extend(census.live.iter().map(|r| format!("live {} {} (pid {})", r.what, r.id, r.pid)));
+    report.failed = failed;
     Ok(report)
 }

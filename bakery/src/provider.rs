@@ -45,6 +45,8 @@ pub struct SnapshotResult {
 pub struct GcReport {
     pub removed: Vec<String>,
     pub kept_live: Vec<String>,
+    /// Dead bakes whose undo failed (their journals stay for the next gc).
+    pub failed: Vec<String>,
 }
 
 /// Progress callback: units done, units in all.

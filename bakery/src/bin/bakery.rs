@@ -151,6 +151,9 @@ struct BakeArgs {
     /// With --verify: GET PATH must answer 200 with TEXT in the body; repeatable.
     #[arg(long, value_name = "PATH=TEXT", requires = "verify")]
     expect: Vec<Expect>,
+    /// With --verify: how long the image may take to pass, e.g. 90s, 5m.
+    #[arg(long, default_value = "300s", value_parser = humantime::parse_duration, requires = "verify")]
+    verify_timeout: std::time::Duration,
 }
 
 #[derive(clap::Args)]
@@ -189,8 +192,6 @@ enum RecipeCommand {
     /// Check recipes; every problem in every file is reported.
     Check { files: Vec<PathBuf> },
 }
-
-const DEFAULT_VERIFY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// A failure with its exit status. `reported` when the JSON result already went to stdout.
 struct Failure {
@@ -348,7 +349,7 @@ fn run(cli: &Cli, ui: &Ui) -> Result<(), Failure> {
                     &outcome.image_id,
                     Method::Container,
                     &args.expect,
-                    DEFAULT_VERIFY_TIMEOUT,
+                    args.verify_timeout,
                     &cancel,
                 )?),
                 false => None,
@@ -395,11 +396,15 @@ fn run(cli: &Cli, ui: &Ui) -> Result<(), Failure> {
                 let verb = if *dry_run { "would remove" } else { "removed" };
                 let mut lines: Vec<String> = r.removed.iter().map(|x| format!("{verb}: {x}")).collect();
                 lines.extend(r.kept_live.iter().map(|x| format!("kept (live): {x}")));
+                lines.extend(r.failed.iter().map(|x| format!("FAILED to undo: {x}")));
                 if lines.is_empty() {
                     lines.push("nothing to collect".into());
                 }
                 lines.join("\n")
             });
+            if !report.failed.is_empty() {
+                return Err(reported_failure(1, format!("{} dead bake(s) could not be undone", report.failed.len())));
+            }
         }
     }
     Ok(())

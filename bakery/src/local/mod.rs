@@ -264,9 +264,10 @@ impl Provider for LocalProvider {
     }
 
     fn tag_image(&self, image_id: &str, tags: &BTreeMap<String, String>) -> Result<()> {
-        let mut image = self.registry.get(image_id)?.ok_or_else(|| Error::NoSuchImage { id: image_id.to_string() })?;
-        image.tags.extend(tags.clone());
-        Ok(self.registry.update(&image)?)
+        match self.registry.tag(image_id, tags)? {
+            true => Ok(()),
+            false => Err(Error::NoSuchImage { id: image_id.to_string() }.into()),
+        }
     }
 
     fn delete_image(&self, image_id: &str) -> Result<()> {

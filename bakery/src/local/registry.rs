@@ -53,10 +53,14 @@ impl Registry {
         self.write(image)
     }
 
-    /// Rewrites an existing record (tags changed).
-    pub fn update(&self, image: &Image) -> Result<()> {
+    /// Adds or replaces tags under the lock, so concurrent taggers do not lose each other's
+    /// tags; returns false when the image does not exist.
+    pub fn tag(&self, id: &str, tags: &std::collections::BTreeMap<String, String>) -> Result<bool> {
         let _guard = self.lock()?;
-        self.write(image)
+        let Some(mut image) = self.get(id)? else { return Ok(false) };
+        image.tags.extend(tags.clone());
+        self.write(&image)?;
+        Ok(true)
     }
 
     fn write(&self, image: &Image) -> Result<()> {
