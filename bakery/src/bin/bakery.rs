@@ -65,7 +65,7 @@ enum Commands {
     ///   bakery bake --base debian12-jre17-tomcat10 --recipe recipes/tomcat-webapp.toml \
     ///     --package build/hello-1.4.2.tar.gz --app hello --version 1.4.2 --build-number 42
     #[command(verbatim_doc_comment)]
-    Bake(BakeArgs),
+    Bake(Box<BakeArgs>),
 
     /// Boot an image on this host and check that it serves the app.
     ///
