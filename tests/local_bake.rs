@@ -475,3 +475,21 @@ fn help_teaches() {
         assert!(help.contains(needle), "bake --help mentions {needle}");
     }
 }
+
+#[test]
+fn verifying_an_unknown_image_and_building_a_malformed_base_fail_clearly() {
+    let _serial = serial();
+    let (code, out, stderr) = run_json(&["verify", "ami-00000000000000000"]);
+    assert_eq!(code, 4, "{stderr}");
+    assert!(out["error"].as_str().unwrap().contains("ami-00000000000000000"), "{out}");
+    assert_no_leftovers("after verifying an unknown image");
+
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = dir.path().join("bad-base.toml");
+    std::fs::write(&recipe, "name = \"x\"\nsuite = \"bookworm\"\nunknown_key = 1\n").unwrap();
+    std::fs::copy(workspace().join("base-images/build-disk.sh"), dir.path().join("build-disk.sh")).unwrap();
+    let (code, out, stderr) = run_json(&["base", "build", &recipe.to_string_lossy()]);
+    assert_eq!(code, 3, "{stderr}");
+    assert!(out["error"].as_str().unwrap().contains("bad-base.toml"), "{out}");
+    assert_no_leftovers("after a malformed base recipe");
+}

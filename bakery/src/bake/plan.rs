@@ -235,11 +235,10 @@ pub fn resolve(provider: &dyn Provider, request: &BakeRequest) -> Result<BakePla
 pub fn lock_bake_key(state_dir: &Path, key: &str) -> super::Result<Flock<File>> {
     let dir = state_dir.join("locks");
     let path = dir.join(format!("{key}.lock"));
-    std::fs::create_dir_all(&dir)
+    let file = std::fs::create_dir_all(&dir)
         .and_then(|()| File::create(&path))
         .context(KeyLockSnafu { path: &path })
         .context(super::PlanSnafu)?;
-    let file = File::create(&path).context(KeyLockSnafu { path: &path }).context(super::PlanSnafu)?;
     Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, e)| e).context(super::BusySnafu { path })
 }
 

@@ -193,6 +193,15 @@ enum RecipeCommand {
     Check { files: Vec<PathBuf> },
 }
 
+/// `bake`'s one JSON object: the bake, plus the verification when --verify asked for one.
+#[derive(Serialize)]
+struct BakeResult<'a> {
+    #[serde(flatten)]
+    outcome: &'a bake::BakeOutcome,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    verification: Option<&'a verify::VerifyOutcome>,
+}
+
 /// A failure with its exit status. `reported` when the JSON result already went to stdout.
 struct Failure {
     code: u8,
@@ -355,11 +364,7 @@ fn run(cli: &Cli, ui: &Ui) -> Result<(), Failure> {
                 false => None,
             };
             let passed = verification.as_ref().is_none_or(|v| v.passed);
-            let mut result =
-                serde_json::to_value(&outcome).expect("serialisable").as_object().cloned().unwrap_or_default();
-            if let Some(v) = &verification {
-                result.insert("verification".into(), serde_json::to_value(v).expect("serialisable"));
-            }
+            let result = BakeResult { outcome: &outcome, verification: verification.as_ref() };
             print(ui, &result, |_| {
                 let what = if outcome.reused { "reused (same bake key)" } else { "baked" };
                 let mut text = format!(
