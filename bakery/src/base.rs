@@ -228,6 +228,7 @@ fn build_and_register(
             description: recipe.description.clone(),
             snapshot_id: snapshot.id.clone(),
             tags,
+            parent: None,
         })
         .context(ProviderSnafu { step: "registering the image" })?;
     journal.push(Resource::Image { id: image.id.clone() }).context(JournalSnafu)?;

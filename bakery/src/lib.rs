@@ -4,6 +4,7 @@
 //! The library holds everything; the `bakery` binary is a thin command line over it.
 
 pub mod atomic;
+pub mod aws;
 pub mod bake;
 pub mod base;
 pub mod chroot;
@@ -13,12 +14,14 @@ pub mod gpt;
 pub mod ids;
 pub mod instance;
 pub mod journal;
+pub mod launch;
 pub mod local;
 pub mod loopdev;
 pub mod mounts;
 pub mod package;
 pub mod process;
 pub mod provider;
+pub mod push;
 pub mod recipe;
 pub mod rootfs;
 pub mod ui;

@@ -28,6 +28,9 @@ pub struct ImageRequest {
     pub description: String,
     pub snapshot_id: String,
     pub tags: BTreeMap<String, String>,
+    /// The image this one derives from (the base of a bake, the local original of a push):
+    /// architecture, root device, size and boot mode carry over from it.
+    pub parent: Option<Image>,
 }
 
 /// The outcome of snapshotting a volume.

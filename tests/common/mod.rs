@@ -3,6 +3,8 @@
 
 #![allow(dead_code)] // each test binary uses its own part of the harness
 
+pub mod aws;
+
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -106,8 +108,13 @@ pub fn leftovers() -> Vec<String> {
             found.push(format!("mount: {point}"));
         }
     }
-    for dir in ["volumes", "mnt", "tmp", "journal", "instances"] {
-        if let Ok(entries) = std::fs::read_dir(state.join(dir)) {
+    // The aws provider's block caches keep their volumes under aws/<region>/.
+    let caches = std::fs::read_dir(state.join("aws")).into_iter().flatten().flatten();
+    let cache_volumes = caches.map(|region| Path::new("aws").join(region.file_name()).join("volumes"));
+    let dirs = ["volumes", "mnt", "tmp", "journal", "instances"].map(PathBuf::from);
+    for dir in dirs.into_iter().chain(cache_volumes) {
+        let dir = dir.display().to_string();
+        if let Ok(entries) = std::fs::read_dir(state.join(&dir)) {
             for entry in entries.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
                 if !name.ends_with(".lock") {

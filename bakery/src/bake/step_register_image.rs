@@ -11,6 +11,7 @@ pub fn run(bake: &mut Bake) -> crate::provider::Result<()> {
         description: bake.plan.description.clone(),
         snapshot_id: snapshot.id.clone(),
         tags: bake.plan.tags.clone(),
+        parent: Some(bake.plan.base.clone()),
     };
     let image = bake.provider.register_image(&request)?;
     bake.journal.push(Resource::Image { id: image.id.clone() })?;

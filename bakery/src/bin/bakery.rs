@@ -5,7 +5,7 @@ use bakery::instance::Method;
 use bakery::provider::Provider;
 use bakery::ui::{OutputFormat, Ui};
 use bakery::verify::{self, Expect};
-use bakery::{base, gc, local, recipe};
+use bakery::{aws, base, gc, local, push, recipe};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 use std::path::PathBuf;
@@ -40,8 +40,36 @@ struct Cli {
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
 
+    #[command(flatten)]
+    aws: AwsArgs,
+
     #[command(subcommand)]
     command: Commands,
+}
+
+/// Options of the aws provider. Credentials come from the standard chain (environment, profile,
+/// instance role); AWS_ENDPOINT_URL points every service at another endpoint.
+#[derive(clap::Args)]
+#[command(next_help_heading = "AWS provider")]
+struct AwsArgs {
+    /// AWS region (default: AWS_REGION or the profile's region).
+    #[arg(long, global = true)]
+    region: Option<String>,
+    /// attach: a real EBS volume attached to this EC2 instance. direct: bake on a loop device
+    /// and upload only the changed blocks with the EBS direct APIs, from any Linux host.
+    /// Default: attach when IMDSv2 answers (on EC2), direct elsewhere.
+    #[arg(long, global = true, value_enum)]
+    mode: Option<aws::Mode>,
+    /// Encrypt volumes and snapshots with this KMS key.
+    #[arg(long, global = true, value_name = "ARN")]
+    kms_key: Option<String>,
+    /// Also copy the image to REGION (repeatable; copies run in parallel and are tagged alike).
+    #[arg(long = "copy-to-region", global = true, value_name = "REGION")]
+    copy_to_regions: Vec<String>,
+    /// Grant ACCOUNT launch permission on the image and its snapshot (repeatable). Images are
+    /// private otherwise.
+    #[arg(long = "share-with", global = true, value_name = "ACCOUNT")]
+    share_with: Vec<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
@@ -90,10 +118,29 @@ enum Commands {
 
     /// Remove what crashed or killed bakes left behind: mounts, loop devices, volumes,
     /// scratch files, unregistered snapshots and unreferenced blocks. Live bakes are untouched.
+    ///
+    /// With --provider aws, also volumes and unfinished snapshots that bakes tagged, once they
+    /// are older than --older-than (they may belong to a bake on another host until then).
     Gc {
         /// Only list what would be removed.
         #[arg(long)]
         dry_run: bool,
+        /// aws: leave bake resources younger than this alone, e.g. 30m, 2h.
+        #[arg(long, default_value = "2h", value_parser = humantime::parse_duration)]
+        older_than: std::time::Duration,
+    },
+
+    /// Upload a local image (e.g. a base built here) to AWS as a snapshot and register it.
+    ///
+    /// Only blocks holding data are read and sent, over the EBS direct APIs. Pushing the same
+    /// local image again returns the image pushed before (tag bakery:pushed-from).
+    ///
+    /// Example:
+    ///   bakery push debian12-jre17-tomcat10 --region eu-west-1 --output json
+    #[command(verbatim_doc_comment)]
+    Push {
+        /// Local image id, name or base family.
+        image: String,
     },
 }
 
@@ -265,8 +312,23 @@ fn cancellation() -> Arc<AtomicBool> {
 fn open_provider(cli: &Cli) -> Result<Box<dyn Provider>, Failure> {
     match cli.provider {
         ProviderKind::Local => open_local(cli).map(|p| Box::new(p) as Box<dyn Provider>),
-        ProviderKind::Aws => Err(failure(2, "the aws provider is not part of this build yet; use --provider local")),
+        ProviderKind::Aws => open_aws(cli).map(|p| Box::new(p) as Box<dyn Provider>),
     }
+}
+
+fn open_aws(cli: &Cli) -> Result<aws::AwsProvider, Failure> {
+    let options = aws::Options {
+        region: cli.aws.region.clone(),
+        mode: cli.aws.mode,
+        kms_key: cli.aws.kms_key.clone(),
+        copy_to_regions: cli.aws.copy_to_regions.clone(),
+        share_with: cli.aws.share_with.clone(),
+        gc_older_than: match &cli.command {
+            Commands::Gc { older_than, .. } => *older_than,
+            _ => std::time::Duration::from_secs(2 * 3600),
+        },
+    };
+    aws::AwsProvider::open(&cli.state_dir, options).map_err(|e| failure(2, format!("aws provider: {e}")))
 }
 
 /// Booting images is this host's business: verify needs the local provider's disks.
@@ -323,11 +385,28 @@ fn run(cli: &Cli, ui: &Ui) -> Result<(), Failure> {
     if let Commands::Recipe(RecipeCommand::Check { files }) = &cli.command {
         return check_recipes(files, ui);
     }
+    let cancel = cancellation();
+    if let Commands::Push { image } = &cli.command {
+        let outcome = push::push(&open_local(cli)?, &open_aws(cli)?, &cli.state_dir, image, ui, &cancel)
+            .map_err(|e| failure(e.exit_code(), e))?;
+        print(ui, &outcome, |o| {
+            let how = if o.reused { "already pushed" } else { "pushed" };
+            format!(
+                "{how}: {} → {} ({}), {} blocks / {} bytes uploaded in {:.1}s",
+                o.source_image_id,
+                o.image_id,
+                o.snapshot_id,
+                o.uploaded_blocks,
+                o.uploaded_bytes,
+                o.duration_ms as f64 / 1000.0
+            )
+        });
+        return Ok(());
+    }
     let provider = open_provider(cli)?;
     let provider = provider.as_ref();
-    let cancel = cancellation();
     match &cli.command {
-        Commands::Recipe(_) => unreachable!("handled above"),
+        Commands::Recipe(_) | Commands::Push { .. } => unreachable!("handled above"),
         Commands::Base(BaseCommand::Build { recipe, rebuild }) => {
             let outcome = base::build(provider, &cli.state_dir, recipe, *rebuild, ui, &cancel)
                 .map_err(|e| failure(e.exit_code(), e))?;
@@ -395,7 +474,7 @@ fn run(cli: &Cli, ui: &Ui) -> Result<(), Failure> {
             }
         }
         Commands::Images(command) => images(provider, command, ui, &cancel)?,
-        Commands::Gc { dry_run } => {
+        Commands::Gc { dry_run, .. } => {
             let report = gc::collect(provider, &cli.state_dir, *dry_run).map_err(|e| failure(1, e))?;
             print(ui, &report, |r| {
                 let verb = if *dry_run { "would remove" } else { "removed" };

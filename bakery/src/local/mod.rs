@@ -49,6 +49,9 @@ pub struct LocalProvider {
     state_dir: PathBuf,
     store: Store,
     registry: Registry,
+    /// A block cache for another provider (mirrored EBS snapshots) rather than an image store:
+    /// its snapshots belong to no local image, and gc must keep them.
+    cache_only: bool,
 }
 
 fn io<T>(path: &Path, result: std::io::Result<T>) -> std::result::Result<T, Error> {
@@ -65,7 +68,47 @@ impl LocalProvider {
             state_dir: state_dir.to_path_buf(),
             store: Store::open(state_dir)?,
             registry: Registry::open(state_dir)?,
+            cache_only: false,
         })
+    }
+
+    /// A local provider used as another provider's block cache (see `cache_only`).
+    pub fn open_cache(state_dir: &Path) -> Result<LocalProvider> {
+        Ok(LocalProvider { cache_only: true, ..LocalProvider::open(state_dir)? })
+    }
+
+    /// A volume with a given id: the local twin of a cloud volume (tests of attach mode).
+    pub fn create_volume_as(&self, id: &str, snapshot_id: &str, bake_id: &str) -> Result<()> {
+        let manifest = self.store.snapshot(snapshot_id)?;
+        let cached = self.cached_image(&manifest)?;
+        let path = self.volume_path(id);
+        // The record goes first (gc treats a volume file without one as an orphan), and is
+        // rewritten once we know whether the clone shares extents with the cache.
+        let mut meta = VolumeMeta {
+            id: id.to_string(),
+            snapshot_id: snapshot_id.to_string(),
+            bake_id: bake_id.to_string(),
+            reflinked: false,
+        };
+        let meta_path = path.with_extension("json");
+        io(&meta_path, crate::atomic::write(&meta_path, &serde_json::to_vec(&meta)?))?;
+        let source = io(&cached, File::open(&cached))?;
+        let dest = io(&path, File::create_new(&path))?;
+        meta.reflinked = sparse::clone_or_copy(&source, &dest)?;
+        io(&path, dest.sync_all())?;
+        io(&meta_path, crate::atomic::write(&meta_path, &serde_json::to_vec(&meta)?))?;
+        let reflinked = meta.reflinked;
+        tracing::info!(volume = %id, snapshot = snapshot_id, reflinked, "created volume");
+        Ok(())
+    }
+
+    /// The file behind a volume.
+    pub fn volume_file(&self, id: &str) -> PathBuf {
+        self.volume_path(id)
+    }
+
+    pub fn has_volume(&self, id: &str) -> bool {
+        self.volume_meta(id).is_ok()
     }
 
     pub fn store(&self) -> &Store {
@@ -164,27 +207,8 @@ impl Provider for LocalProvider {
     }
 
     fn create_volume(&self, snapshot_id: &str, bake_id: &str) -> Result<String> {
-        let manifest = self.store.snapshot(snapshot_id)?;
-        let cached = self.cached_image(&manifest)?;
         let id = ids::new_id("vol");
-        let path = self.volume_path(&id);
-        // The record goes first (gc treats a volume file without one as an orphan), and is
-        // rewritten once we know whether the clone shares extents with the cache.
-        let mut meta = VolumeMeta {
-            id: id.clone(),
-            snapshot_id: snapshot_id.to_string(),
-            bake_id: bake_id.to_string(),
-            reflinked: false,
-        };
-        let meta_path = path.with_extension("json");
-        io(&meta_path, crate::atomic::write(&meta_path, &serde_json::to_vec(&meta)?))?;
-        let source = io(&cached, File::open(&cached))?;
-        let dest = io(&path, File::create_new(&path))?;
-        meta.reflinked = sparse::clone_or_copy(&source, &dest)?;
-        io(&path, dest.sync_all())?;
-        io(&meta_path, crate::atomic::write(&meta_path, &serde_json::to_vec(&meta)?))?;
-        let reflinked = meta.reflinked;
-        tracing::info!(volume = %id, snapshot = snapshot_id, reflinked, "created volume");
+        self.create_volume_as(&id, snapshot_id, bake_id)?;
         Ok(id)
     }
 
@@ -321,7 +345,7 @@ impl Provider for LocalProvider {
         let used: BTreeSet<&str> = images.iter().map(|i| i.snapshot_id.as_str()).collect();
         let mut referenced = BTreeSet::new();
         for id in self.store.snapshot_ids()? {
-            if used.contains(id.as_str()) {
+            if used.contains(id.as_str()) || self.cache_only {
                 referenced.extend(self.store.snapshot(&id)?.blocks.into_values());
             } else {
                 if !dry_run {
@@ -334,7 +358,7 @@ impl Provider for LocalProvider {
         for entry in io(&cache, fs::read_dir(&cache))?.flatten() {
             let path = entry.path();
             let stem = path.file_stem().unwrap_or_default().to_string_lossy().into_owned();
-            if !used.contains(stem.as_str()) {
+            if !used.contains(stem.as_str()) && !self.cache_only {
                 if !dry_run {
                     io(&path, fs::remove_file(&path))?;
                 }

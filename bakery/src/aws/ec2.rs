@@ -1,0 +1,443 @@
+//! The EC2 calls a bake makes: images, volumes, attachments, snapshots and tags. Every call
+//! goes through the one retry layer; every wait is bounded.
+
+use super::retry::{retry, CallError, Policy};
+use crate::provider::Image;
+use aws_sdk_ec2::types::{
+    ArchitectureValues, BlockDeviceMapping, BootModeValues, CreateVolumePermission,
+    CreateVolumePermissionModifications, EbsBlockDevice, Filter, ImdsSupportValues, LaunchPermission,
+    LaunchPermissionModifications, ResourceType, Tag, TagSpecification, VolumeType,
+};
+use snafu::{ResultExt, Snafu};
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Snafu)]
+pub enum Error {
+    #[snafu(display("{source}"))]
+    Call { source: CallError },
+
+    #[snafu(display("{what} did not happen within {}", humantime::format_duration(*timeout)))]
+    Timeout { what: String, timeout: Duration },
+
+    #[snafu(display("{what} failed: {state}"))]
+    Failed { what: String, state: String },
+
+    #[snafu(display("image {id} has no root snapshot for {root_device}"))]
+    NoRootSnapshot { id: String, root_device: String },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Tag on every volume and snapshot a bake creates, so `gc` can find the ones a dead bake left.
+pub const BAKE_ID_TAG: &str = "bakery:bake-id";
+/// `in-progress` until the image that owns the snapshot is registered.
+pub const STATUS_TAG: &str = "bakery:status";
+
+fn tags(map: &BTreeMap<String, String>) -> Vec<Tag> {
+    map.iter().map(|(k, v)| Tag::builder().key(k).value(v).build()).collect()
+}
+
+fn tag_spec(kind: ResourceType, map: &BTreeMap<String, String>) -> TagSpecification {
+    TagSpecification::builder().resource_type(kind).set_tags(Some(tags(map))).build()
+}
+
+fn filter(name: &str, value: &str) -> Filter {
+    Filter::builder().name(name).values(value).build()
+}
+
+/// Polls `check` with a growing interval until it yields a value or `timeout` passes.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Option<T>>>,
+{
+    let started = Instant::now();
+    let mut interval = Duration::from_millis(100);
+    loop {
+        if let Some(value) = check().await? {
+            return Ok(value);
+        }
+        if started.elapsed() >= timeout {
+            return TimeoutSnafu { what, timeout }.fail();
+        }
+        tokio::time::sleep(interval).await;
+        interval = (interval * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// What RegisterImage needs beyond the snapshot: copied from the base image.
+pub struct Registration<'a> {
+    pub name: &'a str,
+    pub description: &'a str,
+    pub snapshot_id: &'a str,
+    pub architecture: &'a str,
+    pub root_device_name: &'a str,
+    pub volume_size_gib: i32,
+    pub boot_mode: &'a str,
+    pub tags: &'a BTreeMap<String, String>,
+}
+
+#[derive(Clone)]
+pub struct Ec2 {
+    pub client: aws_sdk_ec2::Client,
+    pub policy: Policy,
+    pub timeout: Duration,
+}
+
+impl Ec2 {
+    pub async fn images(&self, ids: &[&str], filters: &[(&str, &str)]) -> Result<Vec<Image>> {
+        let ids: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
+        let filters: Vec<Filter> = filters.iter().map(|(n, v)| filter(n, v)).collect();
+        let output = retry(self.policy, "DescribeImages", || {
+            self.client
+                .describe_images()
+                .owners("self")
+                .set_image_ids((!ids.is_empty()).then(|| ids.clone()))
+                .set_filters((!filters.is_empty()).then(|| filters.clone()))
+                .send()
+        })
+        .await;
+        let output = match output {
+            Err(e) if e.is_not_found() || e.code.as_deref() == Some("InvalidAMIID.Malformed") => return Ok(vec![]),
+            other => other.context(CallSnafu)?,
+        };
+        let mut images: Vec<Image> = output.images().iter().map(to_image).collect();
+        images.sort_by(|a, b| b.created.cmp(&a.created));
+        Ok(images)
+    }
+
+    pub async fn boot_mode(&self, image_id: &str) -> Result<Option<String>> {
+        let output = retry(self.policy, "DescribeImages", || self.client.describe_images().image_ids(image_id).send())
+            .await
+            .context(CallSnafu)?;
+        Ok(output.images().first().and_then(|i| i.boot_mode()).map(|m| m.as_str().to_string()))
+    }
+
+    /// Registers the image with its tags set both ways: in the request and with CreateTags,
+    /// which is what DescribeImages/DescribeTags are sure to show.
+    pub async fn register(&self, r: &Registration<'_>) -> Result<String> {
+        let mapping = BlockDeviceMapping::builder()
+            .device_name(r.root_device_name)
+            .ebs(
+                EbsBlockDevice::builder()
+                    .snapshot_id(r.snapshot_id)
+                    .volume_size(r.volume_size_gib)
+                    .volume_type(VolumeType::Gp3)
+                    .delete_on_termination(true)
+                    .build(),
+            )
+            .build();
+        let output = retry(self.policy, "RegisterImage", || {
+            self.client
+                .register_image()
+                .name(r.name)
+                .description(r.description)
+                .architecture(ArchitectureValues::from(r.architecture))
+                .root_device_name(r.root_device_name)
+                .block_device_mappings(mapping.clone())
+                .virtualization_type("hvm")
+                .ena_support(true)
+                .sriov_net_support("simple")
+                .boot_mode(BootModeValues::from(r.boot_mode))
+                .imds_support(ImdsSupportValues::V20)
+                .tag_specifications(tag_spec(ResourceType::Image, r.tags))
+                .send()
+        })
+        .await
+        .context(CallSnafu)?;
+        let id = output.image_id().unwrap_or_default().to_string();
+        self.tag(&[&id, r.snapshot_id], r.tags).await?;
+        Ok(id)
+    }
+
+    pub async fn wait_image_available(&self, id: &str) -> Result<()> {
+        wait_for(&format!("image {id} becoming available"), self.timeout, || async {
+            let output = retry(self.policy, "DescribeImages", || self.client.describe_images().image_ids(id).send()).await;
+            let output = match output {
+                // Eventual consistency: a new image may not be visible yet.
+                Err(e) if e.is_not_found() => return Ok(None),
+                other => other.context(CallSnafu)?,
+            };
+            match output.images().first().and_then(|i| i.state()).map(|s| s.as_str()) {
+                Some("available") => Ok(Some(())),
+                Some(state @ ("failed" | "error" | "invalid")) => {
+                    FailedSnafu { what: format!("image {id}"), state }.fail()
+                }
+                _ => Ok(None),
+            }
+        })
+        .await
+    }
+
+    pub async fn tag(&self, resources: &[&str], map: &BTreeMap<String, String>) -> Result<()> {
+        let ids: Vec<String> = resources.iter().map(|s| s.to_string()).collect();
+        retry(self.policy, "CreateTags", || {
+            self.client.create_tags().set_resources(Some(ids.clone())).set_tags(Some(tags(map))).send()
+        })
+        .await
+        .context(CallSnafu)?;
+        Ok(())
+    }
+
+    pub async fn deregister(&self, id: &str) -> Result<()> {
+        ignore_missing(retry(self.policy, "DeregisterImage", || self.client.deregister_image().image_id(id).send()).await)
+    }
+
+    pub async fn delete_snapshot(&self, id: &str) -> Result<()> {
+        ignore_missing(retry(self.policy, "DeleteSnapshot", || self.client.delete_snapshot().snapshot_id(id).send()).await)
+    }
+
+    pub async fn create_volume(
+        &self,
+        snapshot_id: &str,
+        zone: &str,
+        kms_key: Option<&str>,
+        map: &BTreeMap<String, String>,
+    ) -> Result<String> {
+        let output = retry(self.policy, "CreateVolume", || {
+            self.client
+                .create_volume()
+                .snapshot_id(snapshot_id)
+                .availability_zone(zone)
+                .volume_type(VolumeType::Gp3)
+                .set_encrypted(kms_key.map(|_| true))
+                .set_kms_key_id(kms_key.map(str::to_string))
+                .tag_specifications(tag_spec(ResourceType::Volume, map))
+                .send()
+        })
+        .await
+        .context(CallSnafu)?;
+        let id = output.volume_id().unwrap_or_default().to_string();
+        self.tag(&[&id], map).await?;
+        self.wait_volume(&id, "available").await?;
+        Ok(id)
+    }
+
+    /// Waits for a volume to reach `state`, or for its attachment to reach it when the state is
+    /// an attachment state (`attached`).
+    pub async fn wait_volume(&self, id: &str, state: &str) -> Result<()> {
+        wait_for(&format!("volume {id} becoming {state}"), self.timeout, || async {
+            let output = retry(self.policy, "DescribeVolumes", || self.client.describe_volumes().volume_ids(id).send())
+                .await
+                .context(CallSnafu)?;
+            let Some(volume) = output.volumes().first() else { return Ok(None) };
+            let volume_state = volume.state().map(|s| s.as_str()).unwrap_or_default();
+            if volume_state == "error" {
+                return FailedSnafu { what: format!("volume {id}"), state: volume_state }.fail();
+            }
+            let attachment = volume.attachments().first().and_then(|a| a.state()).map(|s| s.as_str());
+            Ok((volume_state == state || attachment == Some(state)).then_some(()))
+        })
+        .await
+    }
+
+    pub async fn attach(&self, volume: &str, instance: &str, device: &str) -> Result<()> {
+        retry(self.policy, "AttachVolume", || {
+            self.client.attach_volume().volume_id(volume).instance_id(instance).device(device).send()
+        })
+        .await
+        .context(CallSnafu)?;
+        self.wait_volume(volume, "attached").await
+    }
+
+    /// Detaches (InstanceId included: it is what EC2 needs to find the attachment quickly, and
+    /// moto needs it at all) and waits for the volume to be available. Already detached: done.
+    pub async fn detach(&self, volume: &str, instance: &str) -> Result<()> {
+        let detached = retry(self.policy, "DetachVolume", || {
+            self.client.detach_volume().volume_id(volume).instance_id(instance).send()
+        })
+        .await;
+        match detached {
+            Err(e) if e.is_not_found() || e.code.as_deref() == Some("IncorrectState") => return Ok(()),
+            other => other.context(CallSnafu)?,
+        };
+        self.wait_volume(volume, "available").await
+    }
+
+    /// Device names EC2 has given to volumes attached to `instance`.
+    pub async fn attached_devices(&self, instance: &str) -> Result<std::collections::BTreeSet<String>> {
+        let output = retry(self.policy, "DescribeVolumes", || {
+            self.client.describe_volumes().filters(filter("attachment.instance-id", instance)).send()
+        })
+        .await
+        .context(CallSnafu)?;
+        Ok(output
+            .volumes()
+            .iter()
+            .flat_map(|v| v.attachments())
+            .filter(|a| a.instance_id() == Some(instance))
+            .filter_map(|a| a.device().map(str::to_string))
+            .collect())
+    }
+
+    pub async fn delete_volume(&self, id: &str) -> Result<()> {
+        ignore_missing(retry(self.policy, "DeleteVolume", || self.client.delete_volume().volume_id(id).send()).await)
+    }
+
+    pub async fn create_snapshot(&self, volume: &str, description: &str, map: &BTreeMap<String, String>) -> Result<String> {
+        let output = retry(self.policy, "CreateSnapshot", || {
+            self.client
+                .create_snapshot()
+                .volume_id(volume)
+                .description(description)
+                .tag_specifications(tag_spec(ResourceType::Snapshot, map))
+                .send()
+        })
+        .await
+        .context(CallSnafu)?;
+        let id = output.snapshot_id().unwrap_or_default().to_string();
+        self.tag(&[&id], map).await?;
+        Ok(id)
+    }
+
+    pub async fn wait_snapshot_completed(&self, id: &str) -> Result<()> {
+        wait_for(&format!("snapshot {id} completing"), self.timeout, || async {
+            let output =
+                retry(self.policy, "DescribeSnapshots", || self.client.describe_snapshots().snapshot_ids(id).send())
+                    .await
+                    .context(CallSnafu)?;
+            let state = output.snapshots().first().and_then(|s| s.state()).map(|s| s.as_str().to_string());
+            match state.as_deref() {
+                Some("completed") => Ok(Some(())),
+                Some("error") => FailedSnafu { what: format!("snapshot {id}"), state: "error" }.fail(),
+                _ => Ok(None),
+            }
+        })
+        .await
+    }
+
+    /// Grants launch permission on the image and create-volume permission on its snapshot.
+    pub async fn share(&self, image: &str, snapshot: &str, accounts: &[String]) -> Result<()> {
+        let launch: Vec<LaunchPermission> =
+            accounts.iter().map(|a| LaunchPermission::builder().user_id(a).build()).collect();
+        retry(self.policy, "ModifyImageAttribute", || {
+            self.client
+                .modify_image_attribute()
+                .image_id(image)
+                .launch_permission(LaunchPermissionModifications::builder().set_add(Some(launch.clone())).build())
+                .send()
+        })
+        .await
+        .context(CallSnafu)?;
+        let volume: Vec<CreateVolumePermission> =
+            accounts.iter().map(|a| CreateVolumePermission::builder().user_id(a).build()).collect();
+        retry(self.policy, "ModifySnapshotAttribute", || {
+            self.client
+                .modify_snapshot_attribute()
+                .snapshot_id(snapshot)
+                .create_volume_permission(
+                    CreateVolumePermissionModifications::builder().set_add(Some(volume.clone())).build(),
+                )
+                .send()
+        })
+        .await
+        .context(CallSnafu)?;
+        Ok(())
+    }
+
+    /// Copies an image from `source_region` into this client's region, with the same tags.
+    pub async fn copy_from(
+        &self,
+        source_region: &str,
+        image: &Image,
+        kms_key: Option<&str>,
+        token: &str,
+    ) -> Result<String> {
+        let output = retry(self.policy, "CopyImage", || {
+            self.client
+                .copy_image()
+                .source_region(source_region)
+                .source_image_id(&image.id)
+                .name(&image.name)
+                .description(&image.description)
+                .client_token(token)
+                .set_encrypted(kms_key.map(|_| true))
+                .set_kms_key_id(kms_key.map(str::to_string))
+                .send()
+        })
+        .await
+        .context(CallSnafu)?;
+        let id = output.image_id().unwrap_or_default().to_string();
+        self.wait_image_available(&id).await?;
+        self.tag(&[&id], &image.tags).await?;
+        Ok(id)
+    }
+
+    /// Volumes and snapshots a bake tagged, with their creation time (unix seconds).
+    pub async fn bake_volumes(&self) -> Result<Vec<(String, String, i64)>> {
+        let output = retry(self.policy, "DescribeVolumes", || {
+            self.client.describe_volumes().filters(filter("tag-key", BAKE_ID_TAG)).send()
+        })
+        .await
+        .context(CallSnafu)?;
+        Ok(output
+            .volumes()
+            .iter()
+            .map(|v| {
+                let bake = v.tags().iter().find(|t| t.key() == Some(BAKE_ID_TAG)).and_then(|t| t.value());
+                (
+                    v.volume_id().unwrap_or_default().to_string(),
+                    bake.unwrap_or_default().to_string(),
+                    v.create_time().map(|t| t.secs()).unwrap_or_default(),
+                )
+            })
+            .collect())
+    }
+
+    pub async fn unfinished_snapshots(&self) -> Result<Vec<(String, String, i64)>> {
+        let output = retry(self.policy, "DescribeSnapshots", || {
+            self.client.describe_snapshots().owner_ids("self").filters(filter(&format!("tag:{STATUS_TAG}"), "in-progress")).send()
+        })
+        .await
+        .context(CallSnafu)?;
+        Ok(output
+            .snapshots()
+            .iter()
+            .map(|s| {
+                let bake = s.tags().iter().find(|t| t.key() == Some(BAKE_ID_TAG)).and_then(|t| t.value());
+                (
+                    s.snapshot_id().unwrap_or_default().to_string(),
+                    bake.unwrap_or_default().to_string(),
+                    s.start_time().map(|t| t.secs()).unwrap_or_default(),
+                )
+            })
+            .collect())
+    }
+}
+
+fn ignore_missing<T>(result: std::result::Result<T, CallError>) -> Result<()> {
+    match result {
+        Err(e) if e.is_not_found() => Ok(()),
+        other => other.map(|_| ()).context(CallSnafu),
+    }
+}
+
+fn to_image(image: &aws_sdk_ec2::types::Image) -> Image {
+    let root = image.root_device_name().unwrap_or("/dev/xvda").to_string();
+    let ebs = image.block_device_mappings().iter().find(|m| m.device_name() == Some(&root)).and_then(|m| m.ebs());
+    Image {
+        id: image.image_id().unwrap_or_default().to_string(),
+        name: image.name().unwrap_or_default().to_string(),
+        description: image.description().unwrap_or_default().to_string(),
+        snapshot_id: ebs.and_then(|e| e.snapshot_id()).unwrap_or_default().to_string(),
+        volume_size: ebs.and_then(|e| e.volume_size()).unwrap_or_default() as u64 * (1 << 30),
+        architecture: image.architecture().map(|a| a.as_str()).unwrap_or("x86_64").to_string(),
+        root_device_name: root,
+        created: image.creation_date().unwrap_or_default().to_string(),
+        tags: image
+            .tags()
+            .iter()
+            .filter_map(|t| Some((t.key()?.to_string(), t.value().unwrap_or_default().to_string())))
+            .collect(),
+    }
+}
+
+/// The root snapshot of an image, or an error naming the image.
+pub fn root_snapshot(image: &Image) -> Result<&str> {
+    if image.snapshot_id.is_empty() {
+        return NoRootSnapshotSnafu { id: &image.id, root_device: &image.root_device_name }.fail();
+    }
+    Ok(&image.snapshot_id)
+}

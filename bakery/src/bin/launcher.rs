@@ -1,0 +1,347 @@
+//! The `launcher` command line: red/black deploys of baked images, a thin layer over
+//! `bakery::launch`.
+
+use bakery::launch::cloud::{Cloud, DeployRecord, Outcome};
+use bakery::launch::engine::{self, Engine, Identity, Status, SystemClock};
+use bakery::launch::plan::{self, DeployRequest, StrategyKind};
+use bakery::ui::OutputFormat;
+use clap::{Parser, Subcommand, ValueEnum};
+use serde::Serialize;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Deploy baked images as red/black clusters, roll back in seconds, clean up after a soak.
+///
+/// A cluster is `app[-stack[-detail]]`; each deploy makes a new server group
+/// `cluster-vNNN` of at least 3 instances across zones, waits until every instance is healthy,
+/// puts it in service, then disables the previous group but keeps its instances running, so a
+/// rollback is a switch. Strategies only plan; one engine runs the plan, saving a record after
+/// every step, so a rerun after a crash converges.
+///
+/// Exit status: 0 success, 2 usage, 3 bad input (names, capacity), 4 nothing to roll back to,
+/// 5 cluster locked by another deploy, 6 health gate failed (the old group still serves),
+/// 130 interrupted (rerun to continue), 1 anything else.
+#[derive(Parser)]
+#[command(version, max_term_width = 100, args_override_self = true)]
+struct Cli {
+    /// Where groups run: `local` boots images on this host behind HAProxy; `aws` uses Auto
+    /// Scaling groups, launch templates and ELBv2 target groups.
+    #[arg(long, global = true, env = "BAKERY_PROVIDER", value_enum, default_value_t = CloudKind::Local)]
+    provider: CloudKind,
+
+    /// State of the local provider (the same as bakery's: images are booted from it).
+    #[arg(long, global = true, env = "BAKERY_STATE_DIR", default_value = "/var/lib/bakery")]
+    state_dir: PathBuf,
+
+    /// aws: the region (default: AWS_REGION or the profile's).
+    #[arg(long, global = true)]
+    region: Option<String>,
+
+    /// `json` prints exactly one JSON object on stdout.
+    #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Text)]
+    output: OutputFormat,
+
+    /// More log output on stderr (-v info, -vv debug); BAKERY_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+
+    #[command(subcommand)]
+    command: Commands,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum CloudKind {
+    Local,
+    Aws,
+}
+
+#[derive(Subcommand)]
+enum Commands {
+    /// Deploy an image as a new group of the cluster and flip traffic to it once it is healthy.
+    ///
+    /// Example:
+    ///   launcher deploy --cluster hello-prod --image ami-0123456789abcdef0 --health-url /hello/health
+    #[command(verbatim_doc_comment)]
+    Deploy(Box<DeployArgs>),
+    /// Show the cluster's groups (version, image, in service or disabled, capacity, health) and
+    /// its last deploy.
+    Status {
+        #[arg(long)]
+        cluster: String,
+    },
+    /// Put the previous group back in service at no less than the current capacity, then
+    /// disable the newest.
+    Rollback {
+        #[arg(long)]
+        cluster: String,
+        /// How long the previous group may take to be healthy again.
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        health_timeout: Duration,
+    },
+    /// Destroy disabled groups (and their launch templates) disabled longer than --soak ago.
+    Finish {
+        #[arg(long)]
+        cluster: String,
+        #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+        soak: Duration,
+    },
+    /// List the clusters that have groups.
+    Clusters,
+}
+
+#[derive(clap::Args)]
+struct DeployArgs {
+    /// app[-stack[-detail]], e.g. hello-prod.
+    #[arg(long)]
+    cluster: String,
+    /// The image to deploy.
+    #[arg(long)]
+    image: String,
+    /// red-black keeps the old group warm for rollback; highlander destroys every other group.
+    #[arg(long, default_value = "red-black")]
+    strategy: StrategyKind,
+    /// Capacity; values not given come from the group in service (at least 3).
+    #[arg(long)]
+    min: Option<u32>,
+    #[arg(long)]
+    max: Option<u32>,
+    #[arg(long)]
+    desired: Option<u32>,
+    #[arg(long, default_value = "t3.small")]
+    instance_type: String,
+    /// aws: subnets in at least 3 zones, comma-separated (default: the default VPC's).
+    #[arg(long, value_delimiter = ',')]
+    subnets: Vec<String>,
+    /// aws: target group ARN the new group joins (repeatable).
+    #[arg(long = "target-group")]
+    target_groups: Vec<String>,
+    /// Path every instance must answer 200 on before the group takes traffic.
+    #[arg(long, default_value = "/")]
+    health_url: String,
+    /// How long the new group may take to be healthy before the deploy is undone.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    health_timeout: Duration,
+    /// Disabled groups kept for rollback after the flip.
+    #[arg(long, default_value_t = 2)]
+    keep: usize,
+}
+
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+fn exit_code(error: &engine::Error) -> u8 {
+    use engine::Error as E;
+    match error {
+        E::BadCluster { .. } => 3,
+        E::Plan { source } => match source {
+            plan::Error::NothingServing { .. } | plan::Error::NothingToRollBackTo { .. } => 4,
+            _ => 3,
+        },
+        E::Locked { .. } => 5,
+        E::Gate { .. } => 6,
+        E::Cancelled { .. } => 130,
+        _ => 1,
+    }
+}
+
+fn open_cloud(cli: &Cli) -> Result<Box<dyn Cloud>, Failure> {
+    let opened: Result<Box<dyn Cloud>, bakery::launch::cloud::Error> = match cli.provider {
+        CloudKind::Local => bakery::launch::local::LocalCloud::open(&cli.state_dir).map(|c| Box::new(c) as _),
+        CloudKind::Aws => bakery::launch::aws::AwsCloud::open(cli.region.clone()).map(|c| Box::new(c) as _),
+    };
+    opened.map_err(|e| Failure { code: 2, message: format!("opening the {} provider: {e}", cloud_name(cli)) })
+}
+
+fn cloud_name(cli: &Cli) -> &'static str {
+    match cli.provider {
+        CloudKind::Local => "local",
+        CloudKind::Aws => "aws",
+    }
+}
+
+/// One command's result: the record of what ran, and where the cluster's traffic arrives.
+#[derive(Serialize)]
+struct RunResult<'a> {
+    #[serde(flatten)]
+    record: &'a DeployRecord,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    balancer_url: Option<String>,
+}
+
+fn describe_record(record: &DeployRecord, balancer: Option<&str>) -> String {
+    let mut lines = vec![format!(
+        "{:?} {} on {}: {:?}{}",
+        record.action,
+        record.deploy_id,
+        record.cluster,
+        record.phase,
+        record.message.as_ref().map(|m| format!(" ({m})")).unwrap_or_default()
+    )];
+    if let Some(group) = &record.new_group {
+        lines.push(format!("  serving: {group}"));
+    }
+    if let Some(group) = &record.previous_group {
+        lines.push(format!("  previous: {group}"));
+    }
+    for step in &record.steps {
+        let mark = match step.outcome {
+            Outcome::Ok => "ok  ",
+            Outcome::Skipped => "skip",
+            Outcome::Failed => "FAIL",
+            Outcome::Pending => "....",
+        };
+        let note = step.message.as_ref().map(|m| format!(" — {m}")).unwrap_or_default();
+        lines.push(format!("  {mark} {} ({} ms){note}", step.step, step.duration_ms));
+    }
+    if let Some(url) = balancer {
+        lines.push(format!("  balancer: {url}"));
+    }
+    lines.join("\n")
+}
+
+fn describe_status(status: &Status) -> String {
+    let mut lines = vec![format!("cluster {} ({})", status.cluster, status.cloud)];
+    if let Some(url) = &status.balancer_url {
+        lines.push(format!("  balancer: {url}"));
+    }
+    lines.push(format!("  {:<28} {:<22} {:<9} {:<9} {}", "GROUP", "IMAGE", "STATE", "CAPACITY", "HEALTHY"));
+    for group in &status.groups {
+        let state = if group.in_service { "serving" } else { "disabled" };
+        let healthy = group.members.iter().filter(|m| m.health == bakery::launch::cloud::Health::Healthy).count();
+        let c = group.capacity;
+        lines.push(format!(
+            "  {:<28} {:<22} {:<9} {:<9} {}/{}",
+            group.name,
+            group.image_id,
+            state,
+            format!("{}/{}/{}", c.min, c.desired, c.max),
+            healthy,
+            group.members.len()
+        ));
+    }
+    if let Some(record) = &status.deploy {
+        lines.push(describe_record(record, None).lines().map(|l| format!("  {l}")).collect::<Vec<_>>().join("\n"));
+    }
+    lines.join("\n")
+}
+
+fn print<T: Serialize>(format: OutputFormat, value: &T, text: impl FnOnce(&T) -> String) {
+    match format {
+        OutputFormat::Json => println!("{}", serde_json::to_string(value).expect("serialisable")),
+        OutputFormat::Text => println!("{}", text(value)),
+    }
+}
+
+fn main() -> ExitCode {
+    let mut cli = Cli::parse();
+    if std::fs::create_dir_all(&cli.state_dir).is_ok() {
+        if let Ok(canonical) = cli.state_dir.canonicalize() {
+            cli.state_dir = canonical;
+        }
+    }
+    init_logging(cli.verbose);
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("error: {}", failure.message);
+            ExitCode::from(failure.code)
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = ["warn", "info", "debug"][usize::from(verbose.min(2))];
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BAKERY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("bakery={default},launcher={default},warn")));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+}
+
+/// Ctrl-C or SIGTERM stops between steps (the record lets a rerun continue); a second exits.
+fn cancellation() -> Arc<AtomicBool> {
+    let cancel = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM, signal_hook::consts::SIGHUP] {
+        signal_hook::flag::register_conditional_shutdown(signal, 130, Arc::clone(&cancel)).expect("signal handler");
+        signal_hook::flag::register(signal, Arc::clone(&cancel)).expect("signal handler");
+    }
+    cancel
+}
+
+fn run(cli: &Cli) -> Result<(), Failure> {
+    let cloud = open_cloud(cli)?;
+    let cancel = cancellation();
+    let start_time = bakery::process::start_time(std::process::id() as i32).unwrap_or_default();
+    let mut engine = Engine::new(cloud.as_ref(), &SystemClock, &cancel, Identity::current(start_time));
+    if let Some(interval) = std::env::var("LAUNCHER_POLL_INTERVAL").ok().and_then(|v| humantime::parse_duration(&v).ok())
+    {
+        engine.poll_interval = interval;
+    }
+    let format = cli.output;
+    let finished = |result: engine::Result<DeployRecord>, cluster: &str| -> Result<(), Failure> {
+        let balancer_url = cloud.balancer_url(cluster);
+        let record = match &result {
+            Ok(record) => Some(record),
+            Err(error) => error.record(),
+        };
+        if let Some(record) = record {
+            let shown = RunResult { record, balancer_url: balancer_url.clone() };
+            print(format, &shown, |r| describe_record(r.record, r.balancer_url.as_deref()));
+        }
+        match result {
+            Ok(_) => Ok(()),
+            Err(error) => {
+                let code = exit_code(&error);
+                if format == OutputFormat::Json && record.is_none() {
+                    println!("{}", serde_json::json!({ "error": error.to_string(), "exit_code": code }));
+                }
+                Err(Failure { code, message: error.to_string() })
+            }
+        }
+    };
+    match &cli.command {
+        Commands::Deploy(args) => {
+            let request = DeployRequest {
+                cluster: args.cluster.clone(),
+                image_id: args.image.clone(),
+                strategy: args.strategy,
+                min: args.min,
+                max: args.max,
+                desired: args.desired,
+                instance_type: args.instance_type.clone(),
+                subnets: args.subnets.clone(),
+                target_groups: args.target_groups.clone(),
+                health_url: args.health_url.clone(),
+                health_timeout: args.health_timeout,
+                keep: args.keep,
+            };
+            finished(engine.deploy(&request), &args.cluster)
+        }
+        Commands::Rollback { cluster, health_timeout } => finished(engine.rollback(cluster, *health_timeout), cluster),
+        Commands::Finish { cluster, soak } => finished(engine.finish(cluster, *soak), cluster),
+        Commands::Status { cluster } => {
+            let status = engine.status(cluster).map_err(|e| Failure { code: exit_code(&e), message: e.to_string() })?;
+            print(format, &status, describe_status);
+            Ok(())
+        }
+        Commands::Clusters => {
+            let clusters = engine.clusters().map_err(|e| Failure { code: exit_code(&e), message: e.to_string() })?;
+            print(format, &clusters, |c| if c.is_empty() { "no clusters".into() } else { c.join("\n") });
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+}

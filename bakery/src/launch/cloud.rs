@@ -1,0 +1,229 @@
+//! What a cloud must offer the launcher: server groups of a cluster, their health, putting them
+//! in and out of service, a per-cluster lock and a place to keep the current deploy's record.
+//! Every operation is idempotent so that a deploy interrupted anywhere can simply be rerun.
+
+use serde::{Deserialize, Serialize};
+
+pub type Error = Box<dyn std::error::Error + Send + Sync>;
+pub type Result<T> = std::result::Result<T, Error>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capacity {
+    pub min: u32,
+    pub max: u32,
+    pub desired: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Health {
+    Starting,
+    Healthy,
+    Unhealthy,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Member {
+    pub id: String,
+    pub zone: String,
+    pub health: Health,
+    pub address: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Group {
+    /// Frigga name, `cluster-vNNN`.
+    pub name: String,
+    pub image_id: String,
+    /// Unix seconds.
+    pub created: u64,
+    pub capacity: Capacity,
+    /// Registered in the target groups / balancer.
+    pub in_service: bool,
+    /// Launch, Terminate and AddToLoadBalancer suspended.
+    pub suspended: bool,
+    /// Unix seconds, from a tag; what `finish --soak` measures from.
+    pub disabled_at: Option<u64>,
+    pub deploy_id: Option<String>,
+    /// Health already includes the provider's health-URL / target-health check.
+    pub members: Vec<Member>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GroupSpec {
+    pub name: String,
+    pub cluster: String,
+    pub image_id: String,
+    pub instance_type: String,
+    pub capacity: Capacity,
+    pub subnets: Vec<String>,
+    pub target_groups: Vec<String>,
+    pub health_url: String,
+    pub deploy_id: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LockHolder {
+    pub deploy_id: String,
+    pub owner: String,
+    pub host: String,
+    pub pid: u32,
+    /// The process's start time as the provider's `alive` check understands it (clock ticks since
+    /// boot on Linux), so that a reused pid is not mistaken for the holder.
+    pub start_time: u64,
+    /// Unix seconds.
+    pub expires: u64,
+}
+
+impl LockHolder {
+    /// Whether the lock may be taken over: it expired, or its holder ran on this host and is gone.
+    /// `alive(pid, start_time)` says whether that process still runs here.
+    pub fn is_stale(&self, now: u64, this_host: &str, alive: impl Fn(u32, u64) -> bool) -> bool {
+        now >= self.expires || (self.host == this_host && !alive(self.pid, self.start_time))
+    }
+}
+
+/// What the record describes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    Deploy,
+    Rollback,
+    Finish,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Running,
+    Succeeded,
+    Failed,
+    /// Stopped on request between steps; a rerun converges.
+    Cancelled,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Pending,
+    Ok,
+    /// Not run: already done, or not reached (the message says which).
+    Skipped,
+    Failed,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    pub step: String,
+    pub outcome: Outcome,
+    pub message: Option<String>,
+    pub duration_ms: u64,
+}
+
+/// The last launcher operation on a cluster, saved after every step: what `status` shows, what a
+/// rerun after a crash converges from, and the JSON result of a command. Providers store it as
+/// opaque JSON, one per cluster.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeployRecord {
+    pub deploy_id: String,
+    pub action: Action,
+    pub cluster: String,
+    /// The image being deployed (deploys only).
+    pub image_id: Option<String>,
+    pub strategy: Option<String>,
+    pub new_group: Option<String>,
+    pub previous_group: Option<String>,
+    pub phase: Phase,
+    /// Why there was nothing to do, or why it failed.
+    pub message: Option<String>,
+    pub steps: Vec<StepRecord>,
+    /// Unix seconds.
+    pub started: u64,
+    pub updated: u64,
+}
+
+impl DeployRecord {
+    /// A deploy that did not reach its end: a rerun for the same image continues it.
+    pub fn is_unfinished_deploy_of(&self, image_id: &str) -> bool {
+        self.action == Action::Deploy && self.phase != Phase::Succeeded && self.image_id.as_deref() == Some(image_id)
+    }
+}
+
+/// One cloud (or this host) as the launcher sees it. Removal succeeds when the thing is already
+/// gone and creation succeeds when a matching thing exists, so every step can run twice.
+pub trait Cloud: Send + Sync {
+    /// `"aws"` or `"local"`.
+    fn kind(&self) -> &'static str;
+    fn clusters(&self) -> Result<Vec<String>>;
+    fn groups(&self, cluster: &str) -> Result<Vec<Group>>;
+    /// Launch template + group, not in service. Already exists → Ok.
+    fn create_group(&self, spec: &GroupSpec) -> Result<()>;
+    fn resize_group(&self, group: &str, capacity: Capacity) -> Result<()>;
+    /// Resumes the suspended processes without registering in the target groups, so that a
+    /// disabled group can grow and be checked before it takes traffic again (rollback).
+    fn resume_group(&self, group: &str) -> Result<()>;
+    /// Resumes processes, registers in the target groups / balancer, clears `disabled_at`.
+    fn add_to_service(&self, group: &str) -> Result<()>;
+    /// Suspends processes, deregisters, tags `disabled_at` (an existing tag is kept); instances
+    /// keep running. Missing → Ok.
+    fn remove_from_service(&self, group: &str, at: u64) -> Result<()>;
+    /// Group, instances and launch template. Missing → Ok.
+    fn destroy_group(&self, group: &str) -> Result<()>;
+    /// None: the lock is ours now (also when `holder.deploy_id` already held it: that refreshes
+    /// `expires`). Some(h): held by the live holder h.
+    fn acquire_lock(&self, cluster: &str, holder: &LockHolder) -> Result<Option<LockHolder>>;
+    /// Only if `deploy_id` holds it; otherwise Ok.
+    fn release_lock(&self, cluster: &str, deploy_id: &str) -> Result<()>;
+    fn save_deploy(&self, record: &DeployRecord) -> Result<()>;
+    fn load_deploy(&self, cluster: &str) -> Result<Option<DeployRecord>>;
+    /// Where the cluster's traffic arrives (local: `http://127.0.0.1:PORT`).
+    fn balancer_url(&self, cluster: &str) -> Option<String>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn holder(host: &str, expires: u64) -> LockHolder {
+        LockHolder { deploy_id: "d1".into(), owner: "ann".into(), host: host.into(), pid: 42, start_time: 7, expires }
+    }
+
+    #[test]
+    fn a_lock_is_stale_when_expired_or_its_local_holder_is_gone() {
+        let alive = |pid, start| pid == 42 && start == 7;
+        let dead = |_, _| false;
+        assert!(!holder("here", 100).is_stale(99, "here", alive));
+        assert!(holder("here", 100).is_stale(100, "here", alive));
+        assert!(holder("here", 100).is_stale(50, "here", dead));
+        // A pid on another host cannot be checked from here: only expiry frees it.
+        assert!(!holder("there", 100).is_stale(50, "here", dead));
+        assert!(holder("there", 100).is_stale(150, "here", dead));
+    }
+
+    #[test]
+    fn an_unfinished_deploy_is_one_not_succeeded_for_the_same_image() {
+        let mut record = DeployRecord {
+            deploy_id: "d1".into(),
+            action: Action::Deploy,
+            cluster: "hello".into(),
+            image_id: Some("ami-1".into()),
+            strategy: Some("red-black".into()),
+            new_group: Some("hello-v001".into()),
+            previous_group: None,
+            phase: Phase::Cancelled,
+            message: None,
+            steps: vec![],
+            started: 1,
+            updated: 2,
+        };
+        assert!(record.is_unfinished_deploy_of("ami-1"));
+        assert!(!record.is_unfinished_deploy_of("ami-2"));
+        record.phase = Phase::Succeeded;
+        assert!(!record.is_unfinished_deploy_of("ami-1"));
+        record.phase = Phase::Running;
+        record.action = Action::Rollback;
+        assert!(!record.is_unfinished_deploy_of("ami-1"));
+        let json = serde_json::to_string(&record).unwrap();
+        assert_eq!(serde_json::from_str::<DeployRecord>(&json).unwrap(), record);
+    }
+}

@@ -1,0 +1,655 @@
+//! Executes plans against a [`Cloud`]: under the cluster's lock, saving the deploy record after
+//! every step so that `status` can show it and a rerun after a crash converges. The health gate
+//! polls with an injected clock, so tests run instantly.
+
+use super::cloud::{self, Action, Cloud, DeployRecord, Group, Health, LockHolder, Outcome, Phase, StepRecord};
+use super::names::{self, Cluster};
+use super::plan::{self, ClusterState, DeployRequest, Operation, Plan};
+use serde::Serialize;
+use snafu::{ResultExt, Snafu};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+#[derive(Debug, Snafu)]
+pub enum Error {
+    #[snafu(display("cluster {cluster:?}: {source}"))]
+    BadCluster { cluster: String, source: names::Error },
+
+    #[snafu(display(
+        "cluster {cluster} is locked by deploy {} of {} on {} (pid {}) until {}",
+        holder.deploy_id, holder.owner, holder.host, holder.pid, rfc3339(holder.expires)
+    ))]
+    Locked { cluster: String, holder: LockHolder },
+
+    #[snafu(display("lost the lock on cluster {cluster} to deploy {} of {}", holder.deploy_id, holder.owner))]
+    LockLost { cluster: String, holder: LockHolder },
+
+    #[snafu(display("locking cluster {cluster}: {source}"))]
+    Lock { cluster: String, source: cloud::Error },
+
+    #[snafu(display("releasing the lock on cluster {cluster}: {source}"))]
+    Release { cluster: String, source: cloud::Error },
+
+    #[snafu(display("reading cluster {cluster}: {source}"))]
+    Read { cluster: String, source: cloud::Error },
+
+    #[snafu(display("listing clusters: {source}"))]
+    Clusters { source: cloud::Error },
+
+    #[snafu(display("{source}"))]
+    Plan { source: plan::Error },
+
+    #[snafu(display("saving the deploy record of {cluster}: {source}"))]
+    Save { cluster: String, source: cloud::Error },
+
+    #[snafu(display("{step}: {message}"))]
+    Step { step: String, message: String, record: Box<DeployRecord> },
+
+    #[snafu(display("health gate of {group} failed: {reason}; {rescue}"))]
+    Gate { group: String, reason: String, rescue: String, record: Box<DeployRecord> },
+
+    #[snafu(display("cancelled; rerun the same command to continue"))]
+    Cancelled { record: Box<DeployRecord> },
+}
+
+impl Error {
+    /// The record of a run that got as far as executing its plan (for the JSON result).
+    pub fn record(&self) -> Option<&DeployRecord> {
+        match self {
+            Error::Step { record, .. } | Error::Gate { record, .. } | Error::Cancelled { record } => Some(record),
+            _ => None,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+fn rfc3339(unix: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(unix)).to_string()
+}
+
+/// Time as the engine sees it; tests substitute one whose sleep only advances it.
+pub trait Clock: Send + Sync {
+    /// Since the Unix epoch.
+    fn now(&self) -> Duration;
+    fn sleep(&self, duration: Duration);
+}
+
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Duration {
+        SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default()
+    }
+    fn sleep(&self, duration: Duration) {
+        std::thread::sleep(duration)
+    }
+}
+
+/// Who holds the lock: enough for a person to find the deploy and for a provider on the same
+/// host to tell that its process is gone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    pub owner: String,
+    pub host: String,
+    pub pid: u32,
+    pub start_time: u64,
+}
+
+impl Identity {
+    /// This process, given its start time as the provider's liveness check reads it.
+    pub fn current(start_time: u64) -> Identity {
+        let owner = std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| "unknown".into());
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "unknown".into());
+        Identity { owner, host, pid: std::process::id(), start_time }
+    }
+}
+
+/// What `launcher status` shows.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Status {
+    pub cluster: String,
+    pub cloud: &'static str,
+    pub balancer_url: Option<String>,
+    pub groups: Vec<Group>,
+    pub deploy: Option<DeployRecord>,
+}
+
+pub struct Engine<'a> {
+    pub cloud: &'a dyn Cloud,
+    pub clock: &'a dyn Clock,
+    /// Checked between steps and polls: a cancelled run stops and leaves a record to converge from.
+    pub cancel: &'a AtomicBool,
+    pub identity: Identity,
+    pub poll_interval: Duration,
+    /// Renewed while the run lives, so only a dead run's lock expires.
+    pub lock_ttl: Duration,
+}
+
+/// Why a step did not complete.
+enum StepError {
+    Cloud(cloud::Error),
+    Gate(String),
+    Cancelled,
+    Lock(Box<Error>),
+}
+
+impl From<cloud::Error> for StepError {
+    fn from(e: cloud::Error) -> Self {
+        StepError::Cloud(e)
+    }
+}
+
+/// One locked run on one cluster.
+struct Run<'e, 'a> {
+    engine: &'e Engine<'a>,
+    cluster: String,
+    deploy_id: String,
+    expires: u64,
+}
+
+impl<'a> Engine<'a> {
+    pub fn new(cloud: &'a dyn Cloud, clock: &'a dyn Clock, cancel: &'a AtomicBool, identity: Identity) -> Self {
+        Engine {
+            cloud,
+            clock,
+            cancel,
+            identity,
+            poll_interval: Duration::from_secs(10),
+            lock_ttl: Duration::from_secs(15 * 60),
+        }
+    }
+
+    pub fn clusters(&self) -> Result<Vec<String>> {
+        self.cloud.clusters().context(ClustersSnafu)
+    }
+
+    pub fn status(&self, cluster: &str) -> Result<Status> {
+        let state = self.state(cluster)?;
+        Ok(Status {
+            cluster: state.cluster,
+            cloud: self.cloud.kind(),
+            balancer_url: self.cloud.balancer_url(cluster),
+            groups: state.groups,
+            deploy: state.record,
+        })
+    }
+
+    pub fn deploy(&self, request: &DeployRequest) -> Result<DeployRecord> {
+        let strategy = request.strategy.strategy();
+        self.locked(&request.cluster, |run, state| {
+            let plan = strategy.plan_deploy(state, request, &run.deploy_id).context(PlanSnafu)?;
+            let mut record = run.record(Action::Deploy, &plan);
+            record.image_id = Some(request.image_id.clone());
+            record.strategy = Some(strategy.name().to_string());
+            run.execute(&plan, record)
+        })
+    }
+
+    pub fn rollback(&self, cluster: &str, health_timeout: Duration) -> Result<DeployRecord> {
+        self.locked(cluster, |run, state| {
+            let plan = plan::plan_rollback(state, health_timeout).context(PlanSnafu)?;
+            run.execute(&plan, run.record(Action::Rollback, &plan))
+        })
+    }
+
+    pub fn finish(&self, cluster: &str, soak: Duration) -> Result<DeployRecord> {
+        self.locked(cluster, |run, state| {
+            let plan = plan::plan_finish(state, soak, self.now());
+            run.execute(&plan, run.record(Action::Finish, &plan))
+        })
+    }
+
+    fn now(&self) -> u64 {
+        self.clock.now().as_secs()
+    }
+
+    fn state(&self, cluster: &str) -> Result<ClusterState> {
+        Cluster::parse(cluster).context(BadClusterSnafu { cluster })?;
+        let groups = self.cloud.groups(cluster).context(ReadSnafu { cluster })?;
+        let record = self.cloud.load_deploy(cluster).context(ReadSnafu { cluster })?;
+        Ok(ClusterState { cluster: cluster.to_string(), groups, record })
+    }
+
+    /// Runs `body` holding the cluster's lock, with the state read under it; releases it after.
+    fn locked<T>(&self, cluster: &str, body: impl FnOnce(&mut Run, &ClusterState) -> Result<T>) -> Result<T> {
+        Cluster::parse(cluster).context(BadClusterSnafu { cluster })?;
+        static RUNS: AtomicU32 = AtomicU32::new(0);
+        let n = RUNS.fetch_add(1, Ordering::Relaxed);
+        let deploy_id = format!("{}-{}-{n}", self.clock.now().as_millis(), self.identity.pid);
+        let mut run = Run { engine: self, cluster: cluster.to_string(), deploy_id, expires: 0 };
+        if let Some(holder) = run.lock()? {
+            return LockedSnafu { cluster, holder }.fail();
+        }
+        let result = self.state(cluster).and_then(|state| body(&mut run, &state));
+        let released = self.cloud.release_lock(cluster, &run.deploy_id).context(ReleaseSnafu { cluster });
+        // The run's own error says more than a failed release; the lock expires anyway.
+        let value = result?;
+        released?;
+        Ok(value)
+    }
+}
+
+impl Run<'_, '_> {
+    /// Takes or renews the lock; Some(holder) when another live run holds it.
+    fn lock(&mut self) -> Result<Option<LockHolder>> {
+        let engine = self.engine;
+        let expires = engine.now() + engine.lock_ttl.as_secs();
+        let id = &engine.identity;
+        let holder = LockHolder {
+            deploy_id: self.deploy_id.clone(),
+            owner: id.owner.clone(),
+            host: id.host.clone(),
+            pid: id.pid,
+            start_time: id.start_time,
+            expires,
+        };
+        let cluster = &self.cluster;
+        let other = engine.cloud.acquire_lock(cluster, &holder).context(LockSnafu { cluster })?;
+        if other.is_none() {
+            self.expires = expires;
+        }
+        Ok(other)
+    }
+
+    /// Renews the lock once half its lifetime has passed.
+    fn keep_lock(&mut self) -> Result<()> {
+        if self.engine.now() + self.engine.lock_ttl.as_secs() / 2 < self.expires {
+            return Ok(());
+        }
+        match self.lock()? {
+            None => Ok(()),
+            Some(holder) => LockLostSnafu { cluster: &self.cluster, holder }.fail(),
+        }
+    }
+
+    fn record(&self, action: Action, plan: &Plan) -> DeployRecord {
+        let now = self.engine.now();
+        DeployRecord {
+            deploy_id: self.deploy_id.clone(),
+            action,
+            cluster: self.cluster.clone(),
+            image_id: None,
+            strategy: None,
+            new_group: plan.new_group.clone(),
+            previous_group: plan.previous_group.clone(),
+            phase: Phase::Running,
+            message: plan.message.clone(),
+            steps: plan.steps.iter().map(|op| pending(op.to_string())).collect(),
+            started: now,
+            updated: now,
+        }
+    }
+
+    fn save(&self, record: &mut DeployRecord) -> Result<()> {
+        record.updated = self.engine.now();
+        self.engine.cloud.save_deploy(record).context(SaveSnafu { cluster: &self.cluster })
+    }
+
+    fn execute(&mut self, plan: &Plan, mut record: DeployRecord) -> Result<DeployRecord> {
+        self.save(&mut record)?;
+        for (i, op) in plan.steps.iter().enumerate() {
+            let result = if self.engine.cancel.load(Ordering::SeqCst) {
+                Err(StepError::Cancelled)
+            } else {
+                self.keep_lock()?;
+                let started = self.engine.clock.now();
+                let result = self.run(op);
+                let step = &mut record.steps[i];
+                step.duration_ms = (self.engine.clock.now().saturating_sub(started)).as_millis() as u64;
+                result
+            };
+            match result {
+                Ok(skipped) => {
+                    let step = &mut record.steps[i];
+                    step.outcome = if skipped.is_some() { Outcome::Skipped } else { Outcome::Ok };
+                    step.message = skipped;
+                }
+                // Another run owns the cluster now: its record is not ours to overwrite.
+                Err(StepError::Lock(e)) => return Err(*e),
+                Err(StepError::Cancelled) => {
+                    not_reached(&mut record.steps[i..], "cancelled");
+                    record.phase = Phase::Cancelled;
+                    self.save(&mut record)?;
+                    return CancelledSnafu { record }.fail();
+                }
+                Err(StepError::Gate(reason)) => {
+                    fail(&mut record.steps[i], &reason);
+                    not_reached(&mut record.steps[i + 1..], "the health gate failed");
+                    let rescue = self.rescue(&plan.on_gate_failure, &mut record)?;
+                    record.phase = Phase::Failed;
+                    record.message = Some(format!("health gate of {} failed: {reason}; {rescue}", op.group()));
+                    self.save(&mut record)?;
+                    return GateSnafu { group: op.group(), reason, rescue, record }.fail();
+                }
+                Err(StepError::Cloud(e)) => {
+                    let message = e.to_string();
+                    fail(&mut record.steps[i], &message);
+                    not_reached(&mut record.steps[i + 1..], "an earlier step failed");
+                    record.phase = Phase::Failed;
+                    record.message = Some(format!("{op}: {message}"));
+                    self.save(&mut record)?;
+                    return StepSnafu { step: op.to_string(), message, record }.fail();
+                }
+            }
+            self.save(&mut record)?;
+        }
+        record.phase = Phase::Succeeded;
+        self.save(&mut record)?;
+        Ok(record)
+    }
+
+    /// Runs the gate-failure plan, every step even if one fails, and says how it went.
+    fn rescue(&mut self, steps: &[Operation], record: &mut DeployRecord) -> Result<String> {
+        let mut failed = vec![];
+        for op in steps {
+            let started = self.engine.clock.now();
+            let mut step = pending(format!("after the failed gate: {op}"));
+            match self.run(op) {
+                Ok(_) => step.outcome = Outcome::Ok,
+                Err(StepError::Lock(e)) => return Err(*e),
+                Err(StepError::Cloud(e)) => fail(&mut step, &e.to_string()),
+                Err(StepError::Gate(m)) => fail(&mut step, &m),
+                Err(StepError::Cancelled) => fail(&mut step, "cancelled"),
+            }
+            step.duration_ms = (self.engine.clock.now().saturating_sub(started)).as_millis() as u64;
+            if step.outcome == Outcome::Failed {
+                failed.push(op.to_string());
+            }
+            record.steps.push(step);
+            self.save(record)?;
+        }
+        if !failed.is_empty() {
+            return Ok(format!("cleanup failed, rerun the deploy or clean up by hand: {}", failed.join(", ")));
+        }
+        Ok(steps.iter().map(|op| op.to_string()).collect::<Vec<_>>().join(", ") + ": done")
+    }
+
+    /// One operation; Ok(Some(why)) when it was already done.
+    fn run(&mut self, op: &Operation) -> std::result::Result<Option<String>, StepError> {
+        let cloud = self.engine.cloud;
+        match op {
+            Operation::CreateGroup(spec) => {
+                // A rerun finds the group of the interrupted deploy; a different image under the
+                // same name is someone else's group and must not be adopted.
+                let groups = cloud.groups(&self.cluster)?;
+                if let Some(existing) = groups.iter().find(|g| g.name == spec.name) {
+                    if existing.image_id != spec.image_id {
+                        let message = format!("{} already exists with image {}", spec.name, existing.image_id);
+                        return Err(StepError::Cloud(message.into()));
+                    }
+                    return Ok(Some("already exists".into()));
+                }
+                cloud.create_group(spec)?
+            }
+            Operation::Resume(group) => cloud.resume_group(group)?,
+            Operation::Resize(group, capacity) => cloud.resize_group(group, *capacity)?,
+            Operation::WaitHealthy { group, desired, timeout } => self.wait_healthy(group, *desired, *timeout)?,
+            Operation::AddToService(group) => cloud.add_to_service(group)?,
+            Operation::RemoveFromService(group) => cloud.remove_from_service(group, self.engine.now())?,
+            Operation::DestroyGroup(group) => cloud.destroy_group(group)?,
+        }
+        Ok(None)
+    }
+
+    /// Polls until `desired` members are there and all healthy, or `timeout` passes.
+    fn wait_healthy(&mut self, group: &str, desired: u32, timeout: Duration) -> std::result::Result<(), StepError> {
+        let clock = self.engine.clock;
+        let deadline = clock.now() + timeout;
+        loop {
+            let last = match self.engine.cloud.groups(&self.cluster) {
+                Ok(groups) => {
+                    let found = groups.into_iter().find(|g| g.name == group);
+                    let g = found.ok_or_else(|| StepError::Gate(format!("{group} no longer exists")))?;
+                    let healthy = g.members.iter().filter(|m| m.health == Health::Healthy).count();
+                    let unhealthy = g.members.iter().filter(|m| m.health == Health::Unhealthy).count();
+                    let starting = g.members.len() - healthy - unhealthy;
+                    if healthy >= desired as usize && healthy == g.members.len() {
+                        return Ok(());
+                    }
+                    format!("{healthy} of {desired} instances healthy, {starting} starting, {unhealthy} unhealthy")
+                }
+                // One failed poll is not a failed gate: the next may succeed.
+                Err(e) => format!("reading the group failed: {e}"),
+            };
+            let now = clock.now();
+            if now >= deadline {
+                return Err(StepError::Gate(format!("after {}, {last}", humantime::format_duration(timeout))));
+            }
+            if self.engine.cancel.load(Ordering::SeqCst) {
+                return Err(StepError::Cancelled);
+            }
+            self.keep_lock().map_err(|e| StepError::Lock(Box::new(e)))?;
+            clock.sleep(self.engine.poll_interval.min(deadline - now));
+        }
+    }
+}
+
+fn pending(step: String) -> StepRecord {
+    StepRecord { step, outcome: Outcome::Pending, message: None, duration_ms: 0 }
+}
+
+fn fail(step: &mut StepRecord, message: &str) {
+    step.outcome = Outcome::Failed;
+    step.message = Some(message.to_string());
+}
+
+fn not_reached(steps: &mut [StepRecord], why: &str) {
+    for step in steps {
+        step.outcome = Outcome::Skipped;
+        step.message = Some(format!("not run: {why}"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::launch::plan::tests::request;
+    use crate::launch::plan::StrategyKind;
+    use crate::launch::sim::{FakeClock, SimCloud, SIM_HOST};
+    use std::sync::Arc;
+
+    struct Stand {
+        clock: Arc<FakeClock>,
+        sim: SimCloud,
+        cancel: AtomicBool,
+    }
+
+    impl Stand {
+        fn new() -> Stand {
+            let clock = Arc::new(FakeClock::new(1_700_000_000));
+            Stand { sim: SimCloud::new(clock.clone()), clock, cancel: AtomicBool::new(false) }
+        }
+
+        fn engine(&self, pid: u32) -> Engine<'_> {
+            let identity = Identity { owner: "ann".into(), host: SIM_HOST.into(), pid, start_time: 1 };
+            Engine::new(&self.sim, &*self.clock, &self.cancel, identity)
+        }
+
+        fn serving(&self) -> Vec<String> {
+            self.sim.groups("hello-prod").unwrap().into_iter().filter(|g| g.in_service).map(|g| g.name).collect()
+        }
+
+        fn group(&self, name: &str) -> Option<Group> {
+            self.sim.groups("hello-prod").unwrap().into_iter().find(|g| g.name == name)
+        }
+    }
+
+    #[test]
+    fn deploy_rollback_and_finish_run_end_to_end() {
+        let stand = Stand::new();
+        let engine = stand.engine(10);
+        let first = engine.deploy(&request("ami-1")).unwrap();
+        assert_eq!((first.phase, first.new_group.as_deref()), (Phase::Succeeded, Some("hello-prod-v000")));
+        assert!(first.steps.iter().all(|s| s.outcome == Outcome::Ok), "{:?}", first.steps);
+
+        let second = engine.deploy(&request("ami-2")).unwrap();
+        assert_eq!(second.new_group.as_deref(), Some("hello-prod-v001"));
+        assert_eq!(second.previous_group.as_deref(), Some("hello-prod-v000"));
+        assert_eq!(stand.serving(), ["hello-prod-v001"]);
+        let old = stand.group("hello-prod-v000").unwrap();
+        assert!(old.suspended && old.disabled_at.is_some() && old.members.len() == 3, "{old:?}");
+        let json = serde_json::to_value(&second).unwrap();
+        assert_eq!(json["new_group"], "hello-prod-v001");
+        assert_eq!(json["steps"][1]["outcome"], "ok");
+        assert!(json["steps"][1]["duration_ms"].as_u64().unwrap() > 0, "the gate waited: {json}");
+
+        // The same image again: nothing to do.
+        let again = engine.deploy(&request("ami-2")).unwrap();
+        assert!(again.steps.is_empty() && again.message.is_some());
+
+        let back = engine.rollback("hello-prod", Duration::from_secs(300)).unwrap();
+        assert_eq!(back.phase, Phase::Succeeded);
+        assert_eq!(stand.serving(), ["hello-prod-v000"]);
+        assert!(!stand.group("hello-prod-v000").unwrap().suspended);
+        assert!(stand.group("hello-prod-v001").unwrap().disabled_at.is_some());
+
+        let early = engine.finish("hello-prod", Duration::from_secs(3600)).unwrap();
+        assert!(early.steps.is_empty(), "{early:?}");
+        stand.clock.advance(Duration::from_secs(7200));
+        let done = engine.finish("hello-prod", Duration::from_secs(3600)).unwrap();
+        assert_eq!(done.steps.len(), 1);
+        assert!(stand.group("hello-prod-v001").is_none());
+        assert_eq!(stand.sim.templates(), ["hello-prod-v000"]);
+
+        let status = engine.status("hello-prod").unwrap();
+        assert_eq!(status.deploy.unwrap().action, Action::Finish);
+        assert_eq!(status.groups.len(), 1);
+        assert_eq!(engine.clusters().unwrap(), ["hello-prod"]);
+    }
+
+    #[test]
+    fn a_failed_gate_destroys_the_new_group_and_leaves_the_old_serving() {
+        let stand = Stand::new();
+        let engine = stand.engine(10);
+        engine.deploy(&request("ami-1")).unwrap();
+        stand.sim.never_healthy("ami-2");
+        let calls_before = stand.sim.calls().len();
+        let err = engine.deploy(&request("ami-2")).unwrap_err();
+        assert!(matches!(err, Error::Gate { .. }), "{err}");
+        assert!(err.to_string().contains("0 of 3 instances healthy, 0 starting, 3 unhealthy"), "{err}");
+        assert_eq!(stand.serving(), ["hello-prod-v000"]);
+        assert!(stand.group("hello-prod-v001").is_none());
+        assert_eq!(stand.sim.templates(), ["hello-prod-v000"]);
+        // Nothing but reads touched the old group.
+        let touched: Vec<String> =
+            stand.sim.calls()[calls_before..].iter().filter(|c| c.ends_with("hello-prod-v000")).cloned().collect();
+        assert!(touched.is_empty(), "{touched:?}");
+        let record = err.record().unwrap();
+        assert_eq!(record.phase, Phase::Failed);
+        let outcomes: Vec<Outcome> = record.steps.iter().map(|s| s.outcome).collect();
+        assert_eq!(outcomes, [Outcome::Ok, Outcome::Failed, Outcome::Skipped, Outcome::Skipped, Outcome::Ok]);
+        assert_eq!(stand.sim.load_deploy("hello-prod").unwrap().as_ref(), Some(record));
+        // The lock was released: the next deploy runs.
+        stand.sim.never_healthy("none");
+        engine.deploy(&request("ami-3")).unwrap();
+    }
+
+    #[test]
+    fn a_second_deploy_is_refused_while_the_lock_is_held_by_a_live_run() {
+        let stand = Stand::new();
+        let rival = LockHolder {
+            deploy_id: "other".into(),
+            owner: "bob".into(),
+            host: SIM_HOST.into(),
+            pid: 77,
+            start_time: 1,
+            expires: stand.clock.now().as_secs() + 600,
+        };
+        assert_eq!(stand.sim.acquire_lock("hello-prod", &rival).unwrap(), None);
+        let err = stand.engine(10).deploy(&request("ami-1")).unwrap_err();
+        let message = err.to_string();
+        assert!(
+            matches!(err, Error::Locked { .. }) && message.contains("bob") && message.contains("pid 77"),
+            "{message}"
+        );
+        assert!(stand.sim.groups("hello-prod").unwrap().is_empty());
+        // Once the holder's process is gone the lock is stale and taken over.
+        stand.sim.kill(77);
+        stand.engine(10).deploy(&request("ami-1")).unwrap();
+    }
+
+    #[test]
+    fn a_rerun_after_a_crash_converges_to_one_new_group_in_service() {
+        let stand = Stand::new();
+        stand.engine(10).deploy(&request("ami-1")).unwrap();
+        stand.sim.crash_after("create_group");
+        let crashed =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| stand.engine(11).deploy(&request("ami-2"))));
+        assert!(crashed.is_err());
+        let record = stand.sim.load_deploy("hello-prod").unwrap().unwrap();
+        assert_eq!((record.phase, record.steps[0].outcome), (Phase::Running, Outcome::Pending));
+        assert!(stand.group("hello-prod-v001").is_some_and(|g| !g.in_service));
+        // The dead run's lock holds while its process might live, then goes stale.
+        assert!(matches!(stand.engine(12).deploy(&request("ami-2")), Err(Error::Locked { .. })));
+        stand.sim.kill(11);
+        let rerun = stand.engine(12).deploy(&request("ami-2")).unwrap();
+        assert_eq!(rerun.new_group.as_deref(), Some("hello-prod-v001"));
+        assert_eq!(rerun.steps[0].outcome, Outcome::Skipped);
+        assert_eq!(stand.serving(), ["hello-prod-v001"]);
+        let groups = stand.sim.groups("hello-prod").unwrap();
+        assert_eq!(groups.iter().filter(|g| g.image_id == "ami-2").count(), 1);
+        assert_eq!(groups.len(), 2);
+    }
+
+    #[test]
+    fn a_cancelled_deploy_stops_and_a_rerun_finishes_it() {
+        let stand = Stand::new();
+        stand.cancel.store(true, Ordering::SeqCst);
+        let err = stand.engine(10).deploy(&request("ami-1")).unwrap_err();
+        let record = err.record().unwrap();
+        assert_eq!(record.phase, Phase::Cancelled);
+        assert!(record.steps.iter().all(|s| s.outcome == Outcome::Skipped));
+        stand.cancel.store(false, Ordering::SeqCst);
+        stand.engine(10).deploy(&request("ami-1")).unwrap();
+        assert_eq!(stand.serving(), ["hello-prod-v000"]);
+    }
+
+    #[test]
+    fn highlander_leaves_only_the_new_group() {
+        let stand = Stand::new();
+        let engine = stand.engine(10);
+        let highlander = |image| DeployRequest { strategy: StrategyKind::Highlander, ..request(image) };
+        engine.deploy(&highlander("ami-1")).unwrap();
+        engine.deploy(&highlander("ami-2")).unwrap();
+        assert_eq!(stand.sim.templates(), ["hello-prod-v001"]);
+        assert_eq!(stand.serving(), ["hello-prod-v001"]);
+    }
+
+    #[test]
+    fn removing_or_destroying_a_missing_group_succeeds() {
+        let stand = Stand::new();
+        let engine = stand.engine(10);
+        let plan = Plan {
+            steps: vec![
+                Operation::RemoveFromService("hello-prod-v404".into()),
+                Operation::DestroyGroup("hello-prod-v404".into()),
+            ],
+            ..Plan::default()
+        };
+        let record = engine
+            .locked("hello-prod", |run, _| {
+                let record = run.record(Action::Finish, &plan);
+                run.execute(&plan, record)
+            })
+            .unwrap();
+        assert!(record.steps.iter().all(|s| s.outcome == Outcome::Ok), "{:?}", record.steps);
+    }
+
+    #[test]
+    fn a_long_gate_keeps_renewing_the_lock() {
+        let stand = Stand::new();
+        stand.sim.healthy_after(40);
+        let mut engine = stand.engine(10);
+        engine.poll_interval = Duration::from_secs(60);
+        engine.lock_ttl = Duration::from_secs(600);
+        let record =
+            engine.deploy(&DeployRequest { health_timeout: Duration::from_secs(3600), ..request("ami-1") }).unwrap();
+        // 40 polls a minute apart outlast the lock's ten minutes several times over.
+        assert!(record.steps[1].duration_ms >= 39 * 60_000, "{:?}", record.steps[1]);
+        let renewals = stand.sim.calls().iter().filter(|c| c.starts_with("acquire_lock")).count();
+        assert!(renewals >= 6, "{renewals}");
+    }
+}

@@ -1,0 +1,243 @@
+//! The aws provider against moto, through the project's proxy that checks what moto does not
+//! (block size, per-block checksums, changed-block count, LINEAR aggregate) and injects faults.
+//! The base image is built locally once, then pushed; bakes run in direct mode (any host) and
+//! in attach mode on a pretend EC2 host (a metadata service in this process, loop devices
+//! standing in for the kernel's view of attached volumes).
+
+mod common;
+
+use common::aws::*;
+use common::*;
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::sync::MutexGuard;
+
+/// A fresh moto with the local base image pushed into it; returns the AMI and its snapshot.
+fn fresh_cloud_with_base() -> (MutexGuard<'static, ()>, String, String) {
+    let guard = serial();
+    base_image();
+    reset();
+    let (code, pushed, stderr) = run_aws_json(&["push", BASE], &[]);
+    assert_eq!(code, 0, "push: {stderr}");
+    assert_eq!(pushed["reused"], false);
+    let stats = proxy_get("/_proxy/stats");
+    assert_eq!(stats["violations"], json!([]), "{stats}");
+    assert_eq!(stats["put_blocks"], pushed["uploaded_blocks"], "every uploaded block reached EBS once: {stats}");
+    let ami = pushed["image_id"].as_str().unwrap().to_string();
+    let snapshot = pushed["snapshot_id"].as_str().unwrap().to_string();
+    (guard, ami, snapshot)
+}
+
+fn bake_args<'a>(base: &'a str, package: &'a str, version: &'a str) -> Vec<&'a str> {
+    vec![
+        "bake", "--base", base, "--recipe", "recipes/tomcat-webapp.toml", "--package", package, "--app", "hello",
+        "--version", version, "--rebake",
+    ]
+}
+
+fn register_params() -> Value {
+    let requests = recorded("RegisterImage");
+    requests.last().cloned().unwrap_or_else(|| panic!("no RegisterImage recorded: {requests:?}"))["params"].clone()
+}
+
+#[test]
+fn push_and_direct_bake_upload_only_changed_blocks_and_the_result_holds_the_package() {
+    let (_serial, ami, base_snapshot) = fresh_cloud_with_base();
+    let params = register_params();
+    assert_eq!(params["Architecture"], "x86_64", "{params}");
+    assert_eq!(params["BootMode"], "legacy-bios");
+    assert_eq!(params["ImdsSupport"], "v2.0");
+    assert_eq!(params["EnaSupport"], "true");
+    assert_eq!(params["BlockDeviceMapping.1.Ebs.SnapshotId"], base_snapshot.as_str());
+
+    let dir = tempfile::tempdir().unwrap();
+    let package = sample_package(dir.path(), "3.0.0", 0);
+    let package = package.to_str().unwrap();
+    let (code, baked, stderr) = run_aws_json(&bake_args(&ami, package, "3.0.0"), &[]);
+    assert_eq!(code, 0, "direct bake: {stderr}");
+    let snapshot = baked["snapshot_id"].as_str().unwrap();
+    let stats = proxy_get("/_proxy/stats");
+    assert_eq!(stats["violations"], json!([]), "{stats}");
+    let uploaded = &stats["snapshots"][snapshot];
+    assert_eq!(uploaded["parent"], base_snapshot.as_str(), "the child names the base as parent: {uploaded}");
+    assert_eq!(uploaded["completed"], true);
+    let blocks = uploaded["blocks"].as_object().unwrap().len() as u64;
+    assert_eq!(blocks, baked["changed_blocks"].as_u64().unwrap(), "exactly the changed blocks were sent");
+    assert!(blocks > 0 && blocks < 64, "a small package changes a few blocks, not the disk: {blocks}");
+    assert_eq!(register_params()["BlockDeviceMapping.1.Ebs.SnapshotId"], snapshot);
+
+    // Tags are readable with DescribeImages.
+    let image = baked["image_id"].as_str().unwrap();
+    let (code, shown, _) = run_aws_json(&["images", "show", image], &[]);
+    assert_eq!(code, 0);
+    assert_eq!(shown["tags"]["version"], "3.0.0");
+    assert_eq!(shown["tags"]["bakery:bake-key"], baked["bake_key"]);
+
+    // Rebuild the image from base + changed blocks in a cold cache, and check every file.
+    let cold = tempfile::tempdir().unwrap();
+    let disk = cold.path().join("disk.raw");
+    let (code, _, stderr) = {
+        let state = cold.path().join("state");
+        let disk = disk.to_str().unwrap();
+        run_aws_json(&["--state-dir", state.to_str().unwrap(), "images", "export", image, "-o", disk], &[])
+    };
+    assert_eq!(code, 0, "export: {stderr}");
+    let mounted = MountedDisk::new(&disk);
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(mounted.path("/var/lib/bakery/manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["version"], "3.0.0");
+    let files = manifest["files"].as_array().unwrap();
+    assert!(!files.is_empty());
+    for file in files.iter().filter(|f| f["sha256"].is_string()) {
+        let path = mounted.path(file["path"].as_str().unwrap());
+        assert_eq!(sha256_file(&path), file["sha256"].as_str().unwrap(), "{}", path.display());
+    }
+    drop(mounted);
+
+    // Same inputs: the image is found by its bake-key tag, nothing is uploaded.
+    let mut again = bake_args(&ami, package, "3.0.0");
+    again.pop();
+    let (code, reused, stderr) = run_aws_json(&again, &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(reused["reused"], true);
+    assert_eq!(reused["image_id"], image);
+    assert_eq!(cloud_leftovers(), json!([]));
+    assert_no_leftovers("after direct bakes");
+}
+
+#[test]
+fn direct_bakes_ride_out_throttling_server_errors_and_dropped_connections() {
+    let (_serial, ami, _) = fresh_cloud_with_base();
+    let dir = tempfile::tempdir().unwrap();
+    let package = sample_package(dir.path(), "3.1.0", 4);
+    proxy_post("/_proxy/faults", &json!({ "throttle": 0.1, "server_error": 0.1, "drop": 0.03, "seed": 11 }));
+    let (code, baked, stderr) = run_aws_json(&bake_args(&ami, package.to_str().unwrap(), "3.1.0"), &[]);
+    let stats = proxy_get("/_proxy/stats");
+    proxy_post("/_proxy/faults", &json!({}));
+    assert_eq!(code, 0, "bake under faults: {stderr}\n{stats}");
+    let faults: u64 = stats["faults"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum();
+    assert!(faults >= 3, "faults were injected: {stats}");
+    assert_eq!(stats["violations"], json!([]));
+    let snapshot = &stats["snapshots"][baked["snapshot_id"].as_str().unwrap()];
+    assert_eq!(snapshot["completed"], true);
+    assert_eq!(cloud_leftovers(), json!([]));
+    assert_no_leftovers("after a bake under faults");
+}
+
+#[test]
+fn a_block_corrupted_in_transit_fails_the_bake_and_leaves_nothing() {
+    let (_serial, ami, _) = fresh_cloud_with_base();
+    let images_before = boto("print(json.dumps(len(ec2.describe_images(Owners=['self'])['Images'])))");
+    let dir = tempfile::tempdir().unwrap();
+    let package = sample_package(dir.path(), "3.2.0", 0);
+    proxy_post("/_proxy/corrupt", &json!({ "put_blocks": 1 }));
+    let (code, failed, stderr) = run_aws_json(&bake_args(&ami, package.to_str().unwrap(), "3.2.0"), &[]);
+    assert_eq!(code, 1, "{failed}\n{stderr}");
+    let error = failed["error"].as_str().unwrap();
+    assert!(error.contains("PutSnapshotBlock") && error.to_lowercase().contains("checksum"), "{error}");
+    let images_after = boto("print(json.dumps(len(ec2.describe_images(Owners=['self'])['Images'])))");
+    assert_eq!(images_before, images_after, "no image registered");
+    let started = boto(
+        "snaps = ec2.describe_snapshots(OwnerIds=['self'])['Snapshots']\n\
+         print(json.dumps([s['SnapshotId'] for s in snaps if s.get('Description', '').startswith('hello-3.2.0')]))",
+    );
+    assert_eq!(started, json!([]), "the started snapshot was deleted");
+    assert_eq!(cloud_leftovers(), json!([]));
+    assert_no_leftovers("after a corrupted block");
+}
+
+/// A pretend instance metadata service (IMDSv2: token, then metadata with the token).
+fn metadata_service(instance: &str, zone: &str) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = format!("http://{}", listener.local_addr().unwrap());
+    let (instance, zone) = (instance.to_string(), zone.to_string());
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut request = String::new();
+            reader.read_line(&mut request).unwrap_or_default();
+            let mut token = false;
+            loop {
+                let mut header = String::new();
+                if reader.read_line(&mut header).unwrap_or(0) == 0 || header == "\r\n" {
+                    break;
+                }
+                token |= header.to_ascii_lowercase().starts_with("x-aws-ec2-metadata-token:");
+            }
+            let path = request.split(' ').nth(1).unwrap_or_default();
+            let (status, body) = match path {
+                "/latest/api/token" if request.starts_with("PUT") => ("200 OK", "token-1".to_string()),
+                _ if !token => ("401 Unauthorized", String::new()),
+                "/latest/meta-data/instance-id" => ("200 OK", instance.clone()),
+                "/latest/meta-data/placement/availability-zone" => ("200 OK", zone.clone()),
+                _ => ("404 Not Found", String::new()),
+            };
+            let mut stream = stream;
+            let _ = write!(stream, "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+        }
+    });
+    address
+}
+
+#[test]
+fn attach_mode_creates_attaches_detaches_snapshots_registers_and_deletes_the_volume() {
+    let (_serial, ami, base_snapshot) = fresh_cloud_with_base();
+    let instance = boto(&format!(
+        "r = ec2.run_instances(ImageId='{ami}', MinCount=1, MaxCount=1, InstanceType='t3.micro', \
+         Placement={{'AvailabilityZone': 'us-east-1b'}})\nprint(json.dumps(r['Instances'][0]['InstanceId']))"
+    ));
+    let instance = instance.as_str().unwrap();
+    let imds = metadata_service(instance, "us-east-1b");
+    let dir = tempfile::tempdir().unwrap();
+    let package = sample_package(dir.path(), "3.3.0", 0);
+    let mut args = bake_args(&ami, package.to_str().unwrap(), "3.3.0");
+    args.extend(["--mode", "attach"]);
+    let env = [
+        ("AWS_EC2_METADATA_DISABLED", "false"),
+        ("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds.as_str()),
+        ("BAKERY_AWS_DEVICE_SOURCE", "loop"),
+    ];
+    let (code, baked, stderr) = run_aws_json(&args, &env);
+    assert_eq!(code, 0, "attach bake: {stderr}");
+
+    let created = recorded("CreateVolume");
+    assert_eq!(created.len(), 1, "{created:?}");
+    assert_eq!(created[0]["params"]["SnapshotId"], base_snapshot.as_str());
+    assert_eq!(created[0]["params"]["AvailabilityZone"], "us-east-1b");
+    let attached = recorded("AttachVolume");
+    assert_eq!(attached[0]["params"]["InstanceId"], instance);
+    assert_eq!(attached[0]["params"]["Device"], "/dev/sdf");
+    let volume = attached[0]["params"]["VolumeId"].as_str().unwrap();
+    let detached = recorded("DetachVolume");
+    assert_eq!(detached[0]["params"]["InstanceId"], instance, "DetachVolume names the instance");
+    let snapshotted = recorded("CreateSnapshot");
+    assert_eq!(snapshotted[0]["params"]["VolumeId"], volume);
+    assert_eq!(register_params()["BlockDeviceMapping.1.Ebs.SnapshotId"], baked["snapshot_id"]);
+    assert_eq!(recorded("DeleteVolume")[0]["params"]["VolumeId"], volume);
+    assert_eq!(cloud_leftovers(), json!([]));
+    assert_no_leftovers("after an attach-mode bake");
+}
+
+#[test]
+fn gc_removes_what_a_dead_bake_left_in_the_cloud_once_it_is_old_enough() {
+    let _serial = serial();
+    reset();
+    let left = boto(
+        "tags = [{'Key': 'bakery:bake-id', 'Value': 'bake-0123456789abcdef0'}, {'Key': 'bakery:status', 'Value': 'in-progress'}]\n\
+         v = ec2.create_volume(Size=4, AvailabilityZone='us-east-1a', TagSpecifications=[{'ResourceType': 'volume', 'Tags': tags}])\n\
+         s = ec2.create_snapshot(VolumeId=v['VolumeId'], TagSpecifications=[{'ResourceType': 'snapshot', 'Tags': tags}])\n\
+         print(json.dumps([v['VolumeId'], s['SnapshotId']]))",
+    );
+    let (code, report, stderr) = run_aws_json(&["gc"], &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(report["removed"], json!([]), "young resources may belong to a running bake elsewhere");
+    assert_eq!(report["kept_live"].as_array().unwrap().len(), 2, "{report}");
+    let (code, report, stderr) = run_aws_json(&["gc", "--older-than", "0s"], &[]);
+    assert_eq!(code, 0, "{stderr}");
+    let removed = report["removed"].to_string();
+    for id in left.as_array().unwrap() {
+        assert!(removed.contains(id.as_str().unwrap()), "{id} removed: {report}");
+    }
+    assert_eq!(cloud_leftovers(), json!([]));
+}
