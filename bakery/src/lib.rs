@@ -13,6 +13,7 @@ pub mod gpt;
 pub mod ids;
 pub mod instance;
 pub mod journal;
+pub mod launch;
 pub mod local;
 pub mod loopdev;
 pub mod mounts;
