@@ -1,5 +1,7 @@
 //! Crash-safe file replacement: readers see the old content or the new, never a torn write.
 
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::Path;
@@ -19,4 +21,18 @@ pub fn write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+/// [`write`]s `value` as pretty JSON.
+pub fn write_json<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
+    write(path, &serde_json::to_vec_pretty(value).expect("state serialises"))
+}
+
+/// Reads a JSON file (written by [`write_json`]); None when there is none. A file that does not
+/// parse is an `InvalidData` error.
+pub fn read_json<T: DeserializeOwned>(path: &Path) -> std::io::Result<Option<T>> {
+    match fs::read(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        other => Ok(Some(serde_json::from_slice(&other?)?)),
+    }
 }

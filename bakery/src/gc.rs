@@ -1,5 +1,6 @@
-//! `bakery gc`: finishes the undo of bakes that died (their journals are unlocked), then asks
-//! the provider to sweep what no journal names. Live bakes are never touched.
+//! `bakery gc`: finishes the undo of bakes that died (their journals are unlocked) and of
+//! handed-over journals whose process is gone (a launcher's instance or balancer), then asks the
+//! provider to sweep what no live journal names. Live ones are never touched.
 
 use crate::journal;
 use crate::provider::{GcReport, Provider};
@@ -23,7 +24,7 @@ pub fn collect(provider: &dyn Provider, state_dir: &Path, dry_run: bool) -> Resu
     let census = journal::census(state_dir).context(CensusSnafu)?;
     let mut removed = Vec::new();
     let mut failed = Vec::new();
-    for (record, path) in census.dead.iter().filter(|(record, _)| record.provider == provider.kind()) {
+    for (record, path, _lock) in census.dead.iter().filter(|(record, _, _)| record.provider == provider.kind()) {
         if !dry_run {
             // One journal that cannot be undone must not stop the others from being reclaimed.
             if let Err(error) = journal::reclaim(provider, record, path) {
@@ -37,12 +38,19 @@ pub fn collect(provider: &dyn Provider, state_dir: &Path, dry_run: bool) -> Resu
     // Orphans no journal names are only swept when nothing runs: a bake that is starting may
     // own a volume or blocks that no journal names yet.
     let mut report = match sweep {
-        Some(_exclusive) => provider.collect_garbage(dry_run).context(SweepSnafu)?,
+        Some(_exclusive) => {
+            // No bake runs now, but handed-over journals (running instances) may be live.
+            let live: Vec<_> = census.live.iter().flat_map(|r| r.resources.iter().cloned()).collect();
+            provider.collect_garbage(dry_run, &live).context(SweepSnafu)?
+        }
         None => GcReport::default(),
     };
     removed.append(&mut report.removed);
     report.removed = removed;
-    report.kept_live.extend(census.live.iter().map(|r| format!("live {} {} (pid {})", r.what, r.id, r.pid)));
+    report.kept_live.extend(census.live.iter().map(|r| {
+        let pid = r.held_by.map_or(r.pid as i32, |p| p.pid);
+        format!("live {} {} (pid {pid})", r.what, r.id)
+    }));
     report.failed = failed;
     Ok(report)
 }

@@ -10,7 +10,8 @@
 //!
 //! Everything an instance creates is recorded in the caller's journal, so stopping it is the
 //! journal's unwind (process by pid and start time, mounts, loop device, files) and `bakery gc`
-//! cleans up after a caller that died.
+//! cleans up after a caller that died, or, once the journal is handed over to the instance's
+//! process (a launcher's instances), after that process died.
 
 use crate::journal::{Journal, Resource};
 use crate::local::LocalProvider;
@@ -20,6 +21,7 @@ use serde::Serialize;
 use snafu::{OptionExt, ResultExt, Snafu};
 use std::fs::File;
 use std::net::Ipv4Addr;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
@@ -37,6 +39,9 @@ pub enum Error {
 
     #[snafu(display("starting {program}: {source}"))]
     Spawn { program: &'static str, source: std::io::Error },
+
+    #[snafu(display("{program} exited before starting the instance"))]
+    NoChild { program: &'static str },
 
     #[snafu(display("{program} is not installed (scripts/install-deps installs it)"))]
     Missing { program: &'static str },
@@ -78,13 +83,17 @@ pub struct Instance {
     pub endpoint: Endpoint,
     pub console: PathBuf,
     pub started_at: Instant,
-    pid: i32,
-    start_time: u64,
+    process: process::Identity,
 }
 
 impl Instance {
     pub fn is_running(&self) -> bool {
-        process::is_running(self.pid, self.start_time)
+        self.process.is_running()
+    }
+
+    /// The process the instance lives in (systemd-nspawn or QEMU).
+    pub fn process(&self) -> process::Identity {
+        self.process
     }
 
     /// The last lines the guest printed on its console.
@@ -166,10 +175,15 @@ pub fn start(
     let mut command = match method {
         Method::Container => {
             require("systemd-nspawn")?;
+            require("unshare")?;
             let root = mount_container_root(journal, &disk, &dir).map_err(prepare("mounting the instance's root"))?;
             let root_dir = RootDir::open(&root).map_err(|e| prepare("opening the instance's root")(e.into()))?;
             configure_tomcat(&root_dir, endpoint).map_err(prepare("writing the instance's user data"))?;
-            let mut command = Command::new("systemd-nspawn");
+            // nspawn runs as the init of a PID namespace of its own: when it dies, even by
+            // SIGKILL, the kernel kills the container with it (which would otherwise live on,
+            // reparented, serving on the instance's address).
+            let mut command = Command::new("unshare");
+            command.args(["--pid", "--fork", "--kill-child", "--", "systemd-nspawn"]);
             // PID 1 here is not systemd: no machine registration, stay in our own scope.
             command
                 .args(["--quiet", "--register=no", "--keep-unit", "--boot", "--console=read-only"])
@@ -198,15 +212,46 @@ pub fn start(
             command
         }
     };
-    let program = if method == Method::Vm { "qemu-system-x86_64" } else { "systemd-nspawn" };
+    let program = if method == Method::Vm { "qemu-system-x86_64" } else { "unshare" };
     let output = console_file.try_clone().map_err(|e| prepare("console log")(e.into()))?;
+    // An instance may outlive its caller (a launcher's does): out of the caller's process group,
+    // a Ctrl-C at the caller's terminal does not reach it; the caller stops it via the journal.
+    command.process_group(0);
     let child =
         command.stdin(Stdio::null()).stdout(output).stderr(console_file).spawn().context(SpawnSnafu { program })?;
     let pid = child.id() as i32;
-    let start_time = process::start_time(pid).unwrap_or_default();
-    journal.push(Resource::Process { pid, start_time }).map_err(|e| prepare("journal")(e.into()))?;
-    tracing::info!(instance = %id, pid, method = ?method, url = %endpoint.url("/"), "instance booting");
-    Ok(Instance { id, image_id: image.id, method, endpoint, console, started_at: Instant::now(), pid, start_time })
+    let spawned = process::Identity { pid, start_time: process::start_time(pid).unwrap_or_default() };
+    let record = |journal: &mut Journal, p: process::Identity| {
+        journal
+            .push(Resource::Process { pid: p.pid, start_time: p.start_time })
+            .map_err(|e| prepare("journal")(e.into()))
+    };
+    record(journal, spawned)?;
+    let process = match method {
+        // The instance is nspawn, unshare's child; stopping it ends unshare too.
+        Method::Container => {
+            let nspawn = forked_child(spawned).context(NoChildSnafu { program })?;
+            record(journal, nspawn)?;
+            nspawn
+        }
+        Method::Vm => spawned,
+    };
+    tracing::info!(instance = %id, pid = process.pid, method = ?method, url = %endpoint.url("/"), "instance booting");
+    Ok(Instance { id, image_id: image.id, method, endpoint, console, started_at: Instant::now(), process })
+}
+
+/// The child `parent` forks at once (unshare --fork), or None if `parent` exits without one.
+fn forked_child(parent: process::Identity) -> Option<process::Identity> {
+    let deadline = Instant::now() + std::time::Duration::from_secs(5);
+    let children = format!("/proc/{0}/task/{0}/children", parent.pid);
+    while parent.is_running() && Instant::now() < deadline {
+        let pids = std::fs::read_to_string(&children).unwrap_or_default();
+        if let Some(pid) = pids.split_whitespace().next().and_then(|pid| pid.parse().ok()) {
+            return process::Identity::of(pid);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    None
 }
 
 /// TCG unless BAKERY_QEMU_ACCEL says otherwise: KVM on hosts like this one cannot boot a stock

@@ -5,8 +5,14 @@
 //! A running bake holds an exclusive `flock` on its lock file for its whole life; the kernel
 //! drops it when the process dies, so a lock that can be taken marks a dead bake, whatever
 //! has happened to its pid since.
+//!
+//! Some resources must outlive the process that creates them (a launcher's instances and
+//! balancers): their journal is *handed over* to the process it started, and is live for as long
+//! as that process (pid and start time) runs. Whoever stops them early adopts the journal (takes
+//! its lock) and unwinds it; `gc` reclaims the journal once the process is gone.
 
 use crate::mounts;
+use crate::process::Identity;
 use crate::provider::Provider;
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
@@ -90,6 +96,17 @@ impl std::fmt::Display for Resource {
 }
 
 impl Resource {
+    /// Whether this resource is `path`, or holds it (a directory it lies in, a loop device's
+    /// backing file): what a sweep must spare while the resource's journal is live.
+    pub fn holds(&self, path: &Path) -> bool {
+        match self {
+            Resource::Mount { path: p } | Resource::File { path: p } => p == path,
+            Resource::Dir { path: p } => path.starts_with(p),
+            Resource::LoopDevice { device, file } => device == path || file == path,
+            _ => false,
+        }
+    }
+
     /// Undoes the resource; succeeds when it is already gone.
     pub fn release(&self, provider: &dyn Provider) -> crate::provider::Result<()> {
         match self {
@@ -134,6 +151,9 @@ pub struct Record {
     pub what: String,
     pub provider: String,
     pub resources: Vec<Resource>,
+    /// Once handed over: the process whose life is the journal's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_by: Option<Identity>,
 }
 
 /// An open journal, owned by the running bake.
@@ -172,10 +192,42 @@ impl Journal {
                 what: what.to_string(),
                 provider: provider.to_string(),
                 resources: Vec::new(),
+                held_by: None,
             },
         };
         journal.save()?;
         Ok(journal)
+    }
+
+    /// Reopens a journal by id for whoever will unwind it, waiting for its current holder;
+    /// None when it is gone (unwound or reclaimed meanwhile).
+    pub fn adopt(state_dir: &Path, id: &str) -> Result<Option<Journal>> {
+        let sweep_guard = lock_sweep(state_dir, FlockArg::LockShared)?;
+        let dir = journal_dir(state_dir);
+        let lock_path = dir.join(format!("{id}.lock"));
+        let lock_file = match OpenOptions::new().write(true).open(&lock_path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            other => other.context(IoSnafu { path: &lock_path })?,
+        };
+        let lock = Flock::lock(lock_file, FlockArg::LockExclusive)
+            .map_err(|(_, errno)| errno)
+            .context(LockSnafu { path: &lock_path })?;
+        let path = dir.join(format!("{id}.json"));
+        let record = match fs::read(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            other => {
+                serde_json::from_slice(&other.context(IoSnafu { path: &path })?).context(ParseSnafu { path: &path })?
+            }
+        };
+        Ok(Some(Journal { path, lock_path, _lock: lock, _sweep_guard: sweep_guard, record }))
+    }
+
+    /// Gives the journal to `process`: it stays live, with every resource in it, for as long
+    /// as that process runs, after this one has exited.
+    pub fn hand_over(mut self, process: Identity) -> Result<()> {
+        self.record.held_by = Some(process);
+        self.save()
+        // Dropping the journal releases its lock; the lock file stays for `adopt` and `census`.
     }
 
     pub fn id(&self) -> &str {
@@ -249,13 +301,15 @@ pub fn try_lock_sweep(state_dir: &Path) -> Result<Option<Flock<File>>> {
     }
 }
 
-/// Journals on disk, split into those of live processes and those of dead ones.
+/// Journals on disk, split into those of live processes and those of dead ones. A dead one
+/// comes with its lock, so that nobody adopts it while it is being reclaimed.
 pub struct Census {
     pub live: Vec<Record>,
-    pub dead: Vec<(Record, PathBuf)>,
+    pub dead: Vec<(Record, PathBuf, Flock<File>)>,
 }
 
-/// Reads every journal and tells live bakes from dead ones by trying their locks.
+/// Reads every journal and tells live ones from dead ones: a journal is live while its lock is
+/// held or while the process it was handed over to runs.
 pub fn census(state_dir: &Path) -> Result<Census> {
     let dir = journal_dir(state_dir);
     let mut census = Census { live: Vec::new(), dead: Vec::new() };
@@ -282,14 +336,16 @@ pub fn census(state_dir: &Path) -> Result<Census> {
             other => other.context(IoSnafu { path: &lock_path })?,
         };
         match Flock::lock(lock_file, FlockArg::LockExclusiveNonblock) {
-            Ok(_released_on_drop) => {
-                // Re-read under the lock: the record may have grown or gone since.
-                match fs::read(&path) {
-                    Ok(bytes) => {
-                        census.dead.push((serde_json::from_slice(&bytes).context(ParseSnafu { path: &path })?, path))
-                    }
+            Ok(lock) => {
+                // Re-read under the lock: the record may have grown, been handed over or gone since.
+                let record: Record = match fs::read(&path) {
+                    Ok(bytes) => serde_json::from_slice(&bytes).context(ParseSnafu { path: &path })?,
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                     Err(source) => return Err(Error::Io { path, source }),
+                };
+                match record.held_by {
+                    Some(process) if process.is_running() => census.live.push(record),
+                    _ => census.dead.push((record, path, lock)),
                 }
             }
             Err(_) => census.live.push(record),
@@ -311,5 +367,42 @@ pub fn reclaim(provider: &dyn Provider, record: &Record, path: &Path) -> Result<
     match fs::remove_file(&lock_path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e).context(IoSnafu { path: lock_path }),
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn census_ids(state_dir: &Path) -> (Vec<String>, Vec<String>) {
+        let census = census(state_dir).unwrap();
+        let ids = |records: Vec<&Record>| records.into_iter().map(|r| r.id.clone()).collect();
+        (ids(census.live.iter().collect()), ids(census.dead.iter().map(|(r, _, _)| r).collect()))
+    }
+
+    #[test]
+    fn a_handed_over_journal_lives_as_long_as_its_process() {
+        let state = tempfile::tempdir().unwrap();
+        let provider = crate::local::LocalProvider::open(state.path()).unwrap();
+        let file = state.path().join("held");
+        fs::write(&file, b"").unwrap();
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let process = Identity::of(child.id() as i32).unwrap();
+        let mut journal = Journal::begin(state.path(), "j", "test", "local").unwrap();
+        journal.push(Resource::File { path: file.clone() }).unwrap();
+        journal.hand_over(process).unwrap();
+        assert_eq!(census_ids(state.path()), (vec!["j".to_string()], vec![]), "live while the process runs");
+
+        let adopted = Journal::adopt(state.path(), "j").unwrap().expect("still there");
+        assert_eq!(census_ids(state.path()).0, ["j"], "live while adopted");
+        drop(adopted);
+
+        crate::process::stop_within(process.pid, process.start_time, std::time::Duration::from_secs(5));
+        let _ = child.wait();
+        let census = census(state.path()).unwrap();
+        let (record, path, _lock) = &census.dead[0];
+        reclaim(&provider, record, path).unwrap();
+        assert!(!file.exists(), "reclaimed once its process is gone");
+        assert!(Journal::adopt(state.path(), "j").unwrap().is_none());
     }
 }

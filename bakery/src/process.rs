@@ -1,7 +1,26 @@
 //! Processes that outlive a function call (booted instances): identified by pid *and* start
 //! time, stopped by pid, never by name, and never a process that merely reused the pid.
 
+use serde::{Deserialize, Serialize};
 use std::time::{Duration, Instant};
+
+/// A process as recorded on disk: pid and start time together never name another process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    pub pid: i32,
+    pub start_time: u64,
+}
+
+impl Identity {
+    /// The running process `pid`, or None when there is none.
+    pub fn of(pid: i32) -> Option<Identity> {
+        start_time(pid).map(|start_time| Identity { pid, start_time })
+    }
+
+    pub fn is_running(&self) -> bool {
+        is_running(self.pid, self.start_time)
+    }
+}
 
 /// The process's start time in clock ticks since boot (/proc/PID/stat field 22), or None when
 /// it no longer exists (or is a zombie).

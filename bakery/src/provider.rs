@@ -103,6 +103,7 @@ pub trait Provider: Send + Sync {
     fn export_image(&self, image_id: &str, out: &Path, cancel: &AtomicBool) -> Result<()>;
 
     /// Removes what dead bakes left that their journals do not name (orphans of a crash
-    /// between creating a resource and recording it). Called only while no bake runs.
-    fn collect_garbage(&self, dry_run: bool) -> Result<GcReport>;
+    /// between creating a resource and recording it). Called only while no bake runs; spares
+    /// what `live` (the resources of live handed-over journals) holds.
+    fn collect_garbage(&self, dry_run: bool, live: &[crate::journal::Resource]) -> Result<GcReport>;
 }

@@ -307,6 +307,7 @@ class State:
         self.corrupt_puts = 0
         self.corrupt_gets = 0
         self.health_overrides = []
+        self.registered = {}
 
     def violation(self, message):
         print(f"proxy: violation: {message}", file=sys.stderr, flush=True)
@@ -406,7 +407,69 @@ class Proxy:
             return handlers[request.action](request)
         if request.action == "DescribeTargetHealth":
             return self.describe_target_health(request)
+        if request.action == "RegisterImage":
+            return self.register_image(request)
+        if request.action == "DescribeImages":
+            return self.describe_images(request)
         return self.forward(request)
+
+    # moto's RegisterImage keeps only the name and description and invents a root device and
+    # snapshot; these two make DescribeImages show what was registered, as EC2 would.
+
+    def register_image(self, request):
+        response = self.forward(request)
+        if response.status == 200:
+            image_id = ET.fromstring(response.body).findtext("{*}imageId")
+            with self.state.lock:
+                self.state.registered[image_id] = dict(request.params)
+        return response
+
+    def describe_images(self, request):
+        response = self.forward(request)
+        with self.state.lock:
+            registered = dict(self.state.registered)
+        if response.status != 200 or not registered:
+            return response
+        root = ET.fromstring(response.body)
+        namespace = root.tag.split("}")[0] + "}"
+        for item in root.iterfind(f"{namespace}imagesSet/{namespace}item"):
+            params = registered.get(item.findtext(f"{namespace}imageId"))
+            if params is None:
+                continue
+            for tag, key in [
+                ("rootDeviceName", "RootDeviceName"),
+                ("architecture", "Architecture"),
+                ("bootMode", "BootMode"),
+                ("imdsSupport", "ImdsSupport"),
+                ("enaSupport", "EnaSupport"),
+            ]:
+                if key in params:
+                    element = item.find(f"{namespace}{tag}")
+                    if element is None:
+                        element = ET.SubElement(item, f"{namespace}{tag}")
+                    element.text = params[key]
+            mappings = item.find(f"{namespace}blockDeviceMapping")
+            if mappings is None:
+                mappings = ET.SubElement(item, f"{namespace}blockDeviceMapping")
+            for child in list(mappings):
+                mappings.remove(child)
+            index = 1
+            while f"BlockDeviceMapping.{index}.DeviceName" in params:
+                prefix = f"BlockDeviceMapping.{index}."
+                mapping = ET.SubElement(mappings, f"{namespace}item")
+                ET.SubElement(mapping, f"{namespace}deviceName").text = params[prefix + "DeviceName"]
+                ebs = ET.SubElement(mapping, f"{namespace}ebs")
+                for tag, key in [
+                    ("snapshotId", "Ebs.SnapshotId"),
+                    ("volumeSize", "Ebs.VolumeSize"),
+                    ("volumeType", "Ebs.VolumeType"),
+                    ("deleteOnTermination", "Ebs.DeleteOnTermination"),
+                ]:
+                    if prefix + key in params:
+                        ET.SubElement(ebs, f"{namespace}{tag}").text = params[prefix + key]
+                index += 1
+        ET.register_namespace("", namespace.strip("{}"))
+        return Response(response.status, response.headers, ET.tostring(root, encoding="unicode").encode(), response.reason)
 
     # EBS direct APIs. Each answers as EBS would where moto does not.
 

@@ -23,8 +23,12 @@ pub fn venv() -> String {
 pub fn moto() -> &'static Moto {
     static MOTO: OnceLock<Moto> = OnceLock::new();
     MOTO.get_or_init(|| {
+        // moto logs every request: keep that out of the test output.
+        let logs = std::env::temp_dir().join("bakery-moto-logs");
         let mut server = Command::new(super::workspace().join("scripts/moto-server"))
             .arg("run")
+            .arg("--log-dir")
+            .arg(&logs)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -43,12 +47,16 @@ pub fn reset() {
 }
 
 pub fn proxy_post(path: &str, body: &Value) -> Value {
-    let response = ureq::post(&format!("{}{path}", moto().endpoint)).send_json(body.clone()).unwrap();
-    response.into_json().unwrap_or(Value::Null)
+    let response = ureq::post(&format!("{}{path}", moto().endpoint))
+        .set("Content-Type", "application/json")
+        .send_string(&body.to_string())
+        .unwrap();
+    serde_json::from_str(&response.into_string().unwrap()).unwrap_or(Value::Null)
 }
 
 pub fn proxy_get(path: &str) -> Value {
-    ureq::get(&format!("{}{path}", moto().endpoint)).call().unwrap().into_json().unwrap()
+    let response = ureq::get(&format!("{}{path}", moto().endpoint)).call().unwrap();
+    serde_json::from_str(&response.into_string().unwrap()).unwrap()
 }
 
 /// The query-API requests the proxy recorded for `action`.

@@ -137,7 +137,7 @@ impl Ebs {
                 .changed_blocks_count(changed)
                 .checksum(linear_aggregate(&digests))
                 .checksum_algorithm(ChecksumAlgorithm::ChecksumAlgorithmSha256)
-                .checksum_aggregation_method(ChecksumAggregationMethod::ChecksumAggregationMethodLinear)
+                .checksum_aggregation_method(ChecksumAggregationMethod::ChecksumAggregationLinear)
                 .send()
         })
         .await
@@ -164,7 +164,7 @@ impl Ebs {
         let mut digests = BTreeMap::new();
         let total = upload.blocks.len() as u64;
         let done = AtomicU64::new(0);
-        let mut finish = |result: std::result::Result<Result<Option<(u64, [u8; 32])>>, tokio::task::JoinError>,
+        let finish = |result: std::result::Result<Result<Option<(u64, [u8; 32])>>, tokio::task::JoinError>,
                           digests: &mut BTreeMap<u64, [u8; 32]>|
          -> Result<()> {
             if let Some((index, digest)) = result.context(TaskSnafu)?? {

@@ -485,8 +485,8 @@ impl Provider for AwsProvider {
         Ok(self.cache.store().materialize(&manifest, out, cancel)?)
     }
 
-    fn collect_garbage(&self, dry_run: bool) -> Result<GcReport> {
-        let mut report = self.cache.collect_garbage(dry_run)?;
+    fn collect_garbage(&self, dry_run: bool, live: &[crate::journal::Resource]) -> Result<GcReport> {
+        let mut report = self.cache.collect_garbage(dry_run, live)?;
         let cutoff = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default()

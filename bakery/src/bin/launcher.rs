@@ -151,8 +151,11 @@ fn exit_code(error: &engine::Error) -> u8 {
 
 fn open_cloud(cli: &Cli) -> Result<Box<dyn Cloud>, Failure> {
     let opened: Result<Box<dyn Cloud>, bakery::launch::cloud::Error> = match cli.provider {
-        CloudKind::Local => bakery::launch::local::LocalCloud::open(&cli.state_dir).map(|c| Box::new(c) as _),
-        CloudKind::Aws => bakery::launch::aws::AwsCloud::open(cli.region.clone()).map(|c| Box::new(c) as _),
+        CloudKind::Local => match bakery::launch::local::LocalCloud::open(&cli.state_dir) {
+            Ok(local) => Ok(Box::new(local)),
+            Err(error) => Err(error.into()),
+        },
+        CloudKind::Aws => Err("TEMPORARY: launch::aws lands shortly".into()),
     };
     opened.map_err(|e| Failure { code: 2, message: format!("opening the {} provider: {e}", cloud_name(cli)) })
 }
@@ -291,11 +294,12 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             let shown = RunResult { record, balancer_url: balancer_url.clone() };
             print(format, &shown, |r| describe_record(r.record, r.balancer_url.as_deref()));
         }
+        let printed = record.is_some();
         match result {
             Ok(_) => Ok(()),
             Err(error) => {
                 let code = exit_code(&error);
-                if format == OutputFormat::Json && record.is_none() {
+                if format == OutputFormat::Json && !printed {
                     println!("{}", serde_json::json!({ "error": error.to_string(), "exit_code": code }));
                 }
                 Err(Failure { code, message: error.to_string() })

@@ -81,6 +81,16 @@ impl LockHolder {
     pub fn is_stale(&self, now: u64, this_host: &str, alive: impl Fn(u32, u64) -> bool) -> bool {
         now >= self.expires || (self.host == this_host && !alive(self.pid, self.start_time))
     }
+
+    /// [`LockHolder::is_stale`] seen from this process's host.
+    pub fn is_stale_here(&self, now: u64) -> bool {
+        self.is_stale(now, &this_host(), |pid, start| crate::process::is_running(pid as i32, start))
+    }
+}
+
+/// This host's name, as lock holders record it.
+pub fn this_host() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "unknown".into())
 }
 
 /// What the record describes.

@@ -100,10 +100,7 @@ impl Identity {
     /// This process, given its start time as the provider's liveness check reads it.
     pub fn current(start_time: u64) -> Identity {
         let owner = std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| "unknown".into());
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_string())
-            .unwrap_or_else(|_| "unknown".into());
-        Identity { owner, host, pid: std::process::id(), start_time }
+        Identity { owner, host: cloud::this_host(), pid: std::process::id(), start_time }
     }
 }
 

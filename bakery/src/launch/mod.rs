@@ -3,6 +3,8 @@
 
 pub mod cloud;
 pub mod engine;
+pub mod haproxy;
+pub mod local;
 pub mod names;
 pub mod plan;
 pub mod sim;

@@ -6,6 +6,7 @@ pub mod registry;
 pub mod sparse;
 pub mod store;
 
+use crate::journal::Resource;
 use crate::provider::{GcReport, Image, ImageRequest, Progress, Provider, Result, SnapshotResult};
 use crate::{ids, loopdev, mounts};
 use nix::fcntl::{Flock, FlockArg};
@@ -60,7 +61,7 @@ fn io<T>(path: &Path, result: std::io::Result<T>) -> std::result::Result<T, Erro
 
 impl LocalProvider {
     pub fn open(state_dir: &Path) -> Result<LocalProvider> {
-        for sub in ["volumes", "cache", "mnt", "tmp"] {
+        for sub in ["volumes", "cache", "mnt", "tmp", "instances"] {
             let dir = state_dir.join(sub);
             io(&dir, fs::create_dir_all(&dir))?;
         }
@@ -306,14 +307,15 @@ impl Provider for LocalProvider {
         Ok(self.store.materialize(&manifest, out, cancel)?)
     }
 
-    fn collect_garbage(&self, dry_run: bool) -> Result<GcReport> {
+    fn collect_garbage(&self, dry_run: bool, live: &[Resource]) -> Result<GcReport> {
         let mut report = GcReport::default();
         let mut note = |what: String| report.removed.push(what);
+        let spared = |path: &Path| live.iter().any(|resource| resource.holds(path));
         let scratch = [self.state_dir.join("mnt"), self.state_dir.join("tmp"), self.state_dir.join("instances")];
 
         // Mounts first, then the loop devices under them, then files: the reverse of creation.
         for prefix in &scratch {
-            for point in mounts::mounted_under(prefix) {
+            for point in mounts::mounted_under(prefix).into_iter().filter(|p| !spared(p)) {
                 if !dry_run {
                     mounts::unmount_tree(&point)?;
                 }
@@ -324,7 +326,7 @@ impl Provider for LocalProvider {
             ["volumes", "cache"].iter().any(|d| file.starts_with(self.state_dir.join(d)))
                 || scratch.iter().any(|s| file.starts_with(s))
         };
-        for (device, file) in loopdev::list().into_iter().filter(|(_, file)| ours(file)) {
+        for (device, file) in loopdev::list().into_iter().filter(|(device, file)| ours(file) && !spared(device)) {
             if !dry_run {
                 loopdev::detach_if_backed_by(&device, &file)?;
             }
@@ -332,7 +334,7 @@ impl Provider for LocalProvider {
         }
         let volumes = self.state_dir.join("volumes");
         for prefix in scratch.iter().chain([&volumes]) {
-            for entry in io(prefix, fs::read_dir(prefix))?.flatten() {
+            for entry in io(prefix, fs::read_dir(prefix))?.flatten().filter(|e| !spared(&e.path())) {
                 let path = entry.path();
                 if !dry_run {
                     io(&path, if path.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) })?;
@@ -358,7 +360,7 @@ impl Provider for LocalProvider {
         for entry in io(&cache, fs::read_dir(&cache))?.flatten() {
             let path = entry.path();
             let stem = path.file_stem().unwrap_or_default().to_string_lossy().into_owned();
-            if !used.contains(stem.as_str()) && !self.cache_only {
+            if !used.contains(stem.as_str()) && !self.cache_only && !spared(&path) {
                 if !dry_run {
                     io(&path, fs::remove_file(&path))?;
                 }

@@ -1,0 +1,505 @@
+//! The launcher's `local` provider: a group's instances are images booted on this host
+//! (`instance::start`, container method), each on its own loopback address and port, and a
+//! cluster's balancer is a HAProxy (haproxy.rs).
+//!
+//! Instances outlive the launcher: each one's journal is handed over to its systemd-nspawn
+//! process, so `bakery gc` spares it while that process runs and reclaims it once the process
+//! is gone; stopping one is adopting its journal and unwinding it.
+//!
+//! State lives under `STATE/clusters/<cluster>/`: `groups/<group>.json` (spec, capacity, flags
+//! and members), `balancer.json` and HAProxy's files, `lock.json` (the deploy lock) and
+//! `deploy.json` (the last deploy record). Changes to a cluster are serialised by a `flock` on
+//! its `state.lock`.
+
+use super::cloud::{self, Capacity, Cloud, DeployRecord, Group, GroupSpec, Health, LockHolder, Member};
+use super::haproxy::{self, Balancer, Server};
+use crate::instance::{self, Endpoint, Method};
+use crate::journal::{self, Journal};
+use crate::local::LocalProvider;
+use crate::process::Identity;
+use nix::fcntl::{Flock, FlockArg};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use snafu::{OptionExt, ResultExt, Snafu};
+use std::collections::BTreeSet;
+use std::fs::{self, File, OpenOptions};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Members go round-robin over these, as an ASG spreads instances over availability zones.
+const ZONES: [&str; 3] = ["local-a", "local-b", "local-c"];
+
+#[derive(Debug, Snafu)]
+pub enum Error {
+    #[snafu(display("launcher state I/O on {}: {source}", path.display()))]
+    Io { path: PathBuf, source: std::io::Error },
+
+    #[snafu(display("could not lock {}: {source}", path.display()))]
+    Lock { path: PathBuf, source: nix::Error },
+
+    #[snafu(display("opening the local provider: {source}"))]
+    Open { source: crate::provider::Error },
+
+    #[snafu(display("{what} name {name:?} is not a plain name ([A-Za-z0-9._~^-], not starting with '.')"))]
+    Name { what: &'static str, name: String },
+
+    #[snafu(display("health URL {url:?} must be a path (such as /hello/health)"))]
+    HealthUrl { url: String },
+
+    #[snafu(display("group {group} already exists with image {image}"))]
+    Exists { group: String, image: String },
+
+    #[snafu(display("group {group} does not exist"))]
+    NoGroup { group: String },
+
+    #[snafu(display("no free loopback address for another instance"))]
+    NoAddress,
+
+    #[snafu(display("no free port on {address}: {source}"))]
+    Port { address: Ipv4Addr, source: std::io::Error },
+
+    #[snafu(display("starting an instance of {group}: {source}"))]
+    Boot { group: String, source: instance::Error },
+
+    #[snafu(display("instance journal: {source}"))]
+    Journal { source: journal::Error },
+
+    #[snafu(display("balancer of cluster {cluster}: {source}"))]
+    Balancer { cluster: String, source: haproxy::Error },
+
+    #[snafu(display("cluster {cluster} still has groups: {}", groups.join(", ")))]
+    NotEmpty { cluster: String, groups: Vec<String> },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// `groups/<group>.json`.
+#[derive(Debug, Serialize, Deserialize)]
+struct GroupState {
+    spec: GroupSpec,
+    created: u64,
+    capacity: Capacity,
+    in_service: bool,
+    suspended: bool,
+    disabled_at: Option<u64>,
+    members: Vec<MemberState>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct MemberState {
+    id: String,
+    zone: String,
+    address: Ipv4Addr,
+    port: u16,
+    /// The handed-over journal that the instance's process keeps live.
+    journal: String,
+    process: Identity,
+}
+
+impl MemberState {
+    fn server(&self) -> Server {
+        Server { id: self.id.clone(), address: self.address, port: self.port }
+    }
+}
+
+pub struct LocalCloud {
+    provider: LocalProvider,
+    state_dir: PathBuf,
+}
+
+impl LocalCloud {
+    pub fn open(state_dir: &Path) -> Result<LocalCloud> {
+        let provider = LocalProvider::open(state_dir).context(OpenSnafu)?;
+        Ok(LocalCloud { provider, state_dir: state_dir.to_path_buf() })
+    }
+
+    /// Stops the cluster's balancer (its URL goes away) once it has no groups left; the deploy
+    /// record and lock stay. `destroy_group` leaves the balancer running on purpose: a cluster
+    /// between two deploys keeps its address.
+    pub fn stop_cluster(&self, cluster: &str) -> Result<()> {
+        let _lock = self.lock(cluster)?;
+        let groups: Vec<String> = self.group_states(cluster)?.into_iter().map(|g| g.spec.name).collect();
+        snafu::ensure!(groups.is_empty(), NotEmptySnafu { cluster, groups });
+        self.balancer(cluster).stop(&self.provider).context(BalancerSnafu { cluster })
+    }
+
+    fn clusters_dir(&self) -> PathBuf {
+        self.state_dir.join("clusters")
+    }
+
+    fn cluster_dir(&self, cluster: &str) -> PathBuf {
+        self.clusters_dir().join(cluster)
+    }
+
+    fn group_path(&self, cluster: &str, group: &str) -> PathBuf {
+        self.cluster_dir(cluster).join("groups").join(format!("{group}.json"))
+    }
+
+    fn balancer(&self, cluster: &str) -> Balancer {
+        Balancer::new(&self.state_dir, &self.cluster_dir(cluster))
+    }
+
+    /// The cluster's state lock, held while its state changes.
+    fn lock(&self, cluster: &str) -> Result<Flock<File>> {
+        check_name("cluster", cluster)?;
+        let dir = self.cluster_dir(cluster).join("groups");
+        fs::create_dir_all(&dir).context(IoSnafu { path: &dir })?;
+        exclusive(&self.cluster_dir(cluster).join("state.lock"))
+    }
+
+    fn group_states(&self, cluster: &str) -> Result<Vec<GroupState>> {
+        let dir = self.cluster_dir(cluster).join("groups");
+        let mut groups = Vec::new();
+        for name in entries(&dir)? {
+            if let Some(group) = name.strip_suffix(".json") {
+                groups.extend(read_json::<GroupState>(&self.group_path(cluster, group))?);
+            }
+        }
+        groups.sort_by(|a, b| (a.created, &a.spec.name).cmp(&(b.created, &b.spec.name)));
+        Ok(groups)
+    }
+
+    /// The group's state with its cluster locked, or None when no cluster has it.
+    fn locked_group(&self, group: &str) -> Result<Option<(Flock<File>, GroupState)>> {
+        check_name("group", group)?;
+        for cluster in self.cluster_names()? {
+            if self.group_path(&cluster, group).exists() {
+                let lock = self.lock(&cluster)?;
+                // Read under the lock: it may have changed or gone while we waited.
+                return Ok(read_json(&self.group_path(&cluster, group))?.map(|state| (lock, state)));
+            }
+        }
+        Ok(None)
+    }
+
+    fn save_group(&self, state: &GroupState) -> Result<()> {
+        write_json(&self.group_path(&state.spec.cluster, &state.spec.name), state)
+    }
+
+    fn cluster_names(&self) -> Result<Vec<String>> {
+        Ok(entries(&self.clusters_dir())?.into_iter().filter(|name| !name.starts_with('.')).collect())
+    }
+
+    /// Boots members until the group has `count`, each saved as soon as it runs.
+    fn grow(&self, state: &mut GroupState, count: usize) -> Result<()> {
+        // Held while choosing addresses and until the members holding them are saved.
+        let _addresses = exclusive(&self.clusters_dir().join(".addresses.lock"))?;
+        let mut used = BTreeSet::new();
+        for cluster in self.cluster_names()? {
+            for group in self.group_states(&cluster)? {
+                used.extend(group.members.iter().map(|m| m.address));
+            }
+        }
+        used.extend(state.members.iter().map(|m| m.address));
+        while state.members.len() < count {
+            // 127.0.0.x is left to `bakery verify` and tests; 127.0.1.1 is Debian's host name.
+            let address = (10..=254u8)
+                .flat_map(|x| (1..=254u8).map(move |y| Ipv4Addr::new(127, 0, x, y)))
+                .find(|a| !used.contains(a))
+                .context(NoAddressSnafu)?;
+            let endpoint = Endpoint::free(address).context(PortSnafu { address })?;
+            let zone =
+                *ZONES.iter().min_by_key(|z| state.members.iter().filter(|m| m.zone == **z).count()).expect("zones");
+            let (id, group) = (crate::ids::new_id("instance"), state.spec.name.clone());
+            let what = format!("instance of {group} in {zone}");
+            let mut journal = Journal::begin(&self.state_dir, &id, &what, "local").context(JournalSnafu)?;
+            let image = &state.spec.image_id;
+            let started =
+                instance::start(&self.provider, &self.state_dir, &mut journal, image, Method::Container, endpoint);
+            let instance = match started {
+                Ok(instance) => instance,
+                Err(source) => {
+                    if let Err(error) = journal.unwind_all(&self.provider) {
+                        tracing::error!(%error, "could not undo a failed instance start; `bakery gc` will");
+                    }
+                    return Err(Error::Boot { group, source });
+                }
+            };
+            let process = instance.process();
+            journal.hand_over(process).context(JournalSnafu)?;
+            state.members.push(MemberState {
+                id: instance.id,
+                zone: zone.to_string(),
+                address,
+                port: endpoint.port,
+                journal: id,
+                process,
+            });
+            used.insert(address);
+            self.save_group(state)?;
+        }
+        Ok(())
+    }
+
+    /// Takes `members` out of the balancer, stops them (at once: each waits for its system to
+    /// shut down) and drops them from the group; stopped ones are dropped even if others fail.
+    fn shrink(&self, state: &mut GroupState, members: &[MemberState]) -> Result<()> {
+        let cluster = state.spec.cluster.clone();
+        let ids: Vec<String> = members.iter().map(|m| m.id.clone()).collect();
+        self.balancer(&cluster).disable(&self.provider, &ids).context(BalancerSnafu { cluster })?;
+        let results: Vec<(String, Result<()>)> = std::thread::scope(|scope| {
+            let stopping: Vec<_> =
+                members.iter().map(|member| (member.id.clone(), scope.spawn(|| self.stop_member(member)))).collect();
+            stopping.into_iter().map(|(id, thread)| (id, thread.join().expect("stopping thread panicked"))).collect()
+        });
+        let mut first_error = None;
+        for (id, result) in results {
+            match result {
+                Ok(()) => state.members.retain(|m| m.id != id),
+                Err(error) => {
+                    tracing::error!(member = %id, %error, "could not stop instance");
+                    first_error.get_or_insert(error);
+                }
+            }
+        }
+        self.save_group(state)?;
+        first_error.map_or(Ok(()), Err)
+    }
+
+    fn stop_member(&self, member: &MemberState) -> Result<()> {
+        match Journal::adopt(&self.state_dir, &member.journal).context(JournalSnafu)? {
+            Some(journal) => journal.unwind_all(&self.provider).context(JournalSnafu),
+            None => Ok(()), // reclaimed by gc after its process died
+        }
+    }
+
+    fn health(&self, agent: &ureq::Agent, state: &GroupState, member: &MemberState) -> Health {
+        if !member.process.is_running() {
+            return Health::Unhealthy;
+        }
+        let url = format!("http://{}:{}{}", member.address, member.port, state.spec.health_url);
+        match crate::verify::probe(agent, &url, "").status {
+            Some(200) => Health::Healthy,
+            _ => Health::Starting,
+        }
+    }
+}
+
+impl Cloud for LocalCloud {
+    fn kind(&self) -> &'static str {
+        "local"
+    }
+
+    fn clusters(&self) -> cloud::Result<Vec<String>> {
+        Ok(self.cluster_names()?)
+    }
+
+    fn groups(&self, cluster: &str) -> cloud::Result<Vec<Group>> {
+        check_name("cluster", cluster)?;
+        if !self.cluster_dir(cluster).exists() {
+            return Ok(Vec::new());
+        }
+        let _lock = self.lock(cluster)?;
+        self.balancer(cluster).refresh(&self.provider).context(BalancerSnafu { cluster })?;
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_millis(500))
+            .timeout(Duration::from_secs(2))
+            .build();
+        let groups = self.group_states(cluster)?.into_iter().map(|state| Group {
+            members: state
+                .members
+                .iter()
+                .map(|m| Member {
+                    id: m.id.clone(),
+                    zone: m.zone.clone(),
+                    health: self.health(&agent, &state, m),
+                    address: Some(format!("{}:{}", m.address, m.port)),
+                })
+                .collect(),
+            name: state.spec.name.clone(),
+            image_id: state.spec.image_id.clone(),
+            created: state.created,
+            capacity: state.capacity,
+            in_service: state.in_service,
+            suspended: state.suspended,
+            disabled_at: state.disabled_at,
+            deploy_id: Some(state.spec.deploy_id),
+        });
+        Ok(groups.collect())
+    }
+
+    fn create_group(&self, spec: &GroupSpec) -> cloud::Result<()> {
+        check_name("group", &spec.name)?;
+        snafu::ensure!(spec.health_url.starts_with('/'), HealthUrlSnafu { url: &spec.health_url });
+        let _lock = self.lock(&spec.cluster)?;
+        if let Some(existing) = read_json::<GroupState>(&self.group_path(&spec.cluster, &spec.name))? {
+            let image = existing.spec.image_id;
+            snafu::ensure!(image == spec.image_id, ExistsSnafu { group: &spec.name, image });
+            return Ok(());
+        }
+        let mut state = GroupState {
+            spec: spec.clone(),
+            created: now(),
+            capacity: spec.capacity,
+            in_service: false,
+            suspended: false,
+            disabled_at: None,
+            members: Vec::new(),
+        };
+        self.save_group(&state)?;
+        Ok(self.grow(&mut state, spec.capacity.desired as usize)?)
+    }
+
+    fn resize_group(&self, group: &str, capacity: Capacity) -> cloud::Result<()> {
+        let (_lock, mut state) = self.locked_group(group)?.context(NoGroupSnafu { group })?;
+        state.capacity = capacity;
+        self.save_group(&state)?;
+        let desired = capacity.desired as usize;
+        if state.members.len() <= desired {
+            return Ok(self.grow(&mut state, desired)?);
+        }
+        // Newest first from the fullest zone, so that the zones stay balanced.
+        let mut left = state.members.clone();
+        let mut victims = Vec::new();
+        while left.len() > desired {
+            let fullest = ZONES.iter().max_by_key(|z| left.iter().filter(|m| m.zone == **z).count()).expect("zones");
+            let newest = left.iter().rposition(|m| m.zone == *fullest).expect("the fullest zone has a member");
+            victims.push(left.remove(newest));
+        }
+        Ok(self.shrink(&mut state, &victims)?)
+    }
+
+    fn resume_group(&self, group: &str) -> cloud::Result<()> {
+        let (_lock, mut state) = self.locked_group(group)?.context(NoGroupSnafu { group })?;
+        state.suspended = false;
+        Ok(self.save_group(&state)?)
+    }
+
+    fn add_to_service(&self, group: &str) -> cloud::Result<()> {
+        let (_lock, mut state) = self.locked_group(group)?.context(NoGroupSnafu { group })?;
+        let cluster = &state.spec.cluster;
+        let servers: Vec<Server> = state.members.iter().map(MemberState::server).collect();
+        self.balancer(cluster).enable(&self.provider, &servers).context(BalancerSnafu { cluster })?;
+        state.in_service = true;
+        state.suspended = false;
+        state.disabled_at = None;
+        Ok(self.save_group(&state)?)
+    }
+
+    fn remove_from_service(&self, group: &str, at: u64) -> cloud::Result<()> {
+        let Some((_lock, mut state)) = self.locked_group(group)? else { return Ok(()) };
+        let cluster = &state.spec.cluster;
+        let ids: Vec<String> = state.members.iter().map(|m| m.id.clone()).collect();
+        self.balancer(cluster).disable(&self.provider, &ids).context(BalancerSnafu { cluster })?;
+        state.in_service = false;
+        state.suspended = true;
+        // The soak counts from the first time it was disabled.
+        state.disabled_at = state.disabled_at.or(Some(at));
+        Ok(self.save_group(&state)?)
+    }
+
+    fn destroy_group(&self, group: &str) -> cloud::Result<()> {
+        let Some((_lock, mut state)) = self.locked_group(group)? else { return Ok(()) };
+        let members = state.members.clone();
+        self.shrink(&mut state, &members)?;
+        let path = self.group_path(&state.spec.cluster, group);
+        Ok(fs::remove_file(&path).context(IoSnafu { path })?)
+    }
+
+    fn acquire_lock(&self, cluster: &str, holder: &LockHolder) -> cloud::Result<Option<LockHolder>> {
+        let _lock = self.lock(cluster)?;
+        let path = self.cluster_dir(cluster).join("lock.json");
+        if let Some(current) = read_json::<LockHolder>(&path)? {
+            if current.deploy_id != holder.deploy_id && !current.is_stale_here(now()) {
+                return Ok(Some(current));
+            }
+        }
+        write_json(&path, holder)?;
+        Ok(None)
+    }
+
+    fn release_lock(&self, cluster: &str, deploy_id: &str) -> cloud::Result<()> {
+        let _lock = self.lock(cluster)?;
+        let path = self.cluster_dir(cluster).join("lock.json");
+        if read_json::<LockHolder>(&path)?.is_some_and(|h| h.deploy_id == deploy_id) {
+            fs::remove_file(&path).context(IoSnafu { path })?;
+        }
+        Ok(())
+    }
+
+    fn save_deploy(&self, record: &DeployRecord) -> cloud::Result<()> {
+        let _lock = self.lock(&record.cluster)?;
+        Ok(write_json(&self.cluster_dir(&record.cluster).join("deploy.json"), record)?)
+    }
+
+    fn load_deploy(&self, cluster: &str) -> cloud::Result<Option<DeployRecord>> {
+        check_name("cluster", cluster)?;
+        Ok(read_json(&self.cluster_dir(cluster).join("deploy.json"))?)
+    }
+
+    fn balancer_url(&self, cluster: &str) -> Option<String> {
+        check_name("cluster", cluster).ok()?;
+        self.balancer(cluster).url().ok().flatten()
+    }
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Names become path components under the state directory.
+fn check_name(what: &'static str, name: &str) -> Result<()> {
+    let plain = name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._~^-".contains(&b));
+    snafu::ensure!(!name.is_empty() && plain && !name.starts_with('.'), NameSnafu { what, name });
+    Ok(())
+}
+
+fn exclusive(path: &Path) -> Result<Flock<File>> {
+    let file = OpenOptions::new().create(true).truncate(false).write(true).open(path).context(IoSnafu { path })?;
+    Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| errno).context(LockSnafu { path })
+}
+
+/// File names in `dir`; none when it does not exist.
+fn entries(dir: &Path) -> Result<Vec<String>> {
+    let list = match fs::read_dir(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        other => other.context(IoSnafu { path: dir })?,
+    };
+    let mut names = Vec::new();
+    for entry in list {
+        names.push(entry.context(IoSnafu { path: dir })?.file_name().to_string_lossy().into_owned());
+    }
+    names.sort();
+    Ok(names)
+}
+
+fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
+    crate::atomic::read_json(path).context(IoSnafu { path })
+}
+
+fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    crate::atomic::write_json(path, value).context(IoSnafu { path })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_plain_path_components() {
+        assert!(check_name("group", "hello-prod-v000").is_ok());
+        assert!(check_name("group", "hello--canary~1").is_ok());
+        for bad in ["", ".hidden", "a/b", "..", "a b"] {
+            assert!(check_name("group", bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_lock_is_stale_when_expired_or_its_local_holder_is_gone() {
+        let host = fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_string();
+        let me = Identity::of(std::process::id() as i32).unwrap();
+        let holder = |host: &str, start_time, expires| LockHolder {
+            deploy_id: "d".into(),
+            owner: "o".into(),
+            host: host.into(),
+            pid: me.pid as u32,
+            start_time,
+            expires,
+        };
+        assert!(!holder(&host, me.start_time, now() + 60).is_stale_here(now()));
+        assert!(holder(&host, me.start_time, now() - 1).is_stale_here(now()), "expired");
+        assert!(holder(&host, me.start_time + 1, now() + 60).is_stale_here(now()), "the process is gone");
+        assert!(!holder("elsewhere", me.start_time + 1, now() + 60).is_stale_here(now()), "another host's process");
+    }
+}

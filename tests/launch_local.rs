@@ -1,0 +1,291 @@
+//! The launcher's local provider on this host, with real instances and a real HAProxy: a
+//! red/black flip and its rollback under load without one failed request, a balancer that
+//! restarts and gets its servers back, and `bakery gc` sparing live instances but reclaiming
+//! those whose process was killed.
+
+mod common;
+
+use bakery::launch::cloud::{Capacity, Cloud, GroupSpec, Health};
+use bakery::launch::local::LocalCloud;
+use common::*;
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Two versions of the sample app, baked once per run.
+fn images() -> &'static (String, String) {
+    static IMAGES: OnceLock<(String, String)> = OnceLock::new();
+    IMAGES.get_or_init(|| {
+        base_image();
+        let bake = |version: &str| {
+            let dir = tempfile::tempdir().unwrap();
+            let package = sample_package(dir.path(), version, 0).to_string_lossy().into_owned();
+            let (code, baked, stderr) = run_json(&[
+                "bake",
+                "--base",
+                BASE,
+                "--recipe",
+                "recipes/tomcat-webapp.toml",
+                "--package",
+                &package,
+                "--app",
+                "hello",
+                "--version",
+                version,
+            ]);
+            assert_eq!(code, 0, "{stderr}");
+            baked["image_id"].as_str().unwrap().to_string()
+        };
+        (bake("9.1.0"), bake("9.2.0"))
+    })
+}
+
+fn spec(cluster: &str, version: u32, image: &str, desired: u32) -> GroupSpec {
+    GroupSpec {
+        name: format!("{cluster}-v{version:03}"),
+        cluster: cluster.to_string(),
+        image_id: image.to_string(),
+        instance_type: "local".into(),
+        capacity: Capacity { min: desired, max: desired, desired },
+        subnets: Vec::new(),
+        target_groups: Vec::new(),
+        health_url: "/hello/health".into(),
+        deploy_id: bakery::ids::new_id("deploy"),
+    }
+}
+
+/// A cluster name of its own per test, so that runs never see each other's state.
+fn new_cluster() -> String {
+    bakery::ids::new_id("hello").replace('-', "")
+}
+
+fn wait_healthy(cloud: &LocalCloud, cluster: &str, group: &str, count: usize) {
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let groups = cloud.groups(cluster).unwrap();
+        let members = &groups.iter().find(|g| g.name == group).expect("group exists").members;
+        if members.len() == count && members.iter().all(|m| m.health == Health::Healthy) {
+            return;
+        }
+        assert!(!members.iter().any(|m| m.health == Health::Unhealthy), "an instance died: {members:?}");
+        assert!(Instant::now() < deadline, "not healthy in time: {members:?}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn get(agent: &ureq::Agent, url: &str) -> Result<String, String> {
+    match agent.get(url).call() {
+        Ok(response) => response.into_string().map(|body| body.trim().to_string()).map_err(|e| e.to_string()),
+        Err(error) => Err(error.to_string()),
+    }
+}
+
+fn versions_seen(balancer: &str, requests: usize) -> BTreeSet<String> {
+    let agent = bakery::verify::http_agent();
+    let url = format!("{balancer}/hello/version.txt");
+    (0..requests).map(|_| get(&agent, &url).unwrap_or_else(|e| panic!("GET {url}: {e}"))).collect()
+}
+
+/// What clients saw: responses by version, and the requests that failed.
+#[derive(Default)]
+struct Tally {
+    seen: BTreeMap<String, u64>,
+    failures: Vec<String>,
+}
+
+/// Clients requesting the version through the balancer until stopped, on kept-alive connections.
+struct Hammer {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<Tally>>,
+}
+
+impl Hammer {
+    fn start(balancer: &str) -> Hammer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = (0..4)
+            .map(|_| {
+                let (stop, url) = (stop.clone(), format!("{balancer}/hello/version.txt"));
+                std::thread::spawn(move || {
+                    let agent = bakery::verify::http_agent();
+                    let mut tally = Tally::default();
+                    while !stop.load(Ordering::Relaxed) {
+                        match get(&agent, &url) {
+                            Ok(version) => *tally.seen.entry(version).or_insert(0) += 1,
+                            Err(error) => tally.failures.push(error),
+                        }
+                    }
+                    tally
+                })
+            })
+            .collect();
+        Hammer { stop, threads }
+    }
+
+    fn finish(self) -> Tally {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut total = Tally::default();
+        for thread in self.threads {
+            let tally = thread.join().unwrap();
+            for (version, count) in tally.seen {
+                *total.seen.entry(version).or_insert(0) += count;
+            }
+            total.failures.extend(tally.failures);
+        }
+        total
+    }
+}
+
+/// Puts `new` in service and takes `old` out while clients hammer the balancer.
+fn flip(cloud: &LocalCloud, balancer: &str, new: &str, old: &str) {
+    let hammer = Hammer::start(balancer);
+    std::thread::sleep(Duration::from_millis(500));
+    cloud.add_to_service(new).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    cloud.remove_from_service(old, 1_700_000_000).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let Tally { seen, failures } = hammer.finish();
+    eprintln!("flipping to {new}: responses by version {seen:?}, {} failed", failures.len());
+    assert!(failures.is_empty(), "{} failed requests while flipping to {new}: {failures:?}", failures.len());
+    assert!(seen.values().sum::<u64>() > 100, "the clients kept requesting: {seen:?}");
+}
+
+fn group_file(cluster: &str, group: &str) -> Value {
+    let path = state_dir().join(format!("clusters/{cluster}/groups/{group}.json"));
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+/// Processes whose command line names the state directory (instances, balancers).
+fn processes_on_state_dir() -> Vec<String> {
+    let needle = state_dir().to_string_lossy().into_owned();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if cmdline.contains(&needle) {
+                found.push(format!("{}: {cmdline}", entry.file_name().to_string_lossy()));
+            }
+        }
+    }
+    found
+}
+
+fn kill(pid: i64) {
+    let pid = nix::unistd::Pid::from_raw(pid as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+    while std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| !stat.contains(") Z ")) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn red_black_flip_and_rollback_under_load_fail_no_request() {
+    let _serial = serial();
+    let (v1, v2) = images();
+    let cloud = LocalCloud::open(&state_dir()).unwrap();
+    let cluster = new_cluster();
+    let (old, new) = (spec(&cluster, 0, v1, 3), spec(&cluster, 1, v2, 3));
+
+    cloud.create_group(&old).unwrap();
+    cloud.create_group(&old).expect("creating an existing group again is a success");
+    wait_healthy(&cloud, &cluster, &old.name, 3);
+    let groups = cloud.groups(&cluster).unwrap();
+    let zones: BTreeSet<_> = groups[0].members.iter().map(|m| m.zone.as_str()).collect();
+    assert_eq!(zones, BTreeSet::from(["local-a", "local-b", "local-c"]));
+    let addresses: BTreeSet<_> = groups[0].members.iter().map(|m| m.address.clone().unwrap()).collect();
+    assert_eq!(addresses.len(), 3, "each instance on its own address: {addresses:?}");
+    assert!(!groups[0].in_service);
+    assert_eq!(cloud.balancer_url(&cluster), None, "no balancer before the first group goes in service");
+
+    cloud.add_to_service(&old.name).unwrap();
+    let balancer = cloud.balancer_url(&cluster).expect("a balancer");
+    assert_eq!(versions_seen(&balancer, 30), BTreeSet::from(["9.1.0".to_string()]));
+
+    cloud.create_group(&new).unwrap();
+    wait_healthy(&cloud, &cluster, &new.name, 3);
+    assert_eq!(versions_seen(&balancer, 30), BTreeSet::from(["9.1.0".to_string()]), "not in service yet");
+    flip(&cloud, &balancer, &new.name, &old.name);
+    assert_eq!(versions_seen(&balancer, 30), BTreeSet::from(["9.2.0".to_string()]));
+    let groups = cloud.groups(&cluster).unwrap();
+    let disabled = groups.iter().find(|g| g.name == old.name).unwrap();
+    assert!(!disabled.in_service && disabled.suspended && disabled.disabled_at == Some(1_700_000_000));
+    assert!(disabled.members.iter().all(|m| m.health == Health::Healthy), "its instances keep running");
+
+    // Rollback: the old group back in, the new one out.
+    flip(&cloud, &balancer, &old.name, &new.name);
+    assert_eq!(versions_seen(&balancer, 30), BTreeSet::from(["9.1.0".to_string()]));
+
+    // A balancer that dies (reboot, gc) comes back on the same URL with its servers.
+    let state: Value =
+        serde_json::from_slice(&std::fs::read(state_dir().join(format!("clusters/{cluster}/balancer.json"))).unwrap())
+            .unwrap();
+    kill(state["process"]["pid"].as_i64().unwrap());
+    cloud.groups(&cluster).unwrap();
+    assert_eq!(cloud.balancer_url(&cluster).as_deref(), Some(balancer.as_str()));
+    assert_eq!(versions_seen(&balancer, 30), BTreeSet::from(["9.1.0".to_string()]));
+
+    // Resizing an in-service group: the removed instance leaves the balancer first.
+    let hammer = Hammer::start(&balancer);
+    cloud.resize_group(&old.name, Capacity { min: 2, max: 2, desired: 2 }).unwrap();
+    let failures = hammer.finish().failures;
+    assert!(failures.is_empty(), "{failures:?}");
+    let groups = cloud.groups(&cluster).unwrap();
+    let resized = groups.iter().find(|g| g.name == old.name).unwrap();
+    assert_eq!(resized.members.len(), 2);
+    let zones: BTreeSet<_> = resized.members.iter().map(|m| m.zone.as_str()).collect();
+    assert_eq!(zones.len(), 2, "zones stay balanced: {zones:?}");
+
+    cloud.destroy_group(&new.name).unwrap();
+    cloud.destroy_group(&old.name).unwrap();
+    cloud.destroy_group(&old.name).expect("destroying a missing group is a success");
+    cloud.remove_from_service(&old.name, 0).expect("disabling a missing group is a success");
+    assert!(cloud.groups(&cluster).unwrap().is_empty());
+    // Only the balancer is left, until the cluster is stopped.
+    let left = leftovers();
+    assert!(left.len() == 1 && left[0].starts_with("journal/balancer-"), "{left:#?}");
+    assert_eq!(processes_on_state_dir().len(), 1, "{:#?}", processes_on_state_dir());
+    assert_eq!(cloud.balancer_url(&cluster).as_deref(), Some(balancer.as_str()));
+    cloud.stop_cluster(&cluster).unwrap();
+    assert_eq!(cloud.balancer_url(&cluster), None);
+    assert_no_leftovers("after destroying both groups and stopping the cluster");
+    assert!(processes_on_state_dir().is_empty(), "{:#?}", processes_on_state_dir());
+}
+
+#[test]
+fn gc_spares_live_instances_and_reclaims_killed_ones() {
+    let _serial = serial();
+    let (v1, _) = images();
+    let cloud = LocalCloud::open(&state_dir()).unwrap();
+    let cluster = new_cluster();
+    let group = spec(&cluster, 0, v1, 2);
+    cloud.create_group(&group).unwrap();
+    wait_healthy(&cloud, &cluster, &group.name, 2);
+
+    let (code, report, stderr) = run_json(&["gc"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(report["kept_live"].as_array().unwrap().len(), 2, "{report}");
+    assert!(report["removed"].as_array().unwrap().is_empty(), "{report}");
+    wait_healthy(&cloud, &cluster, &group.name, 2);
+
+    let members = group_file(&cluster, &group.name)["members"].clone();
+    kill(members[0]["process"]["pid"].as_i64().unwrap());
+    let health: Vec<Health> = cloud.groups(&cluster).unwrap()[0].members.iter().map(|m| m.health).collect();
+    assert_eq!(health, [Health::Unhealthy, Health::Healthy]);
+
+    let (code, report, stderr) = run_json(&["gc"]);
+    assert_eq!(code, 0, "{stderr}");
+    let removed = report["removed"].to_string();
+    assert!(removed.contains(members[0]["id"].as_str().unwrap()), "the dead instance is reclaimed: {report}");
+    assert!(!removed.contains(members[1]["id"].as_str().unwrap()), "the live one is not: {report}");
+    let dead_dir = state_dir().join("instances").join(members[0]["id"].as_str().unwrap());
+    assert!(!dead_dir.exists());
+    let members = &cloud.groups(&cluster).unwrap()[0].members;
+    assert_eq!(members.iter().filter(|m| m.health == Health::Healthy).count(), 1, "the live one serves on");
+
+    cloud.destroy_group(&group.name).unwrap();
+    cloud.stop_cluster(&cluster).unwrap();
+    assert_no_leftovers("after gc and destroying the group");
+    assert!(processes_on_state_dir().is_empty(), "{:#?}", processes_on_state_dir());
+}
