@@ -289,3 +289,75 @@ fn gc_spares_live_instances_and_reclaims_killed_ones() {
     assert_no_leftovers("after gc and destroying the group");
     assert!(processes_on_state_dir().is_empty(), "{:#?}", processes_on_state_dir());
 }
+
+/// `launcher` itself, on the local provider, with a quick health poll.
+fn launcher_json(args: &[&str]) -> (i32, Value, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_launcher"))
+        .env("BAKERY_STATE_DIR", state_dir())
+        .env("LAUNCHER_POLL_INTERVAL", "500ms")
+        .env_remove("BAKERY_PROVIDER")
+        .args(args)
+        .args(["--output", "json"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    let value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout:?}\n{stderr}"));
+    (output.status.code().unwrap_or(-1), value, stderr)
+}
+
+/// The demo (scripts/demo-launch) as a test: deploy v1, deploy v2, roll back, finish, through
+/// the `launcher` command with clients on the balancer the whole time.
+#[test]
+fn the_launcher_deploys_flips_rolls_back_and_finishes_without_a_failed_request() {
+    let _serial = serial();
+    let (v1, v2) = images();
+    let cluster = new_cluster();
+    let deploy = |image: &str| {
+        launcher_json(&["deploy", "--cluster", &cluster, "--image", image, "--health-url", "/hello/health"])
+    };
+
+    let (code, first, stderr) = deploy(v1);
+    assert_eq!(code, 0, "{first}\n{stderr}");
+    assert_eq!(first["new_group"], format!("{cluster}-v000"));
+    let balancer = first["balancer_url"].as_str().unwrap().to_string();
+    assert!(balancer.starts_with("http://127.0.0.1:"), "{balancer}");
+    assert_eq!(versions_seen(&balancer, 30), BTreeSet::from(["9.1.0".to_string()]));
+
+    let hammer = Hammer::start(&balancer);
+    let (code, second, stderr) = deploy(v2);
+    let Tally { seen, failures } = hammer.finish();
+    assert_eq!(code, 0, "{second}\n{stderr}");
+    assert!(failures.is_empty(), "{} requests failed during the deploy: {failures:?}", failures.len());
+    eprintln!("deploy of v2: responses by version {seen:?}");
+    assert_eq!(second["new_group"], format!("{cluster}-v001"));
+    assert_eq!(second["previous_group"], format!("{cluster}-v000"));
+    assert!(second["steps"].as_array().unwrap().iter().all(|s| s["outcome"] == "ok"), "{second}");
+    assert_eq!(versions_seen(&balancer, 30), BTreeSet::from(["9.2.0".to_string()]));
+
+    let (code, status, _) = launcher_json(&["status", "--cluster", &cluster]);
+    assert_eq!(code, 0);
+    let serving: Vec<bool> = status["groups"].as_array().unwrap().iter().map(|g| g["in_service"] == true).collect();
+    assert_eq!(serving.iter().filter(|s| **s).count(), 1, "{status}");
+
+    let hammer = Hammer::start(&balancer);
+    let started = Instant::now();
+    let (code, rollback, stderr) = launcher_json(&["rollback", "--cluster", &cluster]);
+    let took = started.elapsed();
+    let Tally { failures, .. } = hammer.finish();
+    assert_eq!(code, 0, "{rollback}\n{stderr}");
+    assert!(failures.is_empty(), "{} requests failed during the rollback: {failures:?}", failures.len());
+    eprintln!("rollback took {took:?}");
+    assert_eq!(versions_seen(&balancer, 30), BTreeSet::from(["9.1.0".to_string()]));
+
+    let (code, finished, stderr) = launcher_json(&["finish", "--cluster", &cluster, "--soak", "0s"]);
+    assert_eq!(code, 0, "{finished}\n{stderr}");
+    let (_, status, _) = launcher_json(&["status", "--cluster", &cluster]);
+    let groups: Vec<&str> = status["groups"].as_array().unwrap().iter().map(|g| g["name"].as_str().unwrap()).collect();
+    assert_eq!(groups, [format!("{cluster}-v000")], "finish destroyed the disabled group");
+
+    let cloud = LocalCloud::open(&state_dir()).unwrap();
+    cloud.destroy_group(&format!("{cluster}-v000")).unwrap();
+    cloud.stop_cluster(&cluster).unwrap();
+    assert_no_leftovers("after the demo");
+}
