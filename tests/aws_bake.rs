@@ -31,8 +31,18 @@ fn fresh_cloud_with_base() -> (MutexGuard<'static, ()>, String, String) {
 
 fn bake_args<'a>(base: &'a str, package: &'a str, version: &'a str) -> Vec<&'a str> {
     vec![
-        "bake", "--base", base, "--recipe", "recipes/tomcat-webapp.toml", "--package", package, "--app", "hello",
-        "--version", version, "--rebake",
+        "bake",
+        "--base",
+        base,
+        "--recipe",
+        "recipes/tomcat-webapp.toml",
+        "--package",
+        package,
+        "--app",
+        "hello",
+        "--version",
+        version,
+        "--rebake",
     ]
 }
 
@@ -174,7 +184,11 @@ fn metadata_service(instance: &str, zone: &str) -> String {
                 _ => ("404 Not Found", String::new()),
             };
             let mut stream = stream;
-            let _ = write!(stream, "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
         }
     });
     address

@@ -63,7 +63,10 @@ pub fn push(
 ) -> Result<PushOutcome, Error> {
     let started = Instant::now();
     let step = |step: &'static str| move |source: crate::provider::Error| Error::Step { step, source };
-    let image = local.find_image(image_id).map_err(step("looking up the local image"))?.context(NotFoundSnafu { id: image_id })?;
+    let image = local
+        .find_image(image_id)
+        .map_err(step("looking up the local image"))?
+        .context(NotFoundSnafu { id: image_id })?;
     let pushed = target.images_tagged(PUSHED_FROM_TAG, &image.id).map_err(step("looking for an earlier push"))?;
     if let Some(earlier) = pushed.into_iter().next() {
         return Ok(PushOutcome {
@@ -77,11 +80,13 @@ pub fn push(
             reused: true,
         });
     }
-    let manifest = local.store().snapshot(&image.snapshot_id).map_err(|e| step("reading the local snapshot")(e.into()))?;
+    let manifest =
+        local.store().snapshot(&image.snapshot_id).map_err(|e| step("reading the local snapshot")(e.into()))?;
     let disk = local.cached_image(&manifest).map_err(step("materialising the local disk"))?;
 
     let push_id = crate::ids::new_id("push");
-    let mut journal = Journal::begin(state_dir, &push_id, &format!("push {}", image.id), target.kind()).context(JournalSnafu)?;
+    let mut journal =
+        Journal::begin(state_dir, &push_id, &format!("push {}", image.id), target.kind()).context(JournalSnafu)?;
     let result = (|| {
         let bar = ui.bar(0, "upload blocks", false);
         let description = format!("{} (pushed from local image {})", image.description, image.id);
@@ -111,7 +116,8 @@ pub fn push(
     })();
     match result {
         Ok((snapshot, registered)) => {
-            for kept in [Resource::Image { id: registered.id.clone() }, Resource::Snapshot { id: snapshot.id.clone() }] {
+            for kept in [Resource::Image { id: registered.id.clone() }, Resource::Snapshot { id: snapshot.id.clone() }]
+            {
                 journal.keep(&kept).context(JournalSnafu)?;
             }
             journal.unwind_all(target).context(JournalSnafu)?;

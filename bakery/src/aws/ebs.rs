@@ -48,6 +48,9 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// What a block transfer task ends with.
+type Joined<T> = std::result::Result<Result<T>, tokio::task::JoinError>;
+
 fn checksum(data: &[u8]) -> ([u8; 32], String) {
     let digest: [u8; 32] = Sha256::digest(data).into();
     (digest, base64::engine::general_purpose::STANDARD.encode(digest))
@@ -104,8 +107,7 @@ impl Ebs {
         progress: &(dyn Fn(u64, u64) + Sync),
     ) -> std::result::Result<Uploaded, (Option<String>, Error)> {
         let gib = upload.volume_size.div_ceil(1 << 30) as i64;
-        let tags: Vec<Tag> =
-            upload.tags.iter().map(|(k, v)| Tag::builder().key(k).value(v).build()).collect();
+        let tags: Vec<Tag> = upload.tags.iter().map(|(k, v)| Tag::builder().key(k).value(v).build()).collect();
         let started = retry(self.policy, "StartSnapshot", || {
             self.client
                 .start_snapshot()
@@ -147,7 +149,11 @@ impl Ebs {
         if status == "error" {
             return Err(fail(Error::Incomplete { snapshot: snapshot.clone(), status }));
         }
-        Ok(Uploaded { snapshot_id: snapshot, blocks: digests.len() as u64, bytes: digests.len() as u64 * BLOCK_SIZE as u64 })
+        Ok(Uploaded {
+            snapshot_id: snapshot,
+            blocks: digests.len() as u64,
+            bytes: digests.len() as u64 * BLOCK_SIZE as u64,
+        })
     }
 
     async fn put_blocks(
@@ -164,9 +170,7 @@ impl Ebs {
         let mut digests = BTreeMap::new();
         let total = upload.blocks.len() as u64;
         let done = AtomicU64::new(0);
-        let finish = |result: std::result::Result<Result<Option<(u64, [u8; 32])>>, tokio::task::JoinError>,
-                          digests: &mut BTreeMap<u64, [u8; 32]>|
-         -> Result<()> {
+        let finish = |result: Joined<Option<(u64, [u8; 32])>>, digests: &mut BTreeMap<u64, [u8; 32]>| -> Result<()> {
             if let Some((index, digest)) = result.context(TaskSnafu)?? {
                 digests.insert(index, digest);
             }
@@ -242,7 +246,12 @@ impl Ebs {
         let mut volume_size = 0;
         loop {
             let page = retry(self.policy, "ListSnapshotBlocks", || {
-                self.client.list_snapshot_blocks().snapshot_id(snapshot).max_results(10_000).set_next_token(next_token.clone()).send()
+                self.client
+                    .list_snapshot_blocks()
+                    .snapshot_id(snapshot)
+                    .max_results(10_000)
+                    .set_next_token(next_token.clone())
+                    .send()
             })
             .await
             .context(CallSnafu)?;
@@ -266,9 +275,7 @@ impl Ebs {
         let mut blocks = BTreeMap::new();
         let total = listed.len() as u64;
         let done = AtomicU64::new(0);
-        let fetched = |result: std::result::Result<Result<(u64, Option<String>)>, tokio::task::JoinError>,
-                       blocks: &mut BTreeMap<u64, String>|
-         -> Result<()> {
+        let fetched = |result: Joined<(u64, Option<String>)>, blocks: &mut BTreeMap<u64, String>| -> Result<()> {
             if let (index, Some(hash)) = result.context(TaskSnafu)?? {
                 blocks.insert(index, hash);
             }

@@ -154,7 +154,8 @@ impl Ec2 {
 
     pub async fn wait_image_available(&self, id: &str) -> Result<()> {
         wait_for(&format!("image {id} becoming available"), self.timeout, || async {
-            let output = retry(self.policy, "DescribeImages", || self.client.describe_images().image_ids(id).send()).await;
+            let output =
+                retry(self.policy, "DescribeImages", || self.client.describe_images().image_ids(id).send()).await;
             let output = match output {
                 // Eventual consistency: a new image may not be visible yet.
                 Err(e) if e.is_not_found() => return Ok(None),
@@ -182,11 +183,15 @@ impl Ec2 {
     }
 
     pub async fn deregister(&self, id: &str) -> Result<()> {
-        ignore_missing(retry(self.policy, "DeregisterImage", || self.client.deregister_image().image_id(id).send()).await)
+        ignore_missing(
+            retry(self.policy, "DeregisterImage", || self.client.deregister_image().image_id(id).send()).await,
+        )
     }
 
     pub async fn delete_snapshot(&self, id: &str) -> Result<()> {
-        ignore_missing(retry(self.policy, "DeleteSnapshot", || self.client.delete_snapshot().snapshot_id(id).send()).await)
+        ignore_missing(
+            retry(self.policy, "DeleteSnapshot", || self.client.delete_snapshot().snapshot_id(id).send()).await,
+        )
     }
 
     pub async fn create_volume(
@@ -276,7 +281,12 @@ impl Ec2 {
         ignore_missing(retry(self.policy, "DeleteVolume", || self.client.delete_volume().volume_id(id).send()).await)
     }
 
-    pub async fn create_snapshot(&self, volume: &str, description: &str, map: &BTreeMap<String, String>) -> Result<String> {
+    pub async fn create_snapshot(
+        &self,
+        volume: &str,
+        description: &str,
+        map: &BTreeMap<String, String>,
+    ) -> Result<String> {
         let output = retry(self.policy, "CreateSnapshot", || {
             self.client
                 .create_snapshot()
@@ -388,7 +398,11 @@ impl Ec2 {
 
     pub async fn unfinished_snapshots(&self) -> Result<Vec<(String, String, i64)>> {
         let output = retry(self.policy, "DescribeSnapshots", || {
-            self.client.describe_snapshots().owner_ids("self").filters(filter(&format!("tag:{STATUS_TAG}"), "in-progress")).send()
+            self.client
+                .describe_snapshots()
+                .owner_ids("self")
+                .filters(filter(&format!("tag:{STATUS_TAG}"), "in-progress"))
+                .send()
         })
         .await
         .context(CallSnafu)?;

@@ -94,14 +94,10 @@ pub struct AwsProvider {
 
 impl AwsProvider {
     pub fn open(state_dir: &Path, options: Options) -> std::result::Result<AwsProvider, crate::provider::Error> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .context(RuntimeSnafu)?;
-        let mut loader = aws_config::defaults(BehaviorVersion::latest())
-            .retry_config(RetryConfig::disabled())
-            .timeout_config(
+        let runtime =
+            tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context(RuntimeSnafu)?;
+        let mut loader =
+            aws_config::defaults(BehaviorVersion::latest()).retry_config(RetryConfig::disabled()).timeout_config(
                 TimeoutConfig::builder()
                     .connect_timeout(Duration::from_secs(5))
                     .operation_attempt_timeout(Duration::from_secs(60))
@@ -346,7 +342,8 @@ impl Provider for AwsProvider {
         progress: Progress,
     ) -> Result<SnapshotResult> {
         if self.mode == Mode::Attach {
-            let id = self.runtime.block_on(self.ec2.create_snapshot(volume_id, description, &self.in_progress_tags()))?;
+            let id =
+                self.runtime.block_on(self.ec2.create_snapshot(volume_id, description, &self.in_progress_tags()))?;
             if let Err(error) = self.runtime.block_on(self.ec2.wait_snapshot_completed(&id)) {
                 let _ = self.runtime.block_on(self.ec2.delete_snapshot(&id));
                 return Err(error.into());
@@ -382,14 +379,25 @@ impl Provider for AwsProvider {
             let uploaded = self.upload(&self.cache.volume_file(volume_id), upload, cancel, progress)?;
             // Keep the result in the cache under its EBS id: a bake on top of this image, or
             // an export of it, then downloads nothing.
-            store.save_snapshot(&crate::local::store::SnapshotManifest { id: uploaded.snapshot_id.clone(), ..child })?;
-            Ok(SnapshotResult { id: uploaded.snapshot_id, changed_blocks: uploaded.blocks, stored_bytes: uploaded.bytes })
+            store
+                .save_snapshot(&crate::local::store::SnapshotManifest { id: uploaded.snapshot_id.clone(), ..child })?;
+            Ok(SnapshotResult {
+                id: uploaded.snapshot_id,
+                changed_blocks: uploaded.blocks,
+                stored_bytes: uploaded.bytes,
+            })
         })();
         store.delete_snapshot(&local.id)?;
         result
     }
 
-    fn import_disk(&self, path: &Path, description: &str, cancel: &AtomicBool, progress: Progress) -> Result<SnapshotResult> {
+    fn import_disk(
+        &self,
+        path: &Path,
+        description: &str,
+        cancel: &AtomicBool,
+        progress: Progress,
+    ) -> Result<SnapshotResult> {
         let file = File::open(path).map_err(|e| self.cache_error()(e.into()))?;
         let size = file.metadata().map_err(|e| self.cache_error()(e.into()))?.len();
         // Holes are never read: a 4 GiB disk with 700 MB of data costs 700 MB of reading.

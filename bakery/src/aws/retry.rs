@@ -115,7 +115,10 @@ where
                     operation,
                     code: error.code().map(str::to_string),
                     attempts: attempt,
-                    message: error.message().map(str::to_string).unwrap_or_else(|| DisplayErrorContext(&error).to_string()),
+                    message: error
+                        .message()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| DisplayErrorContext(&error).to_string()),
                 })
             }
         }

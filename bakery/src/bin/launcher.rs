@@ -279,7 +279,8 @@ fn run(cli: &Cli) -> Result<(), Failure> {
     let cancel = cancellation();
     let start_time = bakery::process::start_time(std::process::id() as i32).unwrap_or_default();
     let mut engine = Engine::new(cloud.as_ref(), &SystemClock, &cancel, Identity::current(start_time));
-    if let Some(interval) = std::env::var("LAUNCHER_POLL_INTERVAL").ok().and_then(|v| humantime::parse_duration(&v).ok())
+    if let Some(interval) =
+        std::env::var("LAUNCHER_POLL_INTERVAL").ok().and_then(|v| humantime::parse_duration(&v).ok())
     {
         engine.poll_interval = interval;
     }
