@@ -206,7 +206,8 @@ fn attach_mode_creates_attaches_detaches_snapshots_registers_and_deletes_the_vol
     let dir = tempfile::tempdir().unwrap();
     let package = sample_package(dir.path(), "3.3.0", 0);
     let mut args = bake_args(&ami, package.to_str().unwrap(), "3.3.0");
-    args.extend(["--mode", "attach"]);
+    let key = "arn:aws:kms:us-east-1:123456789012:key/0b1c2d3e-bake-ry00-test-000000000000";
+    args.extend(["--mode", "attach", "--kms-key", key]);
     let env = [
         ("AWS_EC2_METADATA_DISABLED", "false"),
         ("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds.as_str()),
@@ -219,6 +220,8 @@ fn attach_mode_creates_attaches_detaches_snapshots_registers_and_deletes_the_vol
     assert_eq!(created.len(), 1, "{created:?}");
     assert_eq!(created[0]["params"]["SnapshotId"], base_snapshot.as_str());
     assert_eq!(created[0]["params"]["AvailabilityZone"], "us-east-1b");
+    assert_eq!(created[0]["params"]["Encrypted"], "true");
+    assert_eq!(created[0]["params"]["KmsKeyId"], key);
     let attached = recorded("AttachVolume");
     assert_eq!(attached[0]["params"]["InstanceId"], instance);
     assert_eq!(attached[0]["params"]["Device"], "/dev/sdf");
@@ -257,4 +260,82 @@ fn gc_removes_what_a_dead_bake_left_in_the_cloud_once_it_is_old_enough() {
         assert!(removed.contains(id), "{id} removed: {report}");
     }
     assert_eq!(cloud_leftovers(), json!([]));
+}
+
+#[test]
+fn copies_and_shares_are_made_tagged_granted_and_deleted_with_the_image() {
+    let (_serial, ami, _) = fresh_cloud_with_base();
+    let dir = tempfile::tempdir().unwrap();
+    let package = sample_package(dir.path(), "3.4.0", 0);
+    let mut args = bake_args(&ami, package.to_str().unwrap(), "3.4.0");
+    args.extend(["--copy-to-region", "us-west-2", "--copy-to-region", "eu-west-1", "--share-with", "123456789012"]);
+    let (code, baked, stderr) = run_aws_json(&args, &[]);
+    assert_eq!(code, 0, "{stderr}");
+    let (image, snapshot) = (baked["image_id"].as_str().unwrap(), baked["snapshot_id"].as_str().unwrap());
+
+    let (_, shown, _) = run_aws_json(&["images", "show", image], &[]);
+    let copies: Vec<(String, String)> = shown["tags"]["bakery:copies"]
+        .as_str()
+        .unwrap_or_else(|| panic!("copies are listed: {shown}"))
+        .split(',')
+        .map(|c| c.split_once('=').map(|(r, i)| (r.to_string(), i.to_string())).unwrap())
+        .collect();
+    let regions: Vec<&str> = copies.iter().map(|(r, _)| r.as_str()).collect();
+    assert_eq!(regions, ["us-west-2", "eu-west-1"]);
+    for (region, copy) in &copies {
+        let version = boto(&format!(
+            "i = ec2_in('{region}').describe_images(ImageIds=['{copy}'])['Images'][0]\n\
+             print(json.dumps({{t['Key']: t['Value'] for t in i.get('Tags', [])}}.get('version')))"
+        ));
+        assert_eq!(version, "3.4.0", "the copy in {region} carries the tags");
+    }
+    let granted = boto(&format!(
+        "a = ec2.describe_image_attribute(ImageId='{image}', Attribute='launchPermission')['LaunchPermissions']\n\
+         s = ec2.describe_snapshot_attribute(SnapshotId='{snapshot}', Attribute='createVolumePermission')['CreateVolumePermissions']\n\
+         print(json.dumps([[p.get('UserId') for p in a], [p.get('UserId') for p in s]]))"
+    ));
+    assert_eq!(granted, json!([["123456789012"], ["123456789012"]]));
+
+    let (code, _, stderr) = run_aws_json(&["images", "rm", image], &[]);
+    assert_eq!(code, 0, "{stderr}");
+    for (region, copy) in &copies {
+        let left = boto(&format!(
+            "print(json.dumps(len(ec2_in('{region}').describe_images(Owners=['self'], Filters=[{{'Name': 'image-id', 'Values': ['{copy}']}}])['Images'])))"
+        ));
+        assert_eq!(left, 0, "the copy in {region} went with the image");
+    }
+}
+
+#[test]
+fn a_direct_bake_killed_while_uploading_is_cleaned_up_by_gc() {
+    let (_serial, ami, _) = fresh_cloud_with_base();
+    let images_before = boto("print(json.dumps(len(ec2.describe_images(Owners=['self'])['Images'])))");
+    let dir = tempfile::tempdir().unwrap();
+    let package = sample_package(dir.path(), "3.5.0", 16);
+    let uploaded_before = proxy_get("/_proxy/stats")["put_blocks"].as_u64().unwrap();
+    // Throttling slows the upload down enough to be caught in the middle of it.
+    proxy_post("/_proxy/faults", &json!({ "throttle": 0.6, "seed": 5, "actions": ["PutSnapshotBlock"] }));
+    let mut bake = aws_bakery(&bake_args(&ami, package.to_str().unwrap(), "3.5.0"), &[])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while proxy_get("/_proxy/stats")["put_blocks"].as_u64().unwrap() == uploaded_before {
+        assert!(bake.try_wait().unwrap().is_none(), "the bake ended before it uploaded a block");
+        assert!(std::time::Instant::now() < deadline, "no block was uploaded");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(bake.try_wait().unwrap().is_none(), "the bake is still uploading when it is killed");
+    bake.kill().unwrap();
+    bake.wait().unwrap();
+    proxy_post("/_proxy/faults", &json!({}));
+    assert_ne!(cloud_leftovers(), json!([]), "the unfinished snapshot is there until gc runs");
+
+    let (code, report, stderr) = run_aws_json(&["gc", "--older-than", "0s"], &[]);
+    assert_eq!(code, 0, "{report}\n{stderr}");
+    assert_eq!(cloud_leftovers(), json!([]), "{report}");
+    let images_after = boto("print(json.dumps(len(ec2.describe_images(Owners=['self'])['Images'])))");
+    assert_eq!(images_before, images_after);
+    assert_no_leftovers("after gc of a killed bake");
 }

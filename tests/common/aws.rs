@@ -75,12 +75,17 @@ fn aws_env(command: &mut Command) {
         .env("AWS_EC2_METADATA_DISABLED", "true");
 }
 
-/// `bakery --provider aws` against moto, with the given extra environment.
-pub fn run_aws_json(args: &[&str], env: &[(&str, &str)]) -> (i32, Value, String) {
+/// `bakery --provider aws … --output json` against moto, with the given extra environment.
+pub fn aws_bakery(args: &[&str], env: &[(&str, &str)]) -> Command {
     let mut command = super::bakery();
     aws_env(&mut command);
     command.envs(env.iter().copied()).args(args).args(["--provider", "aws", "--output", "json"]);
-    let output = command.output().expect("bakery runs");
+    command
+}
+
+/// Runs [`aws_bakery`] and parses the one object it prints.
+pub fn run_aws_json(args: &[&str], env: &[(&str, &str)]) -> (i32, Value, String) {
+    let output = aws_bakery(args, env).output().expect("bakery runs");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     let value: Value = serde_json::from_str(stdout.trim())
@@ -89,9 +94,11 @@ pub fn run_aws_json(args: &[&str], env: &[(&str, &str)]) -> (i32, Value, String)
 }
 
 /// Runs a Python snippet with boto3 against moto; it must print one JSON value.
-/// `ec2` is a ready EC2 client.
+/// `ec2` is a ready EC2 client, `ec2_in(region)` makes one for another region.
 pub fn boto(code: &str) -> Value {
-    let script = format!("import boto3, json\nec2 = boto3.client('ec2')\n{code}\n");
+    let script = format!(
+        "import boto3, json\nec2 = boto3.client('ec2')\nec2_in = lambda region: boto3.client('ec2', region_name=region)\n{code}\n"
+    );
     let mut command = Command::new(format!("{}/bin/python", venv()));
     aws_env(&mut command);
     let output = command.arg("-c").arg(&script).output().expect("the venv's python runs");

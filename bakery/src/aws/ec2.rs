@@ -4,9 +4,9 @@
 use super::retry::{retry, CallError, Policy};
 use crate::provider::Image;
 use aws_sdk_ec2::types::{
-    ArchitectureValues, BlockDeviceMapping, BootModeValues, CreateVolumePermission,
-    CreateVolumePermissionModifications, EbsBlockDevice, Filter, ImdsSupportValues, LaunchPermission,
-    LaunchPermissionModifications, ResourceType, Tag, TagSpecification, VolumeType,
+    ArchitectureValues, BlockDeviceMapping, BootModeValues, EbsBlockDevice, Filter, ImdsSupportValues,
+    LaunchPermission, LaunchPermissionModifications, OperationType, ResourceType, SnapshotAttributeName, Tag,
+    TagSpecification, VolumeType,
 };
 use snafu::{ResultExt, Snafu};
 use std::collections::BTreeMap;
@@ -331,15 +331,14 @@ impl Ec2 {
         })
         .await
         .context(CallSnafu)?;
-        let volume: Vec<CreateVolumePermission> =
-            accounts.iter().map(|a| CreateVolumePermission::builder().user_id(a).build()).collect();
+        // The OperationType + UserId form: EC2 takes it as it takes the structured one.
         retry(self.policy, "ModifySnapshotAttribute", || {
             self.client
                 .modify_snapshot_attribute()
                 .snapshot_id(snapshot)
-                .create_volume_permission(
-                    CreateVolumePermissionModifications::builder().set_add(Some(volume.clone())).build(),
-                )
+                .attribute(SnapshotAttributeName::CreateVolumePermission)
+                .operation_type(OperationType::Add)
+                .set_user_ids(Some(accounts.to_vec()))
                 .send()
         })
         .await
