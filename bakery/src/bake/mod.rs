@@ -125,7 +125,7 @@ pub fn bake(
     let plan = plan::resolve(provider, request).context(PlanSnafu)?;
 
     // Same-key bakes queue behind each other, so the second finds the first one's image.
-    let _same_key = plan::lock_bake_key(&state_dir, &plan.bake_key)?;
+    let _same_key = plan::lock_bake_key(&state_dir, &plan.bake_key, cancel)?;
     if !request.rebake {
         if let Some(image) = plan::existing_image(provider, &plan).context(PlanSnafu)? {
             tracing::info!(image = %image.id, "an image with this bake key exists; reusing it");

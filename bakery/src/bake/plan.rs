@@ -11,6 +11,7 @@ use snafu::{ensure, OptionExt, ResultExt, Snafu};
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// The tag that makes bakes idempotent: same base, package and recipe → same image.
 pub const BAKE_KEY_TAG: &str = "bakery:bake-key";
@@ -231,15 +232,31 @@ pub fn resolve(provider: &dyn Provider, request: &BakeRequest) -> Result<BakePla
     })
 }
 
-/// Holds the bake key's lock; a second bake with the same key waits here for the first.
-pub fn lock_bake_key(state_dir: &Path, key: &str) -> super::Result<Flock<File>> {
+/// Holds the bake key's lock; a second bake with the same key waits here for the first, and
+/// gives up when cancelled.
+pub fn lock_bake_key(state_dir: &Path, key: &str, cancel: &AtomicBool) -> super::Result<Flock<File>> {
     let dir = state_dir.join("locks");
     let path = dir.join(format!("{key}.lock"));
-    let file = std::fs::create_dir_all(&dir)
+    let mut file = std::fs::create_dir_all(&dir)
         .and_then(|()| File::create(&path))
         .context(KeyLockSnafu { path: &path })
         .context(super::PlanSnafu)?;
-    Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, e)| e).context(super::BusySnafu { path })
+    let mut waiting = false;
+    loop {
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return Ok(lock),
+            Err((returned, nix::errno::Errno::EWOULDBLOCK)) => file = returned,
+            Err((_, source)) => return Err(source).context(super::BusySnafu { path }),
+        }
+        if cancel.load(Ordering::Relaxed) {
+            return super::InterruptedSnafu { step: "waiting for the bake with the same key" }.fail();
+        }
+        if !waiting {
+            tracing::info!(key, "a bake with the same key is running; waiting for it");
+            waiting = true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
 
 pub fn existing_image(provider: &dyn Provider, plan: &BakePlan) -> Result<Option<Image>> {

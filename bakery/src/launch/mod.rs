@@ -1,6 +1,7 @@
 //! The launcher: red/black deploys of baked images into Frigga-named clusters. Strategies only
 //! plan; one engine executes plans against any [`cloud::Cloud`], so plans are tested with no cloud.
 
+pub mod aws;
 pub mod cloud;
 pub mod engine;
 pub mod haproxy;

@@ -1,0 +1,1009 @@
+//! The launcher's `aws` provider: a server group is an Auto Scaling group named by its Frigga
+//! name with a launch template of the same name; a cluster is the ASGs tagged `bakery:cluster`.
+//!
+//! **Health gate without traffic.** The cluster's target groups are attached only by
+//! `add_to_service` (the flip). To check a new group's instances with the load balancer's own
+//! health check before that, each group gets a *check target group* (`bakery-<hash>`): the
+//! port, protocol and check settings of the cluster's first target group, but the check path is
+//! the deploy's `--health-url`. The ASG is created attached to it alone, and a listener rule on
+//! the same load balancer forwards only `Host: <check-name>.bakery.invalid` to it — a name that
+//! never resolves (RFC 2606), because ELB runs health checks only for target groups a listener
+//! uses. A member is Healthy when it is InService, its ASG health is Healthy, and it is healthy
+//! in every target group the ASG is attached to (the check group always; the cluster's once in
+//! service); unhealthy in any → Unhealthy; anything else → Starting. `add_to_service` then
+//! waits until the members are healthy in the cluster's target groups too, so that the old
+//! group is never disabled while the new one's targets are still `initial`. The check group
+//! stays attached while a group is disabled, so a rollback is gated the same way. Without
+//! target groups the gate is the ASG's own (EC2 status) health.
+//!
+//! **Lock.** A launch template `bakery-lock-<cluster>`: CreateLaunchTemplate fails atomically
+//! when the name exists. The holder is written with it (tags in the same request), renewed by
+//! re-tagging it *by id*, and a stale one is deleted *by id* before creating anew, so two
+//! runs taking over the same stale lock cannot delete each other's fresh one.
+//!
+//! **Deploy record.** JSON, base64, in 256-character chunks as tags of a launch template
+//! `bakery-deploys-<cluster>` that is never launched: written in one CreateTags call (with the
+//! chunk count), read with DescribeTags. Launch-template versions were the other candidate, but
+//! versions pile up with every step and moto cannot delete them.
+//!
+//! Every call goes through [`crate::aws::retry`]; the SDK's own retries are off.
+
+use super::cloud::{self, Capacity, Cloud, DeployRecord, Group, GroupSpec, Health, LockHolder, Member};
+use crate::aws::ec2::{self as ec2_calls, wait_for};
+use crate::aws::retry::{retry, CallError, Policy};
+use aws_config::BehaviorVersion;
+use aws_sdk_autoscaling::types::{
+    AutoScalingGroup, Filter as AsgFilter, LaunchTemplateSpecification, Tag as AsgTag, TagDescription,
+};
+use aws_sdk_ec2::types::{
+    Filter as Ec2Filter, InstanceType, LaunchTemplateHttpTokensState, LaunchTemplateInstanceMetadataEndpointState,
+    LaunchTemplateInstanceMetadataOptionsRequest, RequestLaunchTemplateData, ResourceType, Tag as Ec2Tag,
+    TagSpecification,
+};
+use aws_sdk_elasticloadbalancingv2::types::{
+    Action, ActionTypeEnum, HostHeaderConditionConfig, Listener, ProtocolEnum, RuleCondition, Tag as ElbTag,
+    TargetGroup, TargetTypeEnum,
+};
+use aws_smithy_types::retry::RetryConfig;
+use aws_smithy_types::timeout::TimeoutConfig;
+use base64::Engine;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use snafu::{OptionExt, ResultExt, Snafu};
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+const CLUSTER_TAG: &str = "bakery:cluster";
+const IMAGE_TAG: &str = "bakery:image";
+const DEPLOY_ID_TAG: &str = "bakery:deploy-id";
+const DISABLED_AT_TAG: &str = "bakery:disabled-at";
+/// Set by `add_to_service`: with no target groups, attachment cannot say whether it serves.
+const IN_SERVICE_TAG: &str = "bakery:in-service";
+/// `bakery:target-group-1`, `-2`…: the cluster's target groups, remembered while detached.
+const TARGET_GROUP_TAG: &str = "bakery:target-group-";
+const LOCK_TAG: &str = "bakery:lock";
+const RECORD_TAG: &str = "bakery:deploy-record";
+/// What a disabled group must not do (Asgard's and Spinnaker's list).
+const DISABLED_PROCESSES: [&str; 3] = ["Launch", "Terminate", "AddToLoadBalancer"];
+/// EC2 tag values hold at most 256 characters, a resource at most 50 tags.
+const TAG_VALUE_MAX: usize = 256;
+const MAX_CHUNKS: usize = 40;
+/// Bound on the provider's own waits (targets healthy after attaching, an ASG deleted).
+const WAIT: Duration = Duration::from_secs(600);
+/// The host names of check rules: `.invalid` never resolves, so no client reaches a group early.
+const CHECK_DOMAIN: &str = "bakery.invalid";
+
+#[derive(Debug, Snafu)]
+pub enum Error {
+    #[snafu(display("starting the AWS runtime: {source}"))]
+    Runtime { source: std::io::Error },
+
+    #[snafu(display("no AWS region: pass --region or set AWS_REGION"))]
+    NoRegion,
+
+    #[snafu(display("{source}"))]
+    Call { source: CallError },
+
+    #[snafu(display("{source}"))]
+    Wait { source: ec2_calls::Error },
+
+    #[snafu(display("the default VPC has default subnets in {} zone(s) ({}): pass --subnets in at least 3", zones.len(), zones.join(", ")))]
+    TooFewZones { zones: Vec<String> },
+
+    #[snafu(display("group {group} already exists with image {image}"))]
+    Exists { group: String, image: String },
+
+    #[snafu(display("group {group} does not exist"))]
+    NoGroup { group: String },
+
+    #[snafu(display("target group {arn} does not exist"))]
+    NoTargetGroup { arn: String },
+
+    #[snafu(display(
+        "target group {arn} is not used by a load balancer: the health gate needs one to check instances"
+    ))]
+    NoBalancer { arn: String },
+
+    #[snafu(display("load balancer {arn} has no listener to hang the health-check rule on"))]
+    NoListener { arn: String },
+
+    #[snafu(display("target group {arn} uses {protocol}: the health gate needs an HTTP or HTTPS target group (an Application Load Balancer)"))]
+    NotHttp { arn: String, protocol: String },
+
+    #[snafu(display("{what} is {chars} characters, more than {MAX_CHUNKS} tags of {TAG_VALUE_MAX} hold"))]
+    TooLarge { what: String, chars: usize },
+
+    #[snafu(display("{what} in tags of {resource} is unreadable: {reason}"))]
+    Corrupt { what: String, resource: String, reason: String },
+
+    #[snafu(display(
+        "the lock template {name} keeps changing or has no holder tags; if no deploy of the cluster runs, delete it"
+    ))]
+    LockUnclear { name: String },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+pub struct AwsCloud {
+    runtime: tokio::runtime::Runtime,
+    asg: aws_sdk_autoscaling::Client,
+    elb: aws_sdk_elasticloadbalancingv2::Client,
+    ec2: aws_sdk_ec2::Client,
+    policy: Policy,
+}
+
+impl AwsCloud {
+    pub fn open(region: Option<String>) -> cloud::Result<AwsCloud> {
+        let runtime =
+            tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context(RuntimeSnafu)?;
+        // As crate::aws loads it: the SDK's retries off (ours wrap every call), bounded attempts.
+        let mut loader =
+            aws_config::defaults(BehaviorVersion::latest()).retry_config(RetryConfig::disabled()).timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(5))
+                    .operation_attempt_timeout(Duration::from_secs(60))
+                    .operation_timeout(Duration::from_secs(120))
+                    .build(),
+            );
+        if let Some(region) = region {
+            loader = loader.region(aws_config::Region::new(region));
+        }
+        let config = runtime.block_on(loader.load());
+        config.region().context(NoRegionSnafu)?;
+        Ok(AwsCloud {
+            asg: aws_sdk_autoscaling::Client::new(&config),
+            elb: aws_sdk_elasticloadbalancingv2::Client::new(&config),
+            ec2: aws_sdk_ec2::Client::new(&config),
+            policy: Policy::from_env(),
+            runtime,
+        })
+    }
+
+    // Auto Scaling.
+
+    /// The ASGs with these names, or those of this cluster.
+    async fn describe_groups(&self, names: &[&str], cluster: Option<&str>) -> std::result::Result<Vec<AutoScalingGroup>, CallError> {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let filter = cluster.map(|c| AsgFilter::builder().name(format!("tag:{CLUSTER_TAG}")).values(c).build());
+        let mut groups = Vec::new();
+        let mut token = None;
+        loop {
+            let page = retry(self.policy, "DescribeAutoScalingGroups", || {
+                self.asg
+                    .describe_auto_scaling_groups()
+                    .set_auto_scaling_group_names((!names.is_empty()).then(|| names.clone()))
+                    .set_filters(filter.clone().map(|f| vec![f]))
+                    .set_next_token(token.clone())
+                    .send()
+            })
+            .await?;
+            groups.extend(page.auto_scaling_groups().iter().cloned());
+            token = page.next_token().map(str::to_string);
+            if token.is_none() {
+                return Ok(groups);
+            }
+        }
+    }
+
+    async fn describe_group(&self, name: &str) -> std::result::Result<Option<AutoScalingGroup>, CallError> {
+        Ok(self.describe_groups(&[name], None).await?.into_iter().next())
+    }
+
+    async fn group_or_fail(&self, name: &str) -> Result<AutoScalingGroup> {
+        self.describe_group(name).await.context(CallSnafu)?.context(NoGroupSnafu { group: name })
+    }
+
+    async fn set_group_tags(&self, group: &str, tags: &[(&str, &str)]) -> Result<()> {
+        let tags: Vec<AsgTag> = tags.iter().map(|(k, v)| asg_tag(group, k, v, false)).collect();
+        retry(self.policy, "CreateOrUpdateTags", || {
+            self.asg.create_or_update_tags().set_tags(Some(tags.clone())).send()
+        })
+        .await
+        .context(CallSnafu)?;
+        Ok(())
+    }
+
+    async fn delete_group_tag(&self, group: &str, key: &str) -> Result<()> {
+        let tag = asg_tag(group, key, "", false);
+        retry(self.policy, "DeleteTags", || self.asg.delete_tags().tags(tag.clone()).send())
+            .await
+            .context(CallSnafu)?;
+        Ok(())
+    }
+
+    async fn resume(&self, group: &str) -> Result<()> {
+        retry(self.policy, "ResumeProcesses", || self.asg.resume_processes().auto_scaling_group_name(group).send())
+            .await
+            .context(CallSnafu)?;
+        Ok(())
+    }
+
+    // ELBv2.
+
+    /// Instance id → target state in the target group.
+    async fn target_health(&self, arn: &str) -> std::result::Result<BTreeMap<String, String>, CallError> {
+        let output = retry(self.policy, "DescribeTargetHealth", || {
+            self.elb.describe_target_health().target_group_arn(arn).send()
+        })
+        .await?;
+        Ok(output
+            .target_health_descriptions()
+            .iter()
+            .filter_map(|d| {
+                let id = d.target()?.id()?.to_string();
+                Some((id, d.target_health()?.state()?.as_str().to_string()))
+            })
+            .collect())
+    }
+
+    async fn target_group(&self, arn: Option<&str>, name: Option<&str>) -> Result<Option<TargetGroup>> {
+        let found = retry(self.policy, "DescribeTargetGroups", || {
+            self.elb
+                .describe_target_groups()
+                .set_target_group_arns(arn.map(|a| vec![a.to_string()]))
+                .set_names(name.map(|n| vec![n.to_string()]))
+                .send()
+        })
+        .await;
+        match found {
+            Err(e) if e.is_not_found() => Ok(None),
+            other => Ok(other.context(CallSnafu)?.target_groups().first().cloned()),
+        }
+    }
+
+    async fn listeners(&self, balancer: &str) -> Result<Vec<Listener>> {
+        let output = retry(self.policy, "DescribeListeners", || {
+            self.elb.describe_listeners().load_balancer_arn(balancer).send()
+        })
+        .await
+        .context(CallSnafu)?;
+        let mut listeners = output.listeners().to_vec();
+        listeners.sort_by_key(|l| l.port());
+        Ok(listeners)
+    }
+
+    /// The non-default rules of the listener that forward to `target_group`, and the priorities in use.
+    async fn rules_to(&self, listener: &str, target_group: &str) -> Result<(Vec<String>, BTreeSet<i32>)> {
+        let output = retry(self.policy, "DescribeRules", || self.elb.describe_rules().listener_arn(listener).send())
+            .await
+            .context(CallSnafu)?;
+        let mut ours = Vec::new();
+        let mut used = BTreeSet::new();
+        for rule in output.rules().iter().filter(|r| r.is_default() != Some(true)) {
+            used.extend(rule.priority().and_then(|p| p.parse::<i32>().ok()));
+            if rule.actions().iter().any(|a| a.target_group_arn() == Some(target_group)) {
+                ours.extend(rule.rule_arn().map(str::to_string));
+            }
+        }
+        Ok((ours, used))
+    }
+
+    /// The group's check target group and the listener rule that makes ELB check it (see the
+    /// module's doc); both found again when they exist.
+    async fn ensure_check_group(&self, group: &str, cluster_group: &str, health_url: &str) -> Result<String> {
+        let model =
+            self.target_group(Some(cluster_group), None).await?.context(NoTargetGroupSnafu { arn: cluster_group })?;
+        let protocol = model.protocol().cloned().unwrap_or(ProtocolEnum::Http);
+        if !matches!(protocol, ProtocolEnum::Http | ProtocolEnum::Https) {
+            return NotHttpSnafu { arn: cluster_group, protocol: protocol.as_str() }.fail();
+        }
+        let balancer = model.load_balancer_arns().first().context(NoBalancerSnafu { arn: cluster_group })?;
+        let name = check_name(group);
+        let arn = match self.target_group(None, Some(&name)).await? {
+            Some(existing) => existing.target_group_arn().unwrap_or_default().to_string(),
+            None => {
+                let created = retry(self.policy, "CreateTargetGroup", || {
+                    self.elb
+                        .create_target_group()
+                        .name(&name)
+                        .protocol(protocol.clone())
+                        .set_protocol_version(model.protocol_version().map(str::to_string))
+                        .set_port(model.port())
+                        .set_vpc_id(model.vpc_id().map(str::to_string))
+                        .target_type(TargetTypeEnum::Instance)
+                        .set_health_check_protocol(model.health_check_protocol().cloned())
+                        .set_health_check_port(model.health_check_port().map(str::to_string))
+                        .health_check_path(health_url)
+                        .set_health_check_interval_seconds(model.health_check_interval_seconds())
+                        .set_health_check_timeout_seconds(model.health_check_timeout_seconds())
+                        .set_healthy_threshold_count(model.healthy_threshold_count())
+                        .set_unhealthy_threshold_count(model.unhealthy_threshold_count())
+                        .set_matcher(model.matcher().cloned())
+                        .tags(ElbTag::builder().key("bakery:check-for").value(group).build())
+                        .send()
+                })
+                .await
+                .context(CallSnafu)?;
+                created.target_groups().first().and_then(|t| t.target_group_arn()).unwrap_or_default().to_string()
+            }
+        };
+        let listener = self.listeners(balancer).await?.into_iter().next().context(NoListenerSnafu { arn: balancer })?;
+        let listener = listener.listener_arn().unwrap_or_default();
+        // Another deploy on the same balancer may take the priority first: choose again.
+        let mut attempts = 0;
+        loop {
+            let (ours, used) = self.rules_to(listener, &arn).await?;
+            if !ours.is_empty() {
+                return Ok(arn);
+            }
+            // Last in evaluation order, out of the way of the rules people write.
+            let priority = (1..=50_000).rev().find(|p| !used.contains(p)).unwrap_or(50_000);
+            let host = format!("{name}.{CHECK_DOMAIN}");
+            let created = retry(self.policy, "CreateRule", || {
+                self.elb
+                    .create_rule()
+                    .listener_arn(listener)
+                    .priority(priority)
+                    .conditions(
+                        RuleCondition::builder()
+                            .field("host-header")
+                            .host_header_config(HostHeaderConditionConfig::builder().values(&host).build())
+                            .build(),
+                    )
+                    .actions(Action::builder().r#type(ActionTypeEnum::Forward).target_group_arn(&arn).build())
+                    .send()
+            })
+            .await;
+            attempts += 1;
+            match created {
+                Err(e) if e.code.as_deref() == Some("PriorityInUse") && attempts < 5 => continue,
+                other => other.context(CallSnafu)?,
+            };
+            return Ok(arn);
+        }
+    }
+
+    async fn delete_check_group(&self, group: &str) -> Result<()> {
+        let Some(check) = self.target_group(None, Some(&check_name(group))).await? else { return Ok(()) };
+        let arn = check.target_group_arn().unwrap_or_default();
+        for balancer in check.load_balancer_arns() {
+            for listener in self.listeners(balancer).await? {
+                let (rules, _) = self.rules_to(listener.listener_arn().unwrap_or_default(), arn).await?;
+                for rule in rules {
+                    ignore_missing(
+                        retry(self.policy, "DeleteRule", || self.elb.delete_rule().rule_arn(&rule).send()).await,
+                    )?;
+                }
+            }
+        }
+        ignore_missing(
+            retry(self.policy, "DeleteTargetGroup", || self.elb.delete_target_group().target_group_arn(arn).send())
+                .await,
+        )
+    }
+
+    // EC2: launch templates, their tags, subnets, addresses.
+
+    async fn template_id(&self, name: &str) -> Result<Option<(String, BTreeMap<String, String>)>> {
+        let found = retry(self.policy, "DescribeLaunchTemplates", || {
+            self.ec2.describe_launch_templates().launch_template_names(name).send()
+        })
+        .await;
+        let output = match found {
+            Err(e) if e.is_not_found() => return Ok(None),
+            other => other.context(CallSnafu)?,
+        };
+        Ok(output.launch_templates().first().map(|t| {
+            let tags = t.tags().iter().filter_map(|t| Some((t.key()?.to_string(), t.value()?.to_string())));
+            (t.launch_template_id().unwrap_or_default().to_string(), tags.collect())
+        }))
+    }
+
+    /// The template's current tags. DescribeTags, because moto's DescribeLaunchTemplates shows
+    /// only the tags given at creation. A resource has at most 50 tags: one page.
+    async fn template_tags(&self, id: &str) -> Result<BTreeMap<String, String>> {
+        let output = retry(self.policy, "DescribeTags", || {
+            self.ec2.describe_tags().filters(Ec2Filter::builder().name("resource-id").values(id).build()).send()
+        })
+        .await
+        .context(CallSnafu)?;
+        Ok(output.tags().iter().filter_map(|t| Some((t.key()?.to_string(), t.value()?.to_string()))).collect())
+    }
+
+    /// Creates the template with `tags` in the same request; Ok(false) when the name is taken.
+    async fn create_template(
+        &self,
+        name: &str,
+        data: RequestLaunchTemplateData,
+        tags: &[(String, String)],
+    ) -> Result<bool> {
+        let spec = TagSpecification::builder()
+            .resource_type(ResourceType::LaunchTemplate)
+            .set_tags(Some(tags.iter().map(|(k, v)| Ec2Tag::builder().key(k).value(v).build()).collect()))
+            .build();
+        let created = retry(self.policy, "CreateLaunchTemplate", || {
+            self.ec2
+                .create_launch_template()
+                .launch_template_name(name)
+                .launch_template_data(data.clone())
+                .tag_specifications(spec.clone())
+                .send()
+        })
+        .await;
+        match created {
+            Err(e) if e.code.as_deref().is_some_and(|c| c.contains("AlreadyExists")) => Ok(false),
+            other => other.map(|_| true).context(CallSnafu),
+        }
+    }
+
+    async fn tag_template(&self, id: &str, tags: &[(String, String)]) -> std::result::Result<(), CallError> {
+        let tags: Vec<Ec2Tag> = tags.iter().map(|(k, v)| Ec2Tag::builder().key(k).value(v).build()).collect();
+        retry(self.policy, "CreateTags", || self.ec2.create_tags().resources(id).set_tags(Some(tags.clone())).send())
+            .await?;
+        Ok(())
+    }
+
+    async fn delete_template(&self, id: Option<&str>, name: Option<&str>) -> Result<()> {
+        ignore_missing(
+            retry(self.policy, "DeleteLaunchTemplate", || {
+                self.ec2
+                    .delete_launch_template()
+                    .set_launch_template_id(id.map(str::to_string))
+                    .set_launch_template_name(name.map(str::to_string))
+                    .send()
+            })
+            .await,
+        )
+    }
+
+    /// One default subnet per zone of the default VPC, at least three zones.
+    async fn default_subnets(&self) -> Result<Vec<String>> {
+        let output = retry(self.policy, "DescribeSubnets", || {
+            self.ec2
+                .describe_subnets()
+                .filters(Ec2Filter::builder().name("default-for-az").values("true").build())
+                .send()
+        })
+        .await
+        .context(CallSnafu)?;
+        let by_zone: BTreeMap<String, String> = output
+            .subnets()
+            .iter()
+            .filter_map(|s| Some((s.availability_zone()?.to_string(), s.subnet_id()?.to_string())))
+            .collect();
+        if by_zone.len() < 3 {
+            return TooFewZonesSnafu { zones: by_zone.into_keys().collect::<Vec<_>>() }.fail();
+        }
+        Ok(by_zone.into_values().collect())
+    }
+
+    /// Private addresses of these instances (a filter, not ids: a terminated one is no error).
+    async fn addresses(&self, ids: &[String]) -> Result<BTreeMap<String, String>> {
+        if ids.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        let filter = Ec2Filter::builder().name("instance-id").set_values(Some(ids.to_vec())).build();
+        let output =
+            retry(self.policy, "DescribeInstances", || self.ec2.describe_instances().filters(filter.clone()).send())
+                .await
+                .context(CallSnafu)?;
+        Ok(output
+            .reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .filter_map(|i| Some((i.instance_id()?.to_string(), i.private_ip_address()?.to_string())))
+            .collect())
+    }
+
+    // The trait's operations.
+
+    async fn groups_of(&self, cluster: &str) -> Result<Vec<Group>> {
+        let asgs = self.describe_groups(&[], Some(cluster)).await.context(CallSnafu)?;
+        let mut health: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+        for arn in asgs.iter().flat_map(|g| g.target_group_arns()) {
+            if !health.contains_key(arn) {
+                health.insert(arn.clone(), self.target_health(arn).await.context(CallSnafu)?);
+            }
+        }
+        let ids: Vec<String> =
+            asgs.iter().flat_map(|g| g.instances()).filter_map(|i| i.instance_id().map(str::to_string)).collect();
+        let addresses = self.addresses(&ids).await?;
+        let mut groups: Vec<Group> = asgs.iter().map(|g| to_group(g, &health, &addresses)).collect();
+        groups.sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));
+        Ok(groups)
+    }
+
+    async fn create(&self, spec: &GroupSpec) -> Result<()> {
+        if let Some(existing) = self.describe_group(&spec.name).await.context(CallSnafu)? {
+            return same_image(&spec.name, &existing, &spec.image_id);
+        }
+        let subnets = if spec.subnets.is_empty() { self.default_subnets().await? } else { spec.subnets.clone() };
+        let data = RequestLaunchTemplateData::builder()
+            .image_id(&spec.image_id)
+            .instance_type(InstanceType::from(spec.instance_type.as_str()))
+            .metadata_options(
+                LaunchTemplateInstanceMetadataOptionsRequest::builder()
+                    .http_tokens(LaunchTemplateHttpTokensState::Required)
+                    .http_endpoint(LaunchTemplateInstanceMetadataEndpointState::Enabled)
+                    .build(),
+            )
+            .build();
+        let template_tags =
+            vec![(CLUSTER_TAG.to_string(), spec.cluster.clone()), (IMAGE_TAG.to_string(), spec.image_id.clone())];
+        if !self.create_template(&spec.name, data.clone(), &template_tags).await? {
+            // No ASG uses it: left by a create that crashed. Another image's is replaced.
+            if let Some((id, tags)) = self.template_id(&spec.name).await? {
+                if tags.get(IMAGE_TAG) != Some(&spec.image_id) {
+                    self.delete_template(Some(&id), None).await?;
+                    self.create_template(&spec.name, data, &template_tags).await?;
+                }
+            }
+        }
+        let mut check = None;
+        if let Some(first) = spec.target_groups.first() {
+            check = Some(self.ensure_check_group(&spec.name, first, &spec.health_url).await?);
+        }
+        let mut tags = vec![
+            asg_tag(&spec.name, "Name", &spec.name, true),
+            asg_tag(&spec.name, CLUSTER_TAG, &spec.cluster, true),
+            asg_tag(&spec.name, IMAGE_TAG, &spec.image_id, false),
+            asg_tag(&spec.name, DEPLOY_ID_TAG, &spec.deploy_id, false),
+        ];
+        for (i, arn) in spec.target_groups.iter().enumerate() {
+            tags.push(asg_tag(&spec.name, &format!("{TARGET_GROUP_TAG}{}", i + 1), arn, false));
+        }
+        let Capacity { min, max, desired } = spec.capacity;
+        let created = retry(self.policy, "CreateAutoScalingGroup", || {
+            self.asg
+                .create_auto_scaling_group()
+                .auto_scaling_group_name(&spec.name)
+                .launch_template(
+                    LaunchTemplateSpecification::builder().launch_template_name(&spec.name).version("$Latest").build(),
+                )
+                .min_size(min as i32)
+                .max_size(max as i32)
+                .desired_capacity(desired as i32)
+                .vpc_zone_identifier(subnets.join(","))
+                .set_target_group_arns(check.clone().map(|c| vec![c]))
+                // ELB: an instance failing the check group's health check is replaced.
+                .health_check_type(if check.is_some() { "ELB" } else { "EC2" })
+                .health_check_grace_period(300)
+                .set_tags(Some(tags.clone()))
+                .send()
+        })
+        .await;
+        match created {
+            Err(e) if e.code.as_deref() == Some("AlreadyExists") => {
+                same_image(&spec.name, &self.group_or_fail(&spec.name).await?, &spec.image_id)
+            }
+            other => other.map(|_| ()).context(CallSnafu),
+        }
+    }
+
+    async fn add(&self, group: &str) -> Result<()> {
+        let asg = self.group_or_fail(group).await?;
+        self.resume(group).await?;
+        let wanted = cluster_target_groups(&asg);
+        let missing: Vec<String> = wanted.iter().filter(|a| !asg.target_group_arns().contains(a)).cloned().collect();
+        if !missing.is_empty() {
+            retry(self.policy, "AttachLoadBalancerTargetGroups", || {
+                self.asg
+                    .attach_load_balancer_target_groups()
+                    .auto_scaling_group_name(group)
+                    .set_target_group_arns(Some(missing.clone()))
+                    .send()
+            })
+            .await
+            .context(CallSnafu)?;
+        }
+        // Targets start `initial`: the group serves only once they pass the balancer's checks.
+        let what = format!("the instances of {group} healthy in its target groups");
+        wait_for(&what, WAIT, || async {
+            let call = |source| ec2_calls::Error::Call { source };
+            let Some(asg) = self.describe_group(group).await.map_err(call)? else { return Ok(Some(())) };
+            let in_service: Vec<&str> = asg
+                .instances()
+                .iter()
+                .filter(|i| i.lifecycle_state().is_some_and(|s| s.as_str() == "InService"))
+                .filter_map(|i| i.instance_id())
+                .collect();
+            for arn in &wanted {
+                let health = self.target_health(arn).await.map_err(call)?;
+                if in_service.iter().any(|id| health.get(*id).map(String::as_str) != Some("healthy")) {
+                    return Ok(None);
+                }
+            }
+            Ok(Some(()))
+        })
+        .await
+        .context(WaitSnafu)?;
+        self.set_group_tags(group, &[(IN_SERVICE_TAG, "true")]).await?;
+        if tag(&asg, DISABLED_AT_TAG).is_some() {
+            self.delete_group_tag(group, DISABLED_AT_TAG).await?;
+        }
+        Ok(())
+    }
+
+    async fn remove(&self, group: &str, at: u64) -> Result<()> {
+        // moto answers 500 to these calls on a missing group, AWS a ValidationError: look first.
+        let Some(asg) = self.describe_group(group).await.context(CallSnafu)? else { return Ok(()) };
+        let processes: Vec<String> = DISABLED_PROCESSES.iter().map(|p| p.to_string()).collect();
+        retry(self.policy, "SuspendProcesses", || {
+            self.asg
+                .suspend_processes()
+                .auto_scaling_group_name(group)
+                .set_scaling_processes(Some(processes.clone()))
+                .send()
+        })
+        .await
+        .context(CallSnafu)?;
+        // The check group stays: a rollback gates this group on it again.
+        let attached: Vec<String> =
+            cluster_target_groups(&asg).into_iter().filter(|a| asg.target_group_arns().contains(a)).collect();
+        if !attached.is_empty() {
+            retry(self.policy, "DetachLoadBalancerTargetGroups", || {
+                self.asg
+                    .detach_load_balancer_target_groups()
+                    .auto_scaling_group_name(group)
+                    .set_target_group_arns(Some(attached.clone()))
+                    .send()
+            })
+            .await
+            .context(CallSnafu)?;
+        }
+        if tag(&asg, IN_SERVICE_TAG).is_some() {
+            self.delete_group_tag(group, IN_SERVICE_TAG).await?;
+        }
+        // The soak counts from the first time it was disabled.
+        if tag(&asg, DISABLED_AT_TAG).is_none() {
+            self.set_group_tags(group, &[(DISABLED_AT_TAG, &at.to_string())]).await?;
+        }
+        Ok(())
+    }
+
+    async fn destroy(&self, group: &str) -> Result<()> {
+        if self.describe_group(group).await.context(CallSnafu)?.is_some() {
+            let deleted = retry(self.policy, "DeleteAutoScalingGroup", || {
+                self.asg.delete_auto_scaling_group().auto_scaling_group_name(group).force_delete(true).send()
+            })
+            .await;
+            match deleted {
+                Err(e) if group_missing(&e) => {}
+                other => {
+                    other.context(CallSnafu)?;
+                }
+            }
+            // Its template and check group go only once nothing can launch from them.
+            wait_for(&format!("{group} deleted"), WAIT, || async {
+                let found = self.describe_group(group).await.map_err(|source| ec2_calls::Error::Call { source })?;
+                Ok(found.is_none().then_some(()))
+            })
+            .await
+            .context(WaitSnafu)?;
+        }
+        self.delete_check_group(group).await?;
+        self.delete_template(None, Some(group)).await
+    }
+
+    async fn acquire(&self, cluster: &str, holder: &LockHolder) -> Result<Option<LockHolder>> {
+        let name = format!("bakery-lock-{cluster}");
+        let tags = to_tags(LOCK_TAG, holder, "the lock holder")?;
+        for _ in 0..5 {
+            if self.create_template(&name, RequestLaunchTemplateData::builder().build(), &tags).await? {
+                return Ok(None);
+            }
+            // Taken: by us (renew), by a live run (refuse) or by a dead one (take over).
+            let Some((id, _)) = self.template_id(&name).await? else { continue };
+            let current: Option<LockHolder> = from_tags(LOCK_TAG, &self.template_tags(&id).await?, &name)?;
+            match current {
+                Some(current) if current.deploy_id == holder.deploy_id => match self.tag_template(&id, &tags).await {
+                    // Taken over since: the next round sees the new holder.
+                    Err(e) if e.is_not_found() => continue,
+                    other => return other.map(|_| None).context(CallSnafu),
+                },
+                Some(current) if !current.is_stale_here(now()) => return Ok(Some(current)),
+                Some(_) => self.delete_template(Some(&id), None).await?,
+                // Tags may lag a moment behind a template just created by another run.
+                None => tokio::time::sleep(Duration::from_secs(1)).await,
+            }
+        }
+        LockUnclearSnafu { name }.fail()
+    }
+
+    async fn release(&self, cluster: &str, deploy_id: &str) -> Result<()> {
+        let name = format!("bakery-lock-{cluster}");
+        let Some((id, _)) = self.template_id(&name).await? else { return Ok(()) };
+        let current: Option<LockHolder> = from_tags(LOCK_TAG, &self.template_tags(&id).await?, &name)?;
+        if current.is_some_and(|h| h.deploy_id == deploy_id) {
+            self.delete_template(Some(&id), None).await?;
+        }
+        Ok(())
+    }
+
+    async fn save(&self, record: &DeployRecord) -> Result<()> {
+        let name = format!("bakery-deploys-{}", record.cluster);
+        let tags = to_tags(RECORD_TAG, record, "the deploy record")?;
+        if let Some((id, _)) = self.template_id(&name).await? {
+            return self.tag_template(&id, &tags).await.context(CallSnafu);
+        }
+        if !self.create_template(&name, RequestLaunchTemplateData::builder().build(), &tags).await? {
+            let (id, _) = self.template_id(&name).await?.context(LockUnclearSnafu { name: &name })?;
+            self.tag_template(&id, &tags).await.context(CallSnafu)?;
+        }
+        Ok(())
+    }
+
+    async fn load(&self, cluster: &str) -> Result<Option<DeployRecord>> {
+        let name = format!("bakery-deploys-{cluster}");
+        let Some((id, _)) = self.template_id(&name).await? else { return Ok(None) };
+        from_tags(RECORD_TAG, &self.template_tags(&id).await?, &name)
+    }
+
+    async fn clusters_async(&self) -> Result<Vec<String>> {
+        let filter = AsgFilter::builder().name("key").values(CLUSTER_TAG).build();
+        let mut clusters = BTreeSet::new();
+        let mut token = None;
+        loop {
+            let page = retry(self.policy, "DescribeTags", || {
+                self.asg.describe_tags().filters(filter.clone()).set_next_token(token.clone()).send()
+            })
+            .await
+            .context(CallSnafu)?;
+            clusters.extend(page.tags().iter().filter_map(|t| t.value().map(str::to_string)));
+            token = page.next_token().map(str::to_string);
+            if token.is_none() {
+                return Ok(clusters.into_iter().collect());
+            }
+        }
+    }
+
+    /// The listener of the newest group's first target group's load balancer.
+    async fn balancer(&self, cluster: &str) -> Result<Option<String>> {
+        let asgs = self.describe_groups(&[], Some(cluster)).await.context(CallSnafu)?;
+        let newest = asgs.iter().max_by_key(|g| g.created_time().map(|t| t.secs()));
+        let Some(arn) = newest.and_then(|g| cluster_target_groups(g).into_iter().next()) else { return Ok(None) };
+        let Some(group) = self.target_group(Some(&arn), None).await? else { return Ok(None) };
+        let Some(balancer) = group.load_balancer_arns().first() else { return Ok(None) };
+        let output = retry(self.policy, "DescribeLoadBalancers", || {
+            self.elb.describe_load_balancers().load_balancer_arns(balancer).send()
+        })
+        .await
+        .context(CallSnafu)?;
+        let Some(dns) = output.load_balancers().first().and_then(|b| b.dns_name()) else { return Ok(None) };
+        let listeners = self.listeners(balancer).await?;
+        let forwards = |l: &&Listener| l.default_actions().iter().any(|a| a.target_group_arn() == Some(arn.as_str()));
+        let Some(listener) = listeners.iter().find(forwards).or(listeners.first()) else { return Ok(None) };
+        let scheme = if listener.protocol() == Some(&ProtocolEnum::Https) { "https" } else { "http" };
+        Ok(Some(match listener.port() {
+            Some(80) if scheme == "http" => format!("http://{dns}"),
+            Some(443) if scheme == "https" => format!("https://{dns}"),
+            Some(port) => format!("{scheme}://{dns}:{port}"),
+            None => format!("{scheme}://{dns}"),
+        }))
+    }
+}
+
+impl Cloud for AwsCloud {
+    fn kind(&self) -> &'static str {
+        "aws"
+    }
+
+    fn clusters(&self) -> cloud::Result<Vec<String>> {
+        Ok(self.runtime.block_on(self.clusters_async())?)
+    }
+
+    fn groups(&self, cluster: &str) -> cloud::Result<Vec<Group>> {
+        Ok(self.runtime.block_on(self.groups_of(cluster))?)
+    }
+
+    fn create_group(&self, spec: &GroupSpec) -> cloud::Result<()> {
+        Ok(self.runtime.block_on(self.create(spec))?)
+    }
+
+    fn resize_group(&self, group: &str, capacity: Capacity) -> cloud::Result<()> {
+        self.runtime.block_on(async {
+            self.group_or_fail(group).await?;
+            retry(self.policy, "UpdateAutoScalingGroup", || {
+                self.asg
+                    .update_auto_scaling_group()
+                    .auto_scaling_group_name(group)
+                    .min_size(capacity.min as i32)
+                    .max_size(capacity.max as i32)
+                    .desired_capacity(capacity.desired as i32)
+                    .send()
+            })
+            .await
+            .context(CallSnafu)?;
+            Ok::<_, Error>(())
+        })?;
+        Ok(())
+    }
+
+    fn resume_group(&self, group: &str) -> cloud::Result<()> {
+        self.runtime.block_on(async {
+            self.group_or_fail(group).await?;
+            self.resume(group).await
+        })?;
+        Ok(())
+    }
+
+    fn add_to_service(&self, group: &str) -> cloud::Result<()> {
+        Ok(self.runtime.block_on(self.add(group))?)
+    }
+
+    fn remove_from_service(&self, group: &str, at: u64) -> cloud::Result<()> {
+        Ok(self.runtime.block_on(self.remove(group, at))?)
+    }
+
+    fn destroy_group(&self, group: &str) -> cloud::Result<()> {
+        Ok(self.runtime.block_on(self.destroy(group))?)
+    }
+
+    fn acquire_lock(&self, cluster: &str, holder: &LockHolder) -> cloud::Result<Option<LockHolder>> {
+        Ok(self.runtime.block_on(self.acquire(cluster, holder))?)
+    }
+
+    fn release_lock(&self, cluster: &str, deploy_id: &str) -> cloud::Result<()> {
+        Ok(self.runtime.block_on(self.release(cluster, deploy_id))?)
+    }
+
+    fn save_deploy(&self, record: &DeployRecord) -> cloud::Result<()> {
+        Ok(self.runtime.block_on(self.save(record))?)
+    }
+
+    fn load_deploy(&self, cluster: &str) -> cloud::Result<Option<DeployRecord>> {
+        Ok(self.runtime.block_on(self.load(cluster))?)
+    }
+
+    fn balancer_url(&self, cluster: &str) -> Option<String> {
+        self.runtime.block_on(self.balancer(cluster)).ok().flatten()
+    }
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn asg_tag(group: &str, key: &str, value: &str, propagate: bool) -> AsgTag {
+    AsgTag::builder()
+        .resource_id(group)
+        .resource_type("auto-scaling-group")
+        .key(key)
+        .value(value)
+        .propagate_at_launch(propagate)
+        .build()
+}
+
+fn tag<'a>(group: &'a AutoScalingGroup, key: &str) -> Option<&'a str> {
+    group.tags().iter().find(|t| t.key() == Some(key)).and_then(TagDescription::value)
+}
+
+/// The cluster's target groups the group joins when in service, in the order given.
+fn cluster_target_groups(group: &AutoScalingGroup) -> Vec<String> {
+    let mut numbered: Vec<(u32, String)> = group
+        .tags()
+        .iter()
+        .filter_map(|t| Some((t.key()?.strip_prefix(TARGET_GROUP_TAG)?.parse().ok()?, t.value()?.to_string())))
+        .collect();
+    numbered.sort();
+    numbered.into_iter().map(|(_, arn)| arn).collect()
+}
+
+fn same_image(name: &str, group: &AutoScalingGroup, image_id: &str) -> Result<()> {
+    let image = tag(group, IMAGE_TAG).unwrap_or_default();
+    snafu::ensure!(image == image_id, ExistsSnafu { group: name, image });
+    Ok(())
+}
+
+/// ELBv2 target group names: at most 32 characters of `[A-Za-z0-9-]`, so a digest of the group.
+fn check_name(group: &str) -> String {
+    format!("bakery-{}", &hex::encode(Sha256::digest(group.as_bytes()))[..24])
+}
+
+fn to_group(
+    asg: &AutoScalingGroup,
+    health: &BTreeMap<String, BTreeMap<String, String>>,
+    addresses: &BTreeMap<String, String>,
+) -> Group {
+    let attached: Vec<&BTreeMap<String, String>> =
+        asg.target_group_arns().iter().filter_map(|arn| health.get(arn)).collect();
+    let members = asg
+        .instances()
+        .iter()
+        .filter_map(|i| {
+            let id = i.instance_id()?.to_string();
+            let lifecycle = i.lifecycle_state().map(|s| s.as_str()).unwrap_or_default();
+            let states: Vec<Option<&str>> = attached.iter().map(|h| h.get(&id).map(String::as_str)).collect();
+            let health = if i.health_status() == Some("Unhealthy")
+                || lifecycle.starts_with("Terminat")
+                || states.contains(&Some("unhealthy"))
+            {
+                Health::Unhealthy
+            } else if lifecycle == "InService" && states.iter().all(|s| *s == Some("healthy")) {
+                Health::Healthy
+            } else {
+                Health::Starting
+            };
+            let address = addresses.get(&id).cloned();
+            Some(Member { id, zone: i.availability_zone().unwrap_or_default().to_string(), health, address })
+        })
+        .collect();
+    let wanted = cluster_target_groups(asg);
+    let suspended = asg.suspended_processes().iter().filter_map(|p| p.process_name()).collect::<Vec<_>>();
+    Group {
+        name: asg.auto_scaling_group_name().unwrap_or_default().to_string(),
+        image_id: tag(asg, IMAGE_TAG).unwrap_or_default().to_string(),
+        created: asg.created_time().map_or(0, |t| t.secs().max(0) as u64),
+        capacity: Capacity {
+            min: asg.min_size().unwrap_or_default().max(0) as u32,
+            max: asg.max_size().unwrap_or_default().max(0) as u32,
+            desired: asg.desired_capacity().unwrap_or_default().max(0) as u32,
+        },
+        in_service: tag(asg, IN_SERVICE_TAG) == Some("true")
+            && wanted.iter().all(|arn| asg.target_group_arns().contains(arn)),
+        suspended: DISABLED_PROCESSES.iter().any(|p| suspended.contains(p)),
+        disabled_at: tag(asg, DISABLED_AT_TAG).and_then(|t| t.parse().ok()),
+        deploy_id: tag(asg, DEPLOY_ID_TAG).map(str::to_string),
+        members,
+    }
+}
+
+/// `value` as JSON in base64, cut into tag-sized chunks under `prefix-NN`, with the count under
+/// `prefix`; stale chunks past the count are ignored by [`from_tags`].
+fn to_tags<T: Serialize>(prefix: &str, value: &T, what: &str) -> Result<Vec<(String, String)>> {
+    let json = serde_json::to_vec(value).expect("serialisable");
+    let encoded = base64::engine::general_purpose::STANDARD.encode(json);
+    let chunks: Vec<&str> =
+        encoded.as_bytes().chunks(TAG_VALUE_MAX).map(|c| std::str::from_utf8(c).expect("base64")).collect();
+    snafu::ensure!(chunks.len() <= MAX_CHUNKS, TooLargeSnafu { what, chars: encoded.len() });
+    let mut tags = vec![(prefix.to_string(), chunks.len().to_string())];
+    tags.extend(chunks.iter().enumerate().map(|(i, chunk)| (format!("{prefix}-{i:02}"), chunk.to_string())));
+    Ok(tags)
+}
+
+fn from_tags<T: DeserializeOwned>(prefix: &str, tags: &BTreeMap<String, String>, resource: &str) -> Result<Option<T>> {
+    let Some(count) = tags.get(prefix) else { return Ok(None) };
+    let corrupt = |reason: String| Error::Corrupt { what: prefix.to_string(), resource: resource.to_string(), reason };
+    let count: usize = count.parse().map_err(|_| corrupt(format!("chunk count {count:?}")))?;
+    let mut encoded = String::new();
+    for i in 0..count {
+        encoded += tags.get(&format!("{prefix}-{i:02}")).ok_or_else(|| corrupt(format!("chunk {i} is missing")))?;
+    }
+    let json = base64::engine::general_purpose::STANDARD.decode(encoded).map_err(|e| corrupt(e.to_string()))?;
+    serde_json::from_slice(&json).map(Some).map_err(|e| corrupt(e.to_string()))
+}
+
+fn group_missing(error: &CallError) -> bool {
+    error.code.as_deref() == Some("ValidationError") && error.message.contains("not found")
+}
+
+fn ignore_missing<T>(result: std::result::Result<T, CallError>) -> Result<()> {
+    match result {
+        Err(e) if e.is_not_found() => Ok(()),
+        other => other.map(|_| ()).context(CallSnafu),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_round_trip_through_tag_chunks() {
+        let holder = LockHolder {
+            deploy_id: "1700000000000-42-0".into(),
+            owner: "ann".into(),
+            host: "h".repeat(300),
+            pid: 42,
+            start_time: 7,
+            expires: 1_700_000_900,
+        };
+        let tags: BTreeMap<String, String> = to_tags(LOCK_TAG, &holder, "holder").unwrap().into_iter().collect();
+        assert!(tags.len() > 2 && tags.values().all(|v| v.len() <= TAG_VALUE_MAX), "{tags:?}");
+        assert_eq!(from_tags::<LockHolder>(LOCK_TAG, &tags, "t").unwrap(), Some(holder));
+        assert_eq!(from_tags::<LockHolder>(LOCK_TAG, &BTreeMap::new(), "t").unwrap(), None);
+        let mut torn = tags.clone();
+        torn.remove(&format!("{LOCK_TAG}-01"));
+        assert!(from_tags::<LockHolder>(LOCK_TAG, &torn, "t").unwrap_err().to_string().contains("chunk 1 is missing"));
+        let huge = "x".repeat(MAX_CHUNKS * TAG_VALUE_MAX);
+        assert!(matches!(to_tags(RECORD_TAG, &huge, "record"), Err(Error::TooLarge { .. })));
+    }
+
+    #[test]
+    fn check_group_names_fit_elbv2_limits() {
+        let name = check_name("hello-prod-some-very-long-detail-v001");
+        assert!(name.len() <= 32 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'), "{name}");
+        assert_ne!(name, check_name("hello-prod-v001"));
+    }
+}
