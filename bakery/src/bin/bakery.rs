@@ -403,6 +403,10 @@ fn run(cli: &Cli, ui: &Ui) -> Result<(), Failure> {
         });
         return Ok(());
     }
+    let verifies = matches!(&cli.command, Commands::Verify(_)) || matches!(&cli.command, Commands::Bake(a) if a.verify);
+    if verifies && cli.provider == ProviderKind::Aws {
+        return Err(failure(2, "verify boots images on this host: it works with --provider local only"));
+    }
     let provider = open_provider(cli)?;
     let provider = provider.as_ref();
     match &cli.command {

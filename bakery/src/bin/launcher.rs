@@ -155,7 +155,9 @@ fn open_cloud(cli: &Cli) -> Result<Box<dyn Cloud>, Failure> {
             Ok(local) => Ok(Box::new(local)),
             Err(error) => Err(error.into()),
         },
-        CloudKind::Aws => Err("TEMPORARY: launch::aws lands shortly".into()),
+        CloudKind::Aws => {
+            bakery::launch::aws::AwsCloud::open(cli.region.clone()).map(|aws| Box::new(aws) as Box<dyn Cloud>)
+        }
     };
     opened.map_err(|e| Failure { code: 2, message: format!("opening the {} provider: {e}", cloud_name(cli)) })
 }

@@ -163,7 +163,11 @@ impl AwsCloud {
     // Auto Scaling.
 
     /// The ASGs with these names, or those of this cluster.
-    async fn describe_groups(&self, names: &[&str], cluster: Option<&str>) -> std::result::Result<Vec<AutoScalingGroup>, CallError> {
+    async fn describe_groups(
+        &self,
+        names: &[&str],
+        cluster: Option<&str>,
+    ) -> std::result::Result<Vec<AutoScalingGroup>, CallError> {
         let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
         let filter = cluster.map(|c| AsgFilter::builder().name(format!("tag:{CLUSTER_TAG}")).values(c).build());
         let mut groups = Vec::new();
