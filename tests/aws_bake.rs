@@ -18,6 +18,9 @@ fn fresh_cloud_with_base() -> (MutexGuard<'static, ()>, String, String) {
     let guard = serial();
     base_image();
     reset();
+    // The mirrors of the last test's snapshots (gone with the reset) must not pile up.
+    let (code, collected, stderr) = run_aws_json(&["gc", "--older-than", "0s"], &[]);
+    assert_eq!(code, 0, "gc on an empty cloud: {collected}\n{stderr}");
     let (code, pushed, stderr) = run_aws_json(&["push", BASE], &[]);
     assert_eq!(code, 0, "push: {stderr}");
     assert_eq!(pushed["reused"], false);

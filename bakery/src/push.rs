@@ -136,7 +136,8 @@ pub fn push(
             if let Err(cleanup) = journal.unwind_all(target) {
                 tracing::error!(%cleanup, "undoing the push failed; `bakery gc --provider aws` will finish it");
             }
-            Err(error)
+            // Ctrl-C during the upload surfaces as the upload's error: report it as an interruption.
+            Err(if cancel.load(Ordering::Relaxed) { Error::Interrupted } else { error })
         }
     }
 }

@@ -13,6 +13,7 @@ pub struct Moto {
     pub endpoint: String,
     // Held so its stdin stays open: the script stops moto and the proxy when it closes.
     _server: Child,
+    _logs: tempfile::TempDir,
 }
 
 pub fn venv() -> String {
@@ -24,11 +25,11 @@ pub fn moto() -> &'static Moto {
     static MOTO: OnceLock<Moto> = OnceLock::new();
     MOTO.get_or_init(|| {
         // moto logs every request: keep that out of the test output.
-        let logs = std::env::temp_dir().join("bakery-moto-logs");
+        let logs = tempfile::tempdir().unwrap();
         let mut server = Command::new(super::workspace().join("scripts/moto-server"))
             .arg("run")
             .arg("--log-dir")
-            .arg(&logs)
+            .arg(logs.path())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -37,7 +38,7 @@ pub fn moto() -> &'static Moto {
         BufReader::new(server.stdout.take().unwrap()).read_line(&mut line).unwrap();
         let started: Value = serde_json::from_str(&line)
             .unwrap_or_else(|e| panic!("scripts/moto-server printed {line:?} instead of its endpoints: {e}"));
-        Moto { endpoint: started["endpoint"].as_str().unwrap().to_string(), _server: server }
+        Moto { endpoint: started["endpoint"].as_str().unwrap().to_string(), _server: server, _logs: logs }
     })
 }
 
@@ -64,7 +65,8 @@ pub fn recorded(action: &str) -> Vec<Value> {
     proxy_get(&format!("/_proxy/requests?action={action}")).as_array().cloned().unwrap_or_default()
 }
 
-fn aws_env(command: &mut Command) {
+/// The environment that points AWS clients at moto.
+pub fn aws_env(command: &mut Command) {
     command
         .env("AWS_ENDPOINT_URL", &moto().endpoint)
         .env("AWS_REGION", REGION)

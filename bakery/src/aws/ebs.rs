@@ -3,7 +3,7 @@
 //! snapshot, with a per-block SHA-256 and the LINEAR aggregate checksum EBS verifies.
 //! Facts: docs.aws.amazon.com/ebs/latest/userguide/ebsapis-using-checksums.html.
 
-use super::retry::{retry, CallError, Policy};
+use super::retry::{retry, retry_also, CallError, Policy};
 use crate::local::store::{SnapshotManifest, Store, BLOCK_SIZE};
 use aws_sdk_ebs::types::{ChecksumAggregationMethod, ChecksumAlgorithm, Tag};
 use aws_smithy_types::byte_stream::ByteStream;
@@ -36,6 +36,9 @@ pub enum Error {
     #[snafu(display("storing block {index} of {snapshot}: {source}"))]
     Store { snapshot: String, index: u64, source: crate::local::store::Error },
 
+    #[snafu(display("saving the mirror of {snapshot}: {source}"))]
+    SaveManifest { snapshot: String, source: crate::local::store::Error },
+
     #[snafu(display("snapshot {snapshot} ended as {status}"))]
     Incomplete { snapshot: String, status: String },
 
@@ -47,6 +50,9 @@ pub enum Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// How long one block's body may take to arrive.
+const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// What a block transfer task ends with.
 type Joined<T> = std::result::Result<Result<T>, tokio::task::JoinError>;
@@ -210,7 +216,8 @@ impl Ebs {
     async fn put_block(&self, snapshot: &str, index: u64, data: Vec<u8>) -> Result<(u64, [u8; 32])> {
         let (digest, encoded) = checksum(&data);
         let data = bytes::Bytes::from(data);
-        retry(self.policy, "PutSnapshotBlock", || {
+        // Right after StartSnapshot, EBS may not know the snapshot yet.
+        retry_also(self.policy, "PutSnapshotBlock", &["ResourceNotFoundException"], || {
             self.client
                 .put_snapshot_block()
                 .snapshot_id(snapshot)
@@ -320,7 +327,7 @@ impl Ebs {
             tags: BTreeMap::new(),
             blocks,
         };
-        store.save_snapshot(&manifest).context(StoreSnafu { snapshot, index: 0u64 })?;
+        store.save_snapshot(&manifest).context(SaveManifestSnafu { snapshot })?;
         Ok(manifest)
     }
 
@@ -338,6 +345,7 @@ impl Ebs {
                 return BadBlockSnafu { snapshot, index, attempts: attempt, problem }.fail();
             }
             tracing::debug!(snapshot, index, attempt, %problem, "fetching the block again");
+            tokio::time::sleep(self.policy.delay(attempt)).await;
         }
     }
 
@@ -350,7 +358,11 @@ impl Ebs {
         .map_err(|e| e.to_string())?;
         let expected = output.checksum().map(str::to_string);
         let length = output.data_length();
-        let data = output.block_data.collect().await.map_err(|e| format!("reading the block: {e}"))?.to_vec();
+        // The SDK's timeouts end with the response headers; a body that stalls needs its own.
+        let body = tokio::time::timeout(BODY_TIMEOUT, output.block_data.collect())
+            .await
+            .map_err(|_| format!("the block's body did not arrive within {BODY_TIMEOUT:?}"))?;
+        let data = body.map_err(|e| format!("reading the block: {e}"))?.to_vec();
         if data.len() != BLOCK_SIZE || length.is_some_and(|l| l as usize != data.len()) {
             return Err(format!("{} bytes received, {length:?} announced, {BLOCK_SIZE} expected", data.len()));
         }

@@ -11,6 +11,8 @@ use aws_sdk_ec2::types::{
 use snafu::{ResultExt, Snafu};
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Snafu)]
@@ -23,6 +25,9 @@ pub enum Error {
 
     #[snafu(display("{what} failed: {state}"))]
     Failed { what: String, state: String },
+
+    #[snafu(display("cancelled while waiting for {what}"))]
+    Cancelled { what: String },
 
     #[snafu(display("image {id} has no root snapshot for {root_device}"))]
     NoRootSnapshot { id: String, root_device: String },
@@ -83,17 +88,38 @@ pub struct Registration<'a> {
 pub struct Ec2 {
     pub client: aws_sdk_ec2::Client,
     pub policy: Policy,
+    /// Bound on every wait.
     pub timeout: Duration,
+    /// Ctrl-C: waits stop at their next poll.
+    pub cancel: Arc<AtomicBool>,
 }
 
 impl Ec2 {
+    /// [`wait_for`] bounded by `self.timeout` that stops when Ctrl-C sets `self.cancel`.
+    pub async fn wait<T, F, Fut>(&self, what: &str, mut check: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<Option<T>>>,
+    {
+        wait_for(what, self.timeout, || {
+            let cancelled = self.cancel.load(Ordering::Relaxed);
+            let poll = check();
+            async move {
+                snafu::ensure!(!cancelled, CancelledSnafu { what });
+                poll.await
+            }
+        })
+        .await
+    }
+
     pub async fn images(&self, ids: &[&str], filters: &[(&str, &str)]) -> Result<Vec<Image>> {
         let ids: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
         let filters: Vec<Filter> = filters.iter().map(|(n, v)| filter(n, v)).collect();
         let output = retry(self.policy, "DescribeImages", || {
+            // By id, any image we may launch (a public base too); by filter, only our own.
             self.client
                 .describe_images()
-                .owners("self")
+                .set_owners(ids.is_empty().then(|| vec!["self".to_string()]))
                 .set_image_ids((!ids.is_empty()).then(|| ids.clone()))
                 .set_filters((!filters.is_empty()).then(|| filters.clone()))
                 .send()
@@ -108,15 +134,21 @@ impl Ec2 {
         Ok(images)
     }
 
+    /// The boot mode of an image; `None` when it has none or is not in this cloud (the local
+    /// original of a push).
     pub async fn boot_mode(&self, image_id: &str) -> Result<Option<String>> {
-        let output = retry(self.policy, "DescribeImages", || self.client.describe_images().image_ids(image_id).send())
-            .await
-            .context(CallSnafu)?;
+        let output =
+            retry(self.policy, "DescribeImages", || self.client.describe_images().image_ids(image_id).send()).await;
+        let output = match output {
+            Err(e) if e.is_not_found() => return Ok(None),
+            other => other.context(CallSnafu)?,
+        };
         Ok(output.images().first().and_then(|i| i.boot_mode()).map(|m| m.as_str().to_string()))
     }
 
-    /// Registers the image with its tags set both ways: in the request and with CreateTags,
-    /// which is what DescribeImages/DescribeTags are sure to show.
+    /// Registers the image, its tags in the request; the caller also sets them with CreateTags,
+    /// which is what DescribeImages is sure to show. A retry whose first attempt went through
+    /// finds the image by its (unique) name and adopts it when it holds our snapshot.
     pub async fn register(&self, r: &Registration<'_>) -> Result<String> {
         let mapping = BlockDeviceMapping::builder()
             .device_name(r.root_device_name)
@@ -145,15 +177,22 @@ impl Ec2 {
                 .tag_specifications(tag_spec(ResourceType::Image, r.tags))
                 .send()
         })
-        .await
-        .context(CallSnafu)?;
-        let id = output.image_id().unwrap_or_default().to_string();
-        self.tag(&[&id, r.snapshot_id], r.tags).await?;
-        Ok(id)
+        .await;
+        match output {
+            Ok(output) => Ok(output.image_id().unwrap_or_default().to_string()),
+            Err(e) if e.attempts > 1 && e.code.as_deref() == Some("InvalidAMIName.Duplicate") => {
+                let ours = self.images(&[], &[("name", r.name)]).await?;
+                match ours.into_iter().find(|i| i.snapshot_id == r.snapshot_id) {
+                    Some(image) => Ok(image.id),
+                    None => Err(e).context(CallSnafu),
+                }
+            }
+            Err(e) => Err(e).context(CallSnafu),
+        }
     }
 
     pub async fn wait_image_available(&self, id: &str) -> Result<()> {
-        wait_for(&format!("image {id} becoming available"), self.timeout, || async {
+        self.wait(&format!("image {id} becoming available"), || async {
             let output =
                 retry(self.policy, "DescribeImages", || self.client.describe_images().image_ids(id).send()).await;
             let output = match output {
@@ -194,16 +233,20 @@ impl Ec2 {
         )
     }
 
+    /// Creates the volume and returns its id at once; the caller waits for it (and deletes it if
+    /// the wait fails). `token` makes a retried call return the same volume.
     pub async fn create_volume(
         &self,
         snapshot_id: &str,
         zone: &str,
         kms_key: Option<&str>,
         map: &BTreeMap<String, String>,
+        token: &str,
     ) -> Result<String> {
         let output = retry(self.policy, "CreateVolume", || {
             self.client
                 .create_volume()
+                .client_token(token)
                 .snapshot_id(snapshot_id)
                 .availability_zone(zone)
                 .volume_type(VolumeType::Gp3)
@@ -214,19 +257,20 @@ impl Ec2 {
         })
         .await
         .context(CallSnafu)?;
-        let id = output.volume_id().unwrap_or_default().to_string();
-        self.tag(&[&id], map).await?;
-        self.wait_volume(&id, "available").await?;
-        Ok(id)
+        Ok(output.volume_id().unwrap_or_default().to_string())
     }
 
     /// Waits for a volume to reach `state`, or for its attachment to reach it when the state is
     /// an attachment state (`attached`).
     pub async fn wait_volume(&self, id: &str, state: &str) -> Result<()> {
-        wait_for(&format!("volume {id} becoming {state}"), self.timeout, || async {
-            let output = retry(self.policy, "DescribeVolumes", || self.client.describe_volumes().volume_ids(id).send())
-                .await
-                .context(CallSnafu)?;
+        self.wait(&format!("volume {id} becoming {state}"), || async {
+            let output =
+                retry(self.policy, "DescribeVolumes", || self.client.describe_volumes().volume_ids(id).send()).await;
+            let output = match output {
+                // Eventual consistency: a new volume may not be visible yet.
+                Err(e) if e.is_not_found() => return Ok(None),
+                other => other.context(CallSnafu)?,
+            };
             let Some(volume) = output.volumes().first() else { return Ok(None) };
             let volume_state = volume.state().map(|s| s.as_str()).unwrap_or_default();
             if volume_state == "error" {
@@ -297,17 +341,18 @@ impl Ec2 {
         })
         .await
         .context(CallSnafu)?;
-        let id = output.snapshot_id().unwrap_or_default().to_string();
-        self.tag(&[&id], map).await?;
-        Ok(id)
+        Ok(output.snapshot_id().unwrap_or_default().to_string())
     }
 
     pub async fn wait_snapshot_completed(&self, id: &str) -> Result<()> {
-        wait_for(&format!("snapshot {id} completing"), self.timeout, || async {
+        self.wait(&format!("snapshot {id} completing"), || async {
             let output =
                 retry(self.policy, "DescribeSnapshots", || self.client.describe_snapshots().snapshot_ids(id).send())
-                    .await
-                    .context(CallSnafu)?;
+                    .await;
+            let output = match output {
+                Err(e) if e.is_not_found() => return Ok(None),
+                other => other.context(CallSnafu)?,
+            };
             let state = output.snapshots().first().and_then(|s| s.state()).map(|s| s.as_str().to_string());
             match state.as_deref() {
                 Some("completed") => Ok(Some(())),
@@ -316,6 +361,15 @@ impl Ec2 {
             }
         })
         .await
+    }
+
+    pub async fn snapshot_exists(&self, id: &str) -> Result<bool> {
+        let output =
+            retry(self.policy, "DescribeSnapshots", || self.client.describe_snapshots().snapshot_ids(id).send()).await;
+        match output {
+            Err(e) if e.is_not_found() => Ok(false),
+            other => Ok(!other.context(CallSnafu)?.snapshots().is_empty()),
+        }
     }
 
     /// Grants launch permission on the image and create-volume permission on its snapshot.
@@ -346,7 +400,8 @@ impl Ec2 {
         Ok(())
     }
 
-    /// Copies an image from `source_region` into this client's region, with the same tags.
+    /// Starts copying an image from `source_region` into this client's region, tagged alike;
+    /// returns the copy's id at once (the caller waits, and deletes it on failure).
     pub async fn copy_from(
         &self,
         source_region: &str,
@@ -364,14 +419,12 @@ impl Ec2 {
                 .client_token(token)
                 .set_encrypted(kms_key.map(|_| true))
                 .set_kms_key_id(kms_key.map(str::to_string))
+                .tag_specifications(tag_spec(ResourceType::Image, &image.tags))
                 .send()
         })
         .await
         .context(CallSnafu)?;
-        let id = output.image_id().unwrap_or_default().to_string();
-        self.wait_image_available(&id).await?;
-        self.tag(&[&id], &image.tags).await?;
-        Ok(id)
+        Ok(output.image_id().unwrap_or_default().to_string())
     }
 
     /// Volumes and snapshots a bake tagged, with their creation time (unix seconds).

@@ -14,17 +14,18 @@ pub struct Identity {
     pub zone: String,
 }
 
-fn metadata_endpoint() -> String {
-    std::env::var("AWS_EC2_METADATA_SERVICE_ENDPOINT").unwrap_or_else(|_| "http://169.254.169.254".to_string())
-}
-
-/// Asks IMDSv2 (a session token first, as IMDSv2-only hosts require). `None` off EC2, when
-/// `AWS_EC2_METADATA_DISABLED=true`, or when the service does not answer within `timeout`.
-pub fn identify(timeout: Duration) -> Option<Identity> {
+/// The metadata service the SDK would use: `AWS_EC2_METADATA_SERVICE_ENDPOINT` or the link-local
+/// address; `None` when `AWS_EC2_METADATA_DISABLED=true`.
+pub fn metadata_endpoint() -> Option<String> {
     if std::env::var("AWS_EC2_METADATA_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("true")) {
         return None;
     }
-    let base = metadata_endpoint();
+    Some(std::env::var("AWS_EC2_METADATA_SERVICE_ENDPOINT").unwrap_or_else(|_| "http://169.254.169.254".to_string()))
+}
+
+/// Asks IMDSv2 at `base` (a session token first, as IMDSv2-only hosts require). `None` off EC2,
+/// or when the service does not answer within `timeout`.
+pub fn identify(base: &str, timeout: Duration) -> Option<Identity> {
     let agent = ureq::AgentBuilder::new().timeout(timeout).build();
     let token = agent
         .put(&format!("{}/latest/api/token", base.trim_end_matches('/')))
@@ -96,8 +97,6 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         drop(listener);
-        std::env::set_var("AWS_EC2_METADATA_SERVICE_ENDPOINT", format!("http://127.0.0.1:{port}"));
-        assert!(identify(Duration::from_millis(500)).is_none());
-        std::env::remove_var("AWS_EC2_METADATA_SERVICE_ENDPOINT");
+        assert!(identify(&format!("http://127.0.0.1:{port}"), Duration::from_millis(500)).is_none());
     }
 }

@@ -48,8 +48,11 @@ pub enum Error {
     #[snafu(display("locking device names: {source}"))]
     DeviceLock { source: std::io::Error },
 
-    #[snafu(display("the block cache in {}: {source}", path.display()))]
-    Cache { path: PathBuf, source: crate::provider::Error },
+    #[snafu(display("opening {}: {source}", path.display()))]
+    Open { path: PathBuf, source: std::io::Error },
+
+    #[snafu(display("locking the mirror of {}: {source}", path.display()))]
+    MirrorLock { path: PathBuf, source: std::io::Error },
 }
 
 /// Tag listing the copies of an image in other regions (`region=ami-…,…`), so deleting the
@@ -74,6 +77,29 @@ pub struct Options {
     /// gc leaves bake-tagged volumes and unfinished snapshots younger than this alone: they may
     /// belong to a bake running on another host.
     pub gc_older_than: Duration,
+    /// Set on Ctrl-C: mirrors and waits stop at their next block or poll.
+    pub cancel: Arc<AtomicBool>,
+}
+
+/// A runtime for the SDK's futures and the configuration every bakery client uses: the standard
+/// chain for credentials and region (`--region` first), the SDK's own retries off (`retry::retry`
+/// is the one layer), and timeouts on connecting, on each attempt and on each call.
+pub fn sdk(region: Option<String>) -> std::result::Result<(tokio::runtime::Runtime, aws_config::SdkConfig), Error> {
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context(RuntimeSnafu)?;
+    let timeouts = TimeoutConfig::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .operation_attempt_timeout(Duration::from_secs(60))
+        .operation_timeout(Duration::from_secs(120))
+        .build();
+    let mut loader =
+        aws_config::defaults(BehaviorVersion::latest()).retry_config(RetryConfig::disabled()).timeout_config(timeouts);
+    if let Some(region) = region {
+        loader = loader.region(aws_config::Region::new(region));
+    }
+    let config = runtime.block_on(loader.load());
+    snafu::ensure!(config.region().is_some(), NoRegionSnafu);
+    Ok((runtime, config))
 }
 
 pub struct AwsProvider {
@@ -94,27 +120,19 @@ pub struct AwsProvider {
 
 impl AwsProvider {
     pub fn open(state_dir: &Path, options: Options) -> std::result::Result<AwsProvider, crate::provider::Error> {
-        let runtime =
-            tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context(RuntimeSnafu)?;
-        let mut loader =
-            aws_config::defaults(BehaviorVersion::latest()).retry_config(RetryConfig::disabled()).timeout_config(
-                TimeoutConfig::builder()
-                    .connect_timeout(Duration::from_secs(5))
-                    .operation_attempt_timeout(Duration::from_secs(60))
-                    .operation_timeout(Duration::from_secs(120))
-                    .build(),
-            );
-        if let Some(region) = &options.region {
-            loader = loader.region(aws_config::Region::new(region.clone()));
-        }
-        let config = runtime.block_on(loader.load());
+        let (runtime, config) = sdk(options.region.clone())?;
         let region = config.region().map(|r| r.to_string()).context(NoRegionSnafu)?;
         let policy = retry::Policy::from_env();
-        let ec2 = Ec2 { client: aws_sdk_ec2::Client::new(&config), policy, timeout: Duration::from_secs(1800) };
+        let ec2 = Ec2 {
+            client: aws_sdk_ec2::Client::new(&config),
+            policy,
+            timeout: Duration::from_secs(1800),
+            cancel: options.cancel.clone(),
+        };
         let ebs = Ebs { client: aws_sdk_ebs::Client::new(&config), policy, concurrency: 32 };
         let host = match options.mode {
             Some(Mode::Direct) => None,
-            _ => host::identify(Duration::from_secs(1)),
+            _ => host::metadata_endpoint().and_then(|endpoint| host::identify(&endpoint, Duration::from_secs(1))),
         };
         let mode = options.mode.unwrap_or(if host.is_some() { Mode::Attach } else { Mode::Direct });
         if mode == Mode::Attach && host.is_none() {
@@ -135,21 +153,19 @@ impl AwsProvider {
         &self.region
     }
 
-    fn cache_error(&self) -> impl Fn(crate::provider::Error) -> Error + '_ {
-        |source| Error::Cache { path: self.cache_dir.clone(), source }
-    }
-
     /// The snapshot's blocks in the local cache, downloaded the first time only.
     fn mirror(&self, snapshot_id: &str) -> Result<()> {
-        let lock_path = self.cache_dir.join("cache").join(format!("{snapshot_id}.mirror.lock"));
-        let lock = File::create(&lock_path).map_err(|e| self.cache_error()(e.into()))?;
-        let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| e)?;
+        let path = self.cache_dir.join("cache").join(format!("{snapshot_id}.mirror.lock"));
+        let lock = File::create(&path).context(MirrorLockSnafu { path: &path })?;
+        let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| std::io::Error::from(e))
+            .context(MirrorLockSnafu { path })?;
         if self.cache.store().snapshot(snapshot_id).is_ok() {
             return Ok(());
         }
-        let cancel = AtomicBool::new(false);
         let started = std::time::Instant::now();
-        let manifest = self.runtime.block_on(self.ebs.mirror(self.cache.store(), snapshot_id, &cancel, &|_, _| {}))?;
+        let cancel = &self.options.cancel;
+        let manifest = self.runtime.block_on(self.ebs.mirror(self.cache.store(), snapshot_id, cancel, &|_, _| {}))?;
         tracing::info!(snapshot = snapshot_id, blocks = manifest.blocks.len(), elapsed = ?started.elapsed(), "mirrored the snapshot's blocks");
         Ok(())
     }
@@ -160,20 +176,24 @@ impl AwsProvider {
 
     /// Uploads blocks of `path` into a new snapshot, deleting it again if anything fails.
     fn upload(&self, path: &Path, upload: Upload, cancel: &AtomicBool, progress: Progress) -> Result<ebs::Uploaded> {
-        let file = Arc::new(File::open(path).map_err(|e| self.cache_error()(e.into()))?);
-        let result = self.runtime.block_on(self.ebs.upload(file, path.to_path_buf(), upload, cancel, progress));
-        match result {
-            Ok(uploaded) => {
-                self.runtime.block_on(self.ec2.wait_snapshot_completed(&uploaded.snapshot_id))?;
-                Ok(uploaded)
+        let file = Arc::new(File::open(path).context(OpenSnafu { path })?);
+        let result = self.runtime.block_on(async {
+            let uploaded = self.ebs.upload(file, path.to_path_buf(), upload, cancel, progress).await;
+            let uploaded = uploaded.map_err(|(started, error)| (started, crate::provider::Error::from(error)))?;
+            match self.ec2.wait_snapshot_completed(&uploaded.snapshot_id).await {
+                Ok(()) => Ok(uploaded),
+                Err(error) => Err((Some(uploaded.snapshot_id), error.into())),
             }
+        });
+        match result {
+            Ok(uploaded) => Ok(uploaded),
             Err((started, error)) => {
                 if let Some(snapshot) = started {
                     if let Err(cleanup) = self.runtime.block_on(self.ec2.delete_snapshot(&snapshot)) {
                         tracing::error!(%snapshot, %cleanup, "could not delete the unfinished snapshot; `bakery gc --provider aws` will");
                     }
                 }
-                Err(error.into())
+                Err(error)
             }
         }
     }
@@ -195,13 +215,21 @@ impl AwsProvider {
         Ec2 { client: aws_sdk_ec2::Client::new(&config), ..self.ec2.clone() }
     }
 
-    /// Copies into every `--copy-to-region` at once; on any failure the copies made are deleted.
+    /// Copies into every `--copy-to-region` at once; on any failure the copies made (images and
+    /// their snapshots) are deleted again.
     async fn copy_to_regions(&self, image: &Image) -> Result<Vec<(String, String)>> {
         let kms = self.options.kms_key.as_deref();
         let copies = self.options.copy_to_regions.iter().map(|region| {
             let ec2 = self.ec2_in(region);
             async move {
-                let result = ec2.copy_from(&self.region, image, kms, &format!("{}-{region}", image.id)).await;
+                let started = ec2.copy_from(&self.region, image, kms, &format!("{}-{region}", image.id)).await;
+                let result = match started {
+                    Ok(id) => match ec2.wait_image_available(&id).await.and(ec2.tag(&[&id], &image.tags).await) {
+                        Ok(()) => Ok(id),
+                        Err(error) => Err((Some(id), error)),
+                    },
+                    Err(error) => Err((None, error)),
+                };
                 (region.clone(), ec2, result)
             }
         });
@@ -210,16 +238,27 @@ impl AwsProvider {
         for (region, ec2, result) in futures::future::join_all(copies).await {
             match result {
                 Ok(id) => made.push((region, id, ec2)),
-                Err(e) => failure = Some(e),
+                Err((started, error)) => {
+                    made.extend(started.map(|id| (region, id, ec2)));
+                    failure = Some(error);
+                }
             }
         }
+        let copies: Vec<(String, String)> = made.iter().map(|(region, id, _)| (region.clone(), id.clone())).collect();
         if let Some(error) = failure {
-            for (_, id, ec2) in &made {
-                let _ = ec2.deregister(id).await;
-            }
+            self.delete_copies(&copies).await;
             return Err(error.into());
         }
-        Ok(made.into_iter().map(|(region, id, _)| (region, id)).collect())
+        Ok(copies)
+    }
+
+    /// Best effort: a copy that cannot be deleted is logged (it carries the image's tags).
+    async fn delete_copies(&self, copies: &[(String, String)]) {
+        for (region, id) in copies {
+            if let Err(error) = self.delete_image_async(&self.ec2_in(region), id).await {
+                tracing::error!(%region, image = %id, %error, "could not delete a copy of the image");
+            }
+        }
     }
 
     async fn delete_image_async(&self, ec2: &Ec2, image_id: &str) -> Result<()> {
@@ -277,12 +316,13 @@ impl Provider for AwsProvider {
                 tags.insert(BAKE_ID_TAG.to_string(), bake_id.to_string());
                 tags.insert("Name".to_string(), format!("bakery {bake_id}"));
                 let zone = self.host().zone.clone();
-                let id = self.runtime.block_on(self.ec2.create_volume(
-                    snapshot_id,
-                    &zone,
-                    self.options.kms_key.as_deref(),
-                    &tags,
-                ))?;
+                let kms = self.options.kms_key.as_deref();
+                let id = self.runtime.block_on(self.ec2.create_volume(snapshot_id, &zone, kms, &tags, bake_id))?;
+                if let Err(error) = self.runtime.block_on(self.ec2.wait_volume(&id, "available")) {
+                    // The journal learns of the volume only when this returns.
+                    let _ = self.runtime.block_on(self.ec2.delete_volume(&id));
+                    return Err(error.into());
+                }
                 if self.loop_devices {
                     self.mirror(snapshot_id)?;
                     self.cache.create_volume_as(&id, snapshot_id, bake_id)?;
@@ -300,16 +340,23 @@ impl Provider for AwsProvider {
         let _devices = host::lock_devices().context(DeviceLockSnafu)?;
         let in_use: BTreeSet<String> = self.runtime.block_on(self.ec2.attached_devices(&instance))?;
         let device = host::free_device(&in_use).context(NoFreeDeviceSnafu)?;
-        self.runtime.block_on(self.ec2.attach(volume_id, &instance, &device))?;
-        if self.loop_devices {
-            return self.cache.attach_volume(volume_id);
+        let attached = self.runtime.block_on(self.ec2.attach(volume_id, &instance, &device)).map_err(Into::into);
+        let found = attached.and_then(|()| {
+            if self.loop_devices {
+                return self.cache.attach_volume(volume_id);
+            }
+            let appeared = self.runtime.block_on(ec2::wait_for(
+                &format!("volume {volume_id} appearing as a block device"),
+                Duration::from_secs(120),
+                || async { Ok(host::find_device(volume_id, &device)) },
+            ));
+            appeared.map_err(|_| Error::DeviceMissing { volume: volume_id.to_string(), device: device.clone() }.into())
+        });
+        if found.is_err() {
+            // The journal records the attachment only once this returns: undo it here.
+            let _ = self.runtime.block_on(self.ec2.detach(volume_id, &instance));
         }
-        let found = self.runtime.block_on(ec2::wait_for(
-            &format!("volume {volume_id} appearing as a block device"),
-            Duration::from_secs(120),
-            || async { Ok(host::find_device(volume_id, &device)) },
-        ));
-        found.map_err(|_| Error::DeviceMissing { volume: volume_id.to_string(), device }.into())
+        found
     }
 
     fn detach_volume(&self, volume_id: &str, device: &Path) -> Result<()> {
@@ -327,7 +374,7 @@ impl Provider for AwsProvider {
         if local {
             self.cache.delete_volume(volume_id)?;
         }
-        if self.mode == Mode::Attach || !local {
+        if self.mode == Mode::Attach {
             self.runtime.block_on(self.ec2.delete_volume(volume_id))?;
         }
         Ok(())
@@ -387,7 +434,9 @@ impl Provider for AwsProvider {
                 stored_bytes: uploaded.bytes,
             })
         })();
-        store.delete_snapshot(&local.id)?;
+        if let Err(error) = store.delete_snapshot(&local.id) {
+            tracing::warn!(snapshot = %local.id, %error, "could not remove the local snapshot record; gc will");
+        }
         result
     }
 
@@ -398,8 +447,8 @@ impl Provider for AwsProvider {
         cancel: &AtomicBool,
         progress: Progress,
     ) -> Result<SnapshotResult> {
-        let file = File::open(path).map_err(|e| self.cache_error()(e.into()))?;
-        let size = file.metadata().map_err(|e| self.cache_error()(e.into()))?.len();
+        let file = File::open(path).context(OpenSnafu { path })?;
+        let size = file.metadata().context(OpenSnafu { path })?.len();
         // Holes are never read: a 4 GiB disk with 700 MB of data costs 700 MB of reading.
         let blocks = sparse::data_blocks(&file, BLOCK_SIZE as u64)?.without_parent().to_read;
         let upload = Upload {
@@ -425,7 +474,7 @@ impl Provider for AwsProvider {
         self.runtime.block_on(async {
             let parent = request.parent.as_ref();
             let boot_mode = match parent {
-                Some(p) if crate::ids::is_id("ami", &p.id) => self.ec2.boot_mode(&p.id).await.ok().flatten(),
+                Some(p) if crate::ids::is_id("ami", &p.id) => self.ec2.boot_mode(&p.id).await?,
                 _ => None,
             };
             let volume_size = parent.map_or(0, |p| p.volume_size).div_ceil(1 << 30).max(1);
@@ -443,7 +492,9 @@ impl Provider for AwsProvider {
                     tags: &request.tags,
                 })
                 .await?;
+            let mut copies = Vec::new();
             let finish = async {
+                self.ec2.tag(&[&id, &request.snapshot_id], &request.tags).await?;
                 self.ec2.wait_image_available(&id).await?;
                 let registered = BTreeMap::from([(STATUS_TAG.to_string(), "registered".to_string())]);
                 self.ec2.tag(&[&request.snapshot_id], &registered).await?;
@@ -457,7 +508,7 @@ impl Provider for AwsProvider {
                     .into_iter()
                     .next()
                     .ok_or_else(|| format!("image {id} vanished right after it was registered"))?;
-                let copies = self.copy_to_regions(&image).await?;
+                copies = self.copy_to_regions(&image).await?;
                 if !copies.is_empty() {
                     let list = copies.iter().map(|(r, i)| format!("{r}={i}")).collect::<Vec<_>>().join(",");
                     let tag = BTreeMap::from([(COPIES_TAG.to_string(), list)]);
@@ -470,7 +521,10 @@ impl Provider for AwsProvider {
                 Ok(image) => Ok(image),
                 Err(error) => {
                     // The journal only learns of the image once this returns: undo it here.
-                    let _ = self.ec2.deregister(&id).await;
+                    self.delete_copies(&copies).await;
+                    if let Err(cleanup) = self.ec2.deregister(&id).await {
+                        tracing::error!(image = %id, %cleanup, "could not deregister the unfinished image");
+                    }
                     Err(error)
                 }
             }
@@ -494,35 +548,64 @@ impl Provider for AwsProvider {
     }
 
     fn collect_garbage(&self, dry_run: bool, live: &[crate::journal::Resource]) -> Result<GcReport> {
+        // Mirrors of snapshots that no longer exist go first, so their blocks and disks follow.
+        let mut evicted = Vec::new();
+        for id in self.cache.store().snapshot_ids()? {
+            let gone = self.runtime.block_on(self.ec2.snapshot_exists(&id)).map(|exists| !exists)?;
+            if gone {
+                if !dry_run {
+                    self.cache.store().delete_snapshot(&id)?;
+                }
+                evicted.push(format!("cached mirror of deleted snapshot {id}"));
+            }
+        }
         let mut report = self.cache.collect_garbage(dry_run, live)?;
+        report.removed.extend(evicted);
         let cutoff = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default()
             .saturating_sub(self.options.gc_older_than)
             .as_secs() as i64;
+        let live: BTreeSet<String> = live
+            .iter()
+            .filter_map(|r| match r {
+                crate::journal::Resource::Volume { id } | crate::journal::Resource::Snapshot { id } => Some(id.clone()),
+                _ => None,
+            })
+            .collect();
         self.runtime.block_on(async {
-            for (volume, bake, created) in self.ec2.bake_volumes().await? {
-                if created > cutoff {
-                    report.kept_live.push(format!("volume {volume} of bake {bake} (younger than --older-than)"));
+            let volumes =
+                self.ec2.bake_volumes().await?.into_iter().map(|(id, bake, created)| (id, bake, created, true));
+            let snapshots = self
+                .ec2
+                .unfinished_snapshots()
+                .await?
+                .into_iter()
+                .map(|(id, bake, created)| (id, bake, created, false));
+            for (id, bake, created, is_volume) in volumes.chain(snapshots) {
+                let what =
+                    if is_volume { format!("volume {id} of bake {bake}") } else { format!("unfinished snapshot {id}") };
+                if created > cutoff || live.contains(&id) {
+                    report.kept_live.push(format!("{what} (younger than --older-than, or a live bake's)"));
                     continue;
                 }
                 if !dry_run {
-                    if self.mode == Mode::Attach {
-                        let _ = self.ec2.detach(&volume, &self.host().instance_id).await;
+                    let removed = match is_volume {
+                        true => {
+                            if let Some(host) = &self.host {
+                                let _ = self.ec2.detach(&id, &host.instance_id).await;
+                            }
+                            self.ec2.delete_volume(&id).await
+                        }
+                        false => self.ec2.delete_snapshot(&id).await,
+                    };
+                    // One resource that cannot go must not keep gc from the others.
+                    if let Err(error) = removed {
+                        report.failed.push(format!("{what}: {error}"));
+                        continue;
                     }
-                    self.ec2.delete_volume(&volume).await?;
                 }
-                report.removed.push(format!("volume {volume} of bake {bake}"));
-            }
-            for (snapshot, _, created) in self.ec2.unfinished_snapshots().await? {
-                if created > cutoff {
-                    report.kept_live.push(format!("unfinished snapshot {snapshot} (younger than --older-than)"));
-                    continue;
-                }
-                if !dry_run {
-                    self.ec2.delete_snapshot(&snapshot).await?;
-                }
-                report.removed.push(format!("unfinished snapshot {snapshot}"));
+                report.removed.push(what);
             }
             Ok::<_, crate::provider::Error>(())
         })?;

@@ -44,7 +44,7 @@ impl Policy {
     }
 
     /// "Full jitter" backoff: a random sleep up to an exponentially growing, capped ceiling.
-    fn delay(&self, attempt: u32) -> Duration {
+    pub fn delay(&self, attempt: u32) -> Duration {
         let ceiling = self.base.saturating_mul(1u32 << attempt.min(16)).min(self.cap);
         ceiling.mul_f64(rand::thread_rng().gen_range(0.5..1.0))
     }
@@ -76,6 +76,9 @@ pub struct CallError {
 impl std::fmt::Display for CallError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} failed", self.operation)?;
+        if let Some(code) = &self.code {
+            write!(f, " [{code}]")?;
+        }
         if self.attempts > 1 {
             write!(f, " after {} attempts", self.attempts)?;
         }
@@ -94,7 +97,23 @@ impl CallError {
 
 /// Runs `call` until it succeeds, fails with an error that is not transient, or runs out of
 /// attempts.
-pub async fn retry<T, E, F, Fut>(policy: Policy, operation: &'static str, mut call: F) -> Result<T, CallError>
+pub async fn retry<T, E, F, Fut>(policy: Policy, operation: &'static str, call: F) -> Result<T, CallError>
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, SdkError<E, HttpResponse>>>,
+{
+    retry_also(policy, operation, &[], call).await
+}
+
+/// [`retry`], also retrying the error codes in `also` (eventual consistency: a resource that a
+/// previous call created and the service does not show everywhere yet).
+pub async fn retry_also<T, E, F, Fut>(
+    policy: Policy,
+    operation: &'static str,
+    also: &[&str],
+    mut call: F,
+) -> Result<T, CallError>
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     F: FnMut() -> Fut,
@@ -105,7 +124,10 @@ where
         attempt += 1;
         match call().await {
             Ok(value) => return Ok(value),
-            Err(error) if attempt < policy.attempts && is_transient(&error) => {
+            Err(error)
+                if attempt < policy.attempts
+                    && (is_transient(&error) || error.code().is_some_and(|code| also.contains(&code))) =>
+            {
                 let delay = policy.delay(attempt);
                 tracing::debug!(operation, attempt, ?delay, error = %DisplayErrorContext(&error), "retrying");
                 tokio::time::sleep(delay).await;

@@ -309,17 +309,19 @@ fn cancellation() -> Arc<AtomicBool> {
     cancel
 }
 
-fn open_provider(cli: &Cli) -> Result<Box<dyn Provider>, Failure> {
+fn open_provider(cli: &Cli, cancel: &Arc<AtomicBool>) -> Result<Box<dyn Provider>, Failure> {
     match cli.provider {
         ProviderKind::Local => open_local(cli).map(|p| Box::new(p) as Box<dyn Provider>),
-        ProviderKind::Aws => open_aws(cli).map(|p| Box::new(p) as Box<dyn Provider>),
+        ProviderKind::Aws => open_aws(cli, cancel).map(|p| Box::new(p) as Box<dyn Provider>),
     }
 }
 
-fn open_aws(cli: &Cli) -> Result<aws::AwsProvider, Failure> {
+fn open_aws(cli: &Cli, cancel: &Arc<AtomicBool>) -> Result<aws::AwsProvider, Failure> {
+    // Only a bake needs to know whether it runs on EC2; everything else skips the IMDS probe.
+    let bakes = matches!(cli.command, Commands::Bake(_));
     let options = aws::Options {
         region: cli.aws.region.clone(),
-        mode: cli.aws.mode,
+        mode: cli.aws.mode.or((!bakes).then_some(aws::Mode::Direct)),
         kms_key: cli.aws.kms_key.clone(),
         copy_to_regions: cli.aws.copy_to_regions.clone(),
         share_with: cli.aws.share_with.clone(),
@@ -327,6 +329,7 @@ fn open_aws(cli: &Cli) -> Result<aws::AwsProvider, Failure> {
             Commands::Gc { older_than, .. } => *older_than,
             _ => std::time::Duration::from_secs(2 * 3600),
         },
+        cancel: cancel.clone(),
     };
     aws::AwsProvider::open(&cli.state_dir, options).map_err(|e| failure(2, format!("aws provider: {e}")))
 }
@@ -387,7 +390,7 @@ fn run(cli: &Cli, ui: &Ui) -> Result<(), Failure> {
     }
     let cancel = cancellation();
     if let Commands::Push { image } = &cli.command {
-        let outcome = push::push(&open_local(cli)?, &open_aws(cli)?, &cli.state_dir, image, ui, &cancel)
+        let outcome = push::push(&open_local(cli)?, &open_aws(cli, &cancel)?, &cli.state_dir, image, ui, &cancel)
             .map_err(|e| failure(e.exit_code(), e))?;
         print(ui, &outcome, |o| {
             let how = if o.reused { "already pushed" } else { "pushed" };
@@ -407,7 +410,7 @@ fn run(cli: &Cli, ui: &Ui) -> Result<(), Failure> {
     if verifies && cli.provider == ProviderKind::Aws {
         return Err(failure(2, "verify boots images on this host: it works with --provider local only"));
     }
-    let provider = open_provider(cli)?;
+    let provider = open_provider(cli, &cancel)?;
     let provider = provider.as_ref();
     match &cli.command {
         Commands::Recipe(_) | Commands::Push { .. } => unreachable!("handled above"),

@@ -31,7 +31,6 @@
 use super::cloud::{self, Capacity, Cloud, DeployRecord, Group, GroupSpec, Health, LockHolder, Member};
 use crate::aws::ec2::{self as ec2_calls, wait_for};
 use crate::aws::retry::{retry, CallError, Policy};
-use aws_config::BehaviorVersion;
 use aws_sdk_autoscaling::types::{
     AutoScalingGroup, Filter as AsgFilter, LaunchTemplateSpecification, Tag as AsgTag, TagDescription,
 };
@@ -44,8 +43,6 @@ use aws_sdk_elasticloadbalancingv2::types::{
     Action, ActionTypeEnum, HostHeaderConditionConfig, Listener, ProtocolEnum, RuleCondition, Tag as ElbTag,
     TargetGroup, TargetTypeEnum,
 };
-use aws_smithy_types::retry::RetryConfig;
-use aws_smithy_types::timeout::TimeoutConfig;
 use base64::Engine;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -76,12 +73,6 @@ const CHECK_DOMAIN: &str = "bakery.invalid";
 
 #[derive(Debug, Snafu)]
 pub enum Error {
-    #[snafu(display("starting the AWS runtime: {source}"))]
-    Runtime { source: std::io::Error },
-
-    #[snafu(display("no AWS region: pass --region or set AWS_REGION"))]
-    NoRegion,
-
     #[snafu(display("{source}"))]
     Call { source: CallError },
 
@@ -118,9 +109,9 @@ pub enum Error {
     Corrupt { what: String, resource: String, reason: String },
 
     #[snafu(display(
-        "the lock template {name} keeps changing or has no holder tags; if no deploy of the cluster runs, delete it"
+        "launch template {name} keeps changing, or holds no lock holder; if no launcher runs on the cluster, delete it"
     ))]
-    LockUnclear { name: String },
+    Unsettled { name: String },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -135,22 +126,7 @@ pub struct AwsCloud {
 
 impl AwsCloud {
     pub fn open(region: Option<String>) -> cloud::Result<AwsCloud> {
-        let runtime =
-            tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context(RuntimeSnafu)?;
-        // As crate::aws loads it: the SDK's retries off (ours wrap every call), bounded attempts.
-        let mut loader =
-            aws_config::defaults(BehaviorVersion::latest()).retry_config(RetryConfig::disabled()).timeout_config(
-                TimeoutConfig::builder()
-                    .connect_timeout(Duration::from_secs(5))
-                    .operation_attempt_timeout(Duration::from_secs(60))
-                    .operation_timeout(Duration::from_secs(120))
-                    .build(),
-            );
-        if let Some(region) = region {
-            loader = loader.region(aws_config::Region::new(region));
-        }
-        let config = runtime.block_on(loader.load());
-        config.region().context(NoRegionSnafu)?;
+        let (runtime, config) = crate::aws::sdk(region)?;
         Ok(AwsCloud {
             asg: aws_sdk_autoscaling::Client::new(&config),
             elb: aws_sdk_elasticloadbalancingv2::Client::new(&config),
@@ -702,7 +678,7 @@ impl AwsCloud {
                 None => tokio::time::sleep(Duration::from_secs(1)).await,
             }
         }
-        LockUnclearSnafu { name }.fail()
+        UnsettledSnafu { name }.fail()
     }
 
     async fn release(&self, cluster: &str, deploy_id: &str) -> Result<()> {
@@ -718,14 +694,19 @@ impl AwsCloud {
     async fn save(&self, record: &DeployRecord) -> Result<()> {
         let name = format!("bakery-deploys-{}", record.cluster);
         let tags = to_tags(RECORD_TAG, record, "the deploy record")?;
-        if let Some((id, _)) = self.template_id(&name).await? {
-            return self.tag_template(&id, &tags).await.context(CallSnafu);
+        for _ in 0..3 {
+            match self.template_id(&name).await? {
+                Some((id, _)) => match self.tag_template(&id, &tags).await {
+                    Err(e) if e.is_not_found() => continue,
+                    other => return other.context(CallSnafu),
+                },
+                None if self.create_template(&name, RequestLaunchTemplateData::builder().build(), &tags).await? => {
+                    return Ok(())
+                }
+                None => continue,
+            }
         }
-        if !self.create_template(&name, RequestLaunchTemplateData::builder().build(), &tags).await? {
-            let (id, _) = self.template_id(&name).await?.context(LockUnclearSnafu { name: &name })?;
-            self.tag_template(&id, &tags).await.context(CallSnafu)?;
-        }
-        Ok(())
+        UnsettledSnafu { name }.fail()
     }
 
     async fn load(&self, cluster: &str) -> Result<Option<DeployRecord>> {

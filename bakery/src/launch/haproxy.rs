@@ -396,6 +396,8 @@ defaults
     retries 3
     option redispatch 1
     retry-on conn-failure empty-response junk-response 503
+    # Only requests safe to repeat are replayed after a server may have seen them.
+    http-request disable-l7-retry if !METH_GET !METH_HEAD
 
 frontend fe
     bind 127.0.0.1:{port}

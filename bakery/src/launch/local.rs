@@ -487,7 +487,7 @@ mod tests {
 
     #[test]
     fn a_lock_is_stale_when_expired_or_its_local_holder_is_gone() {
-        let host = fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_string();
+        let host = crate::launch::cloud::this_host();
         let me = Identity::of(std::process::id() as i32).unwrap();
         let holder = |host: &str, start_time, expires| LockHolder {
             deploy_id: "d".into(),

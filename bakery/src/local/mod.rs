@@ -356,11 +356,18 @@ impl Provider for LocalProvider {
                 note(format!("unregistered snapshot {id}"));
             }
         }
+        // A cached disk (and its lock files) lives as long as its snapshot is registered, or, in a
+        // block cache, as long as its snapshot is kept.
+        let kept = match self.cache_only {
+            true => self.store.snapshot_ids()?.into_iter().collect(),
+            false => used.iter().map(|id| id.to_string()).collect::<BTreeSet<String>>(),
+        };
         let cache = self.state_dir.join("cache");
         for entry in io(&cache, fs::read_dir(&cache))?.flatten() {
             let path = entry.path();
-            let stem = path.file_stem().unwrap_or_default().to_string_lossy().into_owned();
-            if !used.contains(stem.as_str()) && !self.cache_only && !spared(&path) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let id = name.split('.').next().unwrap_or_default();
+            if !kept.contains(id) && !spared(&path) {
                 if !dry_run {
                     io(&path, fs::remove_file(&path))?;
                 }

@@ -1,0 +1,344 @@
+//! The launcher's `aws` provider through the real `launcher` binary, against moto behind the
+//! project's proxy (which injects what moto cannot do: unhealthy targets and throttling).
+//! Everything the launcher does is checked from the outside with boto3: ASGs, their target
+//! groups and suspended processes, launch templates, target registrations, listener rules.
+
+mod common;
+
+use common::aws::{boto, moto, proxy_get, proxy_post, recorded, reset};
+use common::serial;
+use serde_json::{json, Value};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const CLUSTER: &str = "hello-prod";
+
+/// A balancer in front of the cluster, and images to deploy.
+struct Stand {
+    target_group: String,
+    listener: String,
+    images: Vec<String>,
+}
+
+/// Default VPC subnets, an ALB with a target group and a listener, three images.
+fn stand() -> Stand {
+    reset();
+    let value = boto(
+        "elb = boto3.client('elbv2')\n\
+         subnets = ec2.describe_subnets(Filters=[{'Name': 'default-for-az', 'Values': ['true']}])['Subnets']\n\
+         lb = elb.create_load_balancer(Name='hello', Subnets=[s['SubnetId'] for s in subnets[:3]], Type='application')['LoadBalancers'][0]\n\
+         tg = elb.create_target_group(Name='hello-prod', Protocol='HTTP', Port=8080, VpcId=subnets[0]['VpcId'], HealthCheckPath='/', TargetType='instance')['TargetGroups'][0]\n\
+         listener = elb.create_listener(LoadBalancerArn=lb['LoadBalancerArn'], Protocol='HTTP', Port=80, DefaultActions=[{'Type': 'forward', 'TargetGroupArn': tg['TargetGroupArn']}])['Listeners'][0]\n\
+         images = [ec2.register_image(Name=f'hello-{v}', RootDeviceName='/dev/xvda', BlockDeviceMappings=[])['ImageId'] for v in (1, 2, 3)]\n\
+         print(json.dumps({'tg': tg['TargetGroupArn'], 'listener': listener['ListenerArn'], 'images': images}))",
+    );
+    Stand {
+        target_group: value["tg"].as_str().unwrap().to_string(),
+        listener: value["listener"].as_str().unwrap().to_string(),
+        images: value["images"].as_array().unwrap().iter().map(|i| i.as_str().unwrap().to_string()).collect(),
+    }
+}
+
+/// `launcher --provider aws --output json` against moto, polling fast.
+fn launcher(args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_launcher"));
+    common::aws::aws_env(&mut command);
+    command.env("LAUNCHER_POLL_INTERVAL", "200ms").args(args).args(["--provider", "aws", "--output", "json"]);
+    command
+}
+
+fn run(args: &[&str]) -> (i32, Value, String) {
+    let output = launcher(args).output().expect("launcher runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    let value: Value = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("stdout is one JSON object ({e}): {stdout:?}\nstderr: {stderr}"));
+    (output.status.code().unwrap_or(-1), value, stderr)
+}
+
+fn deploy_args<'a>(stand: &'a Stand, image: usize, timeout: &'a str) -> Vec<&'a str> {
+    vec![
+        "deploy",
+        "--cluster",
+        CLUSTER,
+        "--image",
+        &stand.images[image],
+        "--target-group",
+        &stand.target_group,
+        "--health-url",
+        "/hello/health",
+        "--health-timeout",
+        timeout,
+    ]
+}
+
+fn deploy(stand: &Stand, image: usize, extra: &[&str]) -> Value {
+    let mut args = deploy_args(stand, image, "60s");
+    args.extend_from_slice(extra);
+    let (code, value, stderr) = run(&args);
+    assert_eq!(code, 0, "deploy of image {image}: {value}\n{stderr}");
+    assert_eq!(value["phase"], "succeeded", "{value}");
+    value
+}
+
+fn start_deploy(stand: &Stand, image: usize) -> Child {
+    launcher(&deploy_args(stand, image, "10m")).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+}
+
+/// What exists in the account, as AWS reports it.
+fn world(stand: &Stand) -> Value {
+    boto(&format!(
+        "asg = boto3.client('autoscaling'); elb = boto3.client('elbv2')\n\
+         groups = {{g['AutoScalingGroupName']: {{\n\
+             'target_groups': g['TargetGroupARNs'],\n\
+             'suspended': sorted(p['ProcessName'] for p in g['SuspendedProcesses']),\n\
+             'instances': sorted(i['InstanceId'] for i in g['Instances']),\n\
+             'tags': {{t['Key']: t['Value'] for t in g['Tags']}},\n\
+             'capacity': [g['MinSize'], g['DesiredCapacity'], g['MaxSize']],\n\
+             'health_check': g['HealthCheckType'],\n\
+         }} for g in asg.describe_auto_scaling_groups()['AutoScalingGroups']}}\n\
+         running = sorted(i['InstanceId'] for r in ec2.describe_instances(Filters=[{{'Name': 'instance-state-name', 'Values': ['running']}}])['Reservations'] for i in r['Instances'])\n\
+         print(json.dumps({{\n\
+             'groups': groups,\n\
+             'templates': sorted(t['LaunchTemplateName'] for t in ec2.describe_launch_templates()['LaunchTemplates']),\n\
+             'target_groups': sorted(t['TargetGroupName'] for t in elb.describe_target_groups()['TargetGroups']),\n\
+             'rules': sorted(r['Priority'] for r in elb.describe_rules(ListenerArn='{listener}')['Rules']),\n\
+             'registered': sorted(d['Target']['Id'] for d in elb.describe_target_health(TargetGroupArn='{tg}')['TargetHealthDescriptions']),\n\
+             'running': running,\n\
+         }}))",
+        listener = stand.listener,
+        tg = stand.target_group,
+    ))
+}
+
+fn group<'a>(world: &'a Value, name: &str) -> &'a Value {
+    let group = &world["groups"][name];
+    assert!(group.is_object(), "no group {name} in {world:#}");
+    group
+}
+
+fn strings(value: &Value) -> Vec<String> {
+    value
+        .as_array()
+        .unwrap_or_else(|| panic!("not an array: {value}"))
+        .iter()
+        .map(|v| v.as_str().unwrap().into())
+        .collect()
+}
+
+/// Serving: in the cluster's target group with all its instances registered, nothing suspended.
+fn assert_serving(world: &Value, name: &str, target_group: &str) {
+    let g = group(world, name);
+    assert!(strings(&g["target_groups"]).contains(&target_group.to_string()), "{name} not attached: {g}");
+    assert!(strings(&g["suspended"]).is_empty(), "{name}: {g}");
+    let registered = strings(&world["registered"]);
+    assert!(strings(&g["instances"]).iter().all(|i| registered.contains(i)), "{name}: {world:#}");
+    assert!(g["tags"].get("bakery:disabled-at").is_none(), "{g}");
+}
+
+/// Disabled: detached, Launch/Terminate/AddToLoadBalancer suspended, instances still running.
+fn assert_disabled(world: &Value, name: &str, target_group: &str) {
+    let g = group(world, name);
+    assert!(!strings(&g["target_groups"]).contains(&target_group.to_string()), "{name} still attached: {g}");
+    assert_eq!(strings(&g["suspended"]), ["AddToLoadBalancer", "Launch", "Terminate"], "{name}");
+    let (instances, running, registered) =
+        (strings(&g["instances"]), strings(&world["running"]), strings(&world["registered"]));
+    assert!(!instances.is_empty() && instances.iter().all(|i| running.contains(i)), "{name}: {world:#}");
+    assert!(instances.iter().all(|i| !registered.contains(i)), "{name} still registered: {world:#}");
+    assert!(g["tags"]["bakery:disabled-at"].as_str().is_some_and(|t| t.parse::<u64>().is_ok()), "{g}");
+}
+
+/// The groups `launcher status` reports in service.
+fn serving() -> Vec<String> {
+    let (code, status, stderr) = run(&["status", "--cluster", CLUSTER]);
+    assert_eq!(code, 0, "{stderr}");
+    status["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|g| g["in_service"] == true)
+        .map(|g| g["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn deploy_flip_rollback_and_finish() {
+    let _serial = serial();
+    let stand = stand();
+    let first = deploy(&stand, 0, &["--desired", "4", "--max", "6"]);
+    assert_eq!(first["new_group"], "hello-prod-v000");
+    assert_eq!(first["balancer_url"].as_str().map(|u| u.starts_with("http://hello-")), Some(true), "{first}");
+    let w = world(&stand);
+    assert_serving(&w, "hello-prod-v000", &stand.target_group);
+    let v0 = group(&w, "hello-prod-v000");
+    assert_eq!(v0["capacity"], json!([3, 4, 6]), "min restored after the flip");
+    assert_eq!(v0["health_check"], "ELB");
+    assert_eq!(v0["tags"]["bakery:cluster"], CLUSTER);
+    assert_eq!(v0["tags"]["bakery:image"], stand.images[0].as_str());
+    // What moto does not keep, the proxy recorded: IMDSv2 only, subnets in at least 3 zones,
+    // and the group created outside the cluster's target group.
+    let template = &recorded("CreateLaunchTemplate")
+        .into_iter()
+        .find(|r| r["params"]["LaunchTemplateName"] == "hello-prod-v000")
+        .expect("the group's launch template")["params"];
+    assert_eq!(template["LaunchTemplateData.MetadataOptions.HttpTokens"], "required", "{template}");
+    assert_eq!(template["LaunchTemplateData.ImageId"], stand.images[0].as_str());
+    let created = &recorded("CreateAutoScalingGroup")[0]["params"];
+    assert!(created["VPCZoneIdentifier"].as_str().unwrap().split(',').count() >= 3, "{created}");
+    assert_ne!(created["TargetGroupARNs.member.1"], stand.target_group.as_str(), "attached before the gate: {created}");
+
+    let second = deploy(&stand, 1, &[]);
+    assert_eq!(
+        (&second["new_group"], &second["previous_group"]),
+        (&json!("hello-prod-v001"), &json!("hello-prod-v000"))
+    );
+    let w = world(&stand);
+    assert_serving(&w, "hello-prod-v001", &stand.target_group);
+    assert_disabled(&w, "hello-prod-v000", &stand.target_group);
+    assert_eq!(group(&w, "hello-prod-v001")["capacity"], json!([3, 4, 6]), "capacity captured from v000");
+    assert_eq!(strings(&group(&w, "hello-prod-v001")["instances"]).len(), 4);
+    assert_eq!(serving(), ["hello-prod-v001"]);
+
+    let (code, back, stderr) = run(&["rollback", "--cluster", CLUSTER, "--health-timeout", "60s"]);
+    assert_eq!(code, 0, "{back}\n{stderr}");
+    assert_eq!(back["new_group"], "hello-prod-v000");
+    let w = world(&stand);
+    assert_serving(&w, "hello-prod-v000", &stand.target_group);
+    assert_disabled(&w, "hello-prod-v001", &stand.target_group);
+    let v0 = group(&w, "hello-prod-v000");
+    assert!(v0["capacity"][1].as_u64().unwrap() >= 4 && strings(&v0["instances"]).len() >= 4, "{v0}");
+    assert_eq!(serving(), ["hello-prod-v000"]);
+
+    let (code, done, stderr) = run(&["finish", "--cluster", CLUSTER, "--soak", "0s"]);
+    assert_eq!(code, 0, "{done}\n{stderr}");
+    let w = world(&stand);
+    assert_eq!(w["groups"].as_object().unwrap().keys().collect::<Vec<_>>(), ["hello-prod-v000"]);
+    // The record's template stays; the disabled group's template, check target group and rule go,
+    // and the lock was released.
+    assert_eq!(strings(&w["templates"]), ["bakery-deploys-hello-prod", "hello-prod-v000"]);
+    assert_eq!(w["target_groups"].as_array().unwrap().len(), 2, "the cluster's and v000's check group: {w}");
+    assert_eq!(w["rules"].as_array().unwrap().len(), 2, "default and v000's check rule: {w}");
+    let (code, clusters, _) = run(&["clusters"]);
+    assert_eq!((code, clusters), (0, json!([CLUSTER])));
+    let (_, status, _) = run(&["status", "--cluster", CLUSTER]);
+    assert_eq!(status["deploy"]["action"], "finish", "the record survives the process: {status}");
+}
+
+#[test]
+fn a_failed_gate_leaves_the_old_group_serving_and_nothing_new() {
+    let _serial = serial();
+    let stand = stand();
+    deploy(&stand, 0, &[]);
+    let before = world(&stand);
+    proxy_post("/_proxy/target-health", &json!({"state": "unhealthy"}));
+    let (code, failed, stderr) = run(&deploy_args(&stand, 1, "3s"));
+    ureq::delete(&format!("{}/_proxy/target-health", moto().endpoint)).call().unwrap();
+    assert_eq!(code, 6, "{failed}\n{stderr}");
+    assert_eq!(failed["phase"], "failed");
+    assert!(stderr.contains("0 of 3 instances healthy, 0 starting, 3 unhealthy"), "{stderr}");
+    let after = world(&stand);
+    assert_serving(&after, "hello-prod-v000", &stand.target_group);
+    assert_eq!(after["groups"].as_object().unwrap().len(), 1, "{after:#}");
+    // No template, check target group or rule of v001 left, and the lock released.
+    for key in ["templates", "target_groups", "rules", "registered"] {
+        assert_eq!(after[key], before[key], "{key}");
+    }
+    assert!(recorded("DeleteAutoScalingGroup")
+        .iter()
+        .any(|r| r["params"]["AutoScalingGroupName"] == "hello-prod-v001"));
+}
+
+#[test]
+fn a_second_deploy_is_refused_while_the_first_holds_the_lock() {
+    let _serial = serial();
+    let stand = stand();
+    deploy(&stand, 0, &[]);
+    proxy_post("/_proxy/target-health", &json!({"state": "initial", "seconds": 8}));
+    let first = start_deploy(&stand, 1);
+    wait_until("the first deploy creates its group", || recorded("CreateAutoScalingGroup").len() == 2);
+    let (code, refused, stderr) = run(&deploy_args(&stand, 2, "60s"));
+    assert_eq!(code, 5, "{refused}\n{stderr}");
+    let message = refused["error"].as_str().unwrap();
+    assert!(message.contains(&format!("(pid {})", first.id())) && message.contains("locked by deploy"), "{message}");
+    let output = first.wait_with_output().unwrap();
+    let record: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert!(output.status.success(), "{record}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(record["steps"][1]["duration_ms"].as_u64().unwrap() >= 3000, "the gate waited: {record}");
+    assert_eq!(serving(), ["hello-prod-v001"]);
+    assert!(world(&stand)["groups"].get("hello-prod-v002").is_none());
+}
+
+#[test]
+fn a_deploy_killed_in_the_gate_converges_when_rerun() {
+    let _serial = serial();
+    let stand = stand();
+    deploy(&stand, 0, &[]);
+    proxy_post("/_proxy/target-health", &json!({"state": "initial"}));
+    let mut killed = start_deploy(&stand, 1);
+    wait_until("the deploy polls its new group", || {
+        recorded("CreateAutoScalingGroup").len() == 2 && recorded("DescribeTargetHealth").len() > 6
+    });
+    killed.kill().unwrap(); // SIGKILL: no cleanup, the lock and the record stay behind
+    killed.wait().unwrap();
+    ureq::delete(&format!("{}/_proxy/target-health", moto().endpoint)).call().unwrap();
+    let (_, status, _) = run(&["status", "--cluster", CLUSTER]);
+    assert_eq!(status["deploy"]["phase"], "running", "{status}");
+
+    // Its process is gone from this host, so its lock is stale and the rerun takes it over.
+    let rerun = deploy(&stand, 1, &[]);
+    assert_eq!(rerun["new_group"], "hello-prod-v001");
+    assert_eq!(rerun["steps"][0]["outcome"], "skipped", "the group was adopted: {rerun}");
+    let w = world(&stand);
+    assert_eq!(w["groups"].as_object().unwrap().len(), 2, "{w:#}");
+    assert_serving(&w, "hello-prod-v001", &stand.target_group);
+    assert_disabled(&w, "hello-prod-v000", &stand.target_group);
+    assert_eq!(recorded("CreateAutoScalingGroup").len(), 2, "one group per deploy");
+    assert!(!strings(&w["templates"]).iter().any(|t| t.starts_with("bakery-lock-")), "lock left: {w}");
+}
+
+#[test]
+fn throttled_autoscaling_and_elbv2_calls_still_complete() {
+    let _serial = serial();
+    let stand = stand();
+    let actions = [
+        "CreateAutoScalingGroup",
+        "DescribeAutoScalingGroups",
+        "UpdateAutoScalingGroup",
+        "SuspendProcesses",
+        "ResumeProcesses",
+        "AttachLoadBalancerTargetGroups",
+        "DetachLoadBalancerTargetGroups",
+        "CreateOrUpdateTags",
+        "DeleteAutoScalingGroup",
+        "DescribeTargetHealth",
+        "DescribeTargetGroups",
+        "CreateTargetGroup",
+        "DeleteTargetGroup",
+        "DescribeListeners",
+        "DescribeRules",
+        "CreateRule",
+        "DeleteRule",
+        "DescribeLoadBalancers",
+    ];
+    proxy_post("/_proxy/faults", &json!({"throttle": 0.1, "seed": 11, "actions": actions}));
+    deploy(&stand, 0, &[]);
+    deploy(&stand, 1, &[]);
+    let (code, value, stderr) = run(&["rollback", "--cluster", CLUSTER]);
+    assert_eq!(code, 0, "{value}\n{stderr}");
+    let (code, value, stderr) = run(&["finish", "--cluster", CLUSTER]);
+    assert_eq!(code, 0, "{value}\n{stderr}");
+    let throttled = proxy_get("/_proxy/stats")["faults"]["throttle"].as_u64().unwrap_or(0);
+    proxy_post("/_proxy/faults", &json!({}));
+    assert!(throttled >= 5, "only {throttled} calls throttled");
+    let w = world(&stand);
+    assert_eq!(w["groups"].as_object().unwrap().keys().collect::<Vec<_>>(), ["hello-prod-v000"]);
+    assert_serving(&w, "hello-prod-v000", &stand.target_group);
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
