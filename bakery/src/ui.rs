@@ -3,7 +3,30 @@
 //! `--output json`.
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::Serialize;
 use std::io::IsTerminal;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+/// Logs on stderr: warnings by default, `-v` info, `-vv` debug; `BAKERY_LOG` (an `EnvFilter`)
+/// overrides.
+pub fn init_logging(verbose: u8) {
+    let default = ["warn", "info", "debug"][usize::from(verbose.min(2))];
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BAKERY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("bakery={default},launcher={default},warn")));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+}
+
+/// The flag Ctrl-C, SIGTERM and SIGHUP set: long work stops at its next step and undoes what it
+/// made. A second signal exits at once with 130.
+pub fn cancellation() -> Arc<AtomicBool> {
+    let cancel = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM, signal_hook::consts::SIGHUP] {
+        signal_hook::flag::register_conditional_shutdown(signal, 130, Arc::clone(&cancel)).expect("signal handler");
+        signal_hook::flag::register(signal, Arc::clone(&cancel)).expect("signal handler");
+    }
+    cancel
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum OutputFormat {
@@ -19,6 +42,14 @@ pub struct Ui {
 impl Ui {
     pub fn new(format: OutputFormat) -> Ui {
         Ui { format, interactive: std::io::stderr().is_terminal() }
+    }
+
+    /// A command's result on stdout: one JSON object, or text for people.
+    pub fn print<T: Serialize>(&self, value: &T, text: impl FnOnce(&T) -> String) {
+        match self.format {
+            OutputFormat::Json => println!("{}", serde_json::to_string(value).expect("serialisable")),
+            OutputFormat::Text => println!("{}", text(value)),
+        }
     }
 
     /// Announces a pipeline step.

@@ -438,12 +438,8 @@ impl Ec2 {
             .volumes()
             .iter()
             .map(|v| {
-                let bake = v.tags().iter().find(|t| t.key() == Some(BAKE_ID_TAG)).and_then(|t| t.value());
-                (
-                    v.volume_id().unwrap_or_default().to_string(),
-                    bake.unwrap_or_default().to_string(),
-                    v.create_time().map(|t| t.secs()).unwrap_or_default(),
-                )
+                let created = v.create_time().map(|t| t.secs()).unwrap_or_default();
+                (v.volume_id().unwrap_or_default().to_string(), bake_id(v.tags()), created)
             })
             .collect())
     }
@@ -462,15 +458,16 @@ impl Ec2 {
             .snapshots()
             .iter()
             .map(|s| {
-                let bake = s.tags().iter().find(|t| t.key() == Some(BAKE_ID_TAG)).and_then(|t| t.value());
-                (
-                    s.snapshot_id().unwrap_or_default().to_string(),
-                    bake.unwrap_or_default().to_string(),
-                    s.start_time().map(|t| t.secs()).unwrap_or_default(),
-                )
+                let created = s.start_time().map(|t| t.secs()).unwrap_or_default();
+                (s.snapshot_id().unwrap_or_default().to_string(), bake_id(s.tags()), created)
             })
             .collect())
     }
+}
+
+/// The bake a resource was tagged with, or "" for none.
+fn bake_id(tags: &[Tag]) -> String {
+    tags.iter().find(|t| t.key() == Some(BAKE_ID_TAG)).and_then(|t| t.value()).unwrap_or_default().to_string()
 }
 
 fn ignore_missing<T>(result: std::result::Result<T, CallError>) -> Result<()> {

@@ -273,7 +273,7 @@ fn main() -> ExitCode {
             cli.state_dir = canonical;
         }
     }
-    init_logging(cli.verbose);
+    bakery::ui::init_logging(cli.verbose);
     let ui = Ui::new(cli.output);
     match run(&cli, &ui) {
         Ok(()) => ExitCode::SUCCESS,
@@ -286,27 +286,6 @@ fn main() -> ExitCode {
             ExitCode::from(failure.code)
         }
     }
-}
-
-fn init_logging(verbose: u8) {
-    let default = match verbose {
-        0 => "warn",
-        1 => "info",
-        _ => "debug",
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("BAKERY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("bakery={default},warn")));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
-}
-
-/// Ctrl-C or SIGTERM asks the running step to stop and undo; a second one exits at once.
-fn cancellation() -> Arc<AtomicBool> {
-    let cancel = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM, signal_hook::consts::SIGHUP] {
-        signal_hook::flag::register_conditional_shutdown(signal, 130, Arc::clone(&cancel)).expect("signal handler");
-        signal_hook::flag::register(signal, Arc::clone(&cancel)).expect("signal handler");
-    }
-    cancel
 }
 
 fn open_provider(cli: &Cli, cancel: &Arc<AtomicBool>) -> Result<Box<dyn Provider>, Failure> {
@@ -377,22 +356,15 @@ fn describe_verification(v: &verify::VerifyOutcome) -> String {
     lines.join("\n")
 }
 
-fn print<T: Serialize>(ui: &Ui, value: &T, text: impl FnOnce(&T) -> String) {
-    match ui.format {
-        OutputFormat::Json => println!("{}", serde_json::to_string(value).expect("serialisable")),
-        OutputFormat::Text => println!("{}", text(value)),
-    }
-}
-
 fn run(cli: &Cli, ui: &Ui) -> Result<(), Failure> {
     if let Commands::Recipe(RecipeCommand::Check { files }) = &cli.command {
         return check_recipes(files, ui);
     }
-    let cancel = cancellation();
+    let cancel = bakery::ui::cancellation();
     if let Commands::Push { image } = &cli.command {
         let outcome = push::push(&open_local(cli)?, &open_aws(cli, &cancel)?, &cli.state_dir, image, ui, &cancel)
             .map_err(|e| failure(e.exit_code(), e))?;
-        print(ui, &outcome, |o| {
+        ui.print(&outcome, |o| {
             let how = if o.reused { "already pushed" } else { "pushed" };
             format!(
                 "{how}: {} → {} ({}), {} blocks / {} bytes uploaded in {:.1}s",
@@ -417,7 +389,7 @@ fn run(cli: &Cli, ui: &Ui) -> Result<(), Failure> {
         Commands::Base(BaseCommand::Build { recipe, rebuild }) => {
             let outcome = base::build(provider, &cli.state_dir, recipe, *rebuild, ui, &cancel)
                 .map_err(|e| failure(e.exit_code(), e))?;
-            print(ui, &outcome, |o| {
+            ui.print(&outcome, |o| {
                 let how = if o.reused { "cached" } else { "built" };
                 format!("{} {how}: {} ({}) in {:.1}s", o.name, o.image_id, o.snapshot_id, o.duration_ms as f64 / 1000.0)
             });
@@ -451,7 +423,7 @@ fn run(cli: &Cli, ui: &Ui) -> Result<(), Failure> {
             };
             let passed = verification.as_ref().is_none_or(|v| v.passed);
             let result = BakeResult { outcome: &outcome, verification: verification.as_ref() };
-            print(ui, &result, |_| {
+            ui.print(&result, |_| {
                 let what = if outcome.reused { "reused (same bake key)" } else { "baked" };
                 let mut text = format!(
                     "{what}: {} {}\n  snapshot {} over base {}\n  {} changed blocks, {} bytes stored, {:.1}s\n  package sha256 {}",
@@ -475,7 +447,7 @@ fn run(cli: &Cli, ui: &Ui) -> Result<(), Failure> {
         }
         Commands::Verify(args) => {
             let outcome = verify_image(cli, &args.image, args.method, &args.expect, args.timeout, &cancel)?;
-            print(ui, &outcome, describe_verification);
+            ui.print(&outcome, describe_verification);
             if !outcome.passed {
                 return Err(reported_failure(6, format!("image {} failed verification", outcome.image_id)));
             }
@@ -483,7 +455,7 @@ fn run(cli: &Cli, ui: &Ui) -> Result<(), Failure> {
         Commands::Images(command) => images(provider, command, ui, &cancel)?,
         Commands::Gc { dry_run, .. } => {
             let report = gc::collect(provider, &cli.state_dir, *dry_run).map_err(|e| failure(1, e))?;
-            print(ui, &report, |r| {
+            ui.print(&report, |r| {
                 let verb = if *dry_run { "would remove" } else { "removed" };
                 let mut lines: Vec<String> = r.removed.iter().map(|x| format!("{verb}: {x}")).collect();
                 lines.extend(r.kept_live.iter().map(|x| format!("kept (live): {x}")));
@@ -508,7 +480,7 @@ fn images(provider: &dyn Provider, command: &ImagesCommand, ui: &Ui, cancel: &At
     match command {
         ImagesCommand::List => {
             let images = provider.list_images().map_err(|e| failure(1, e))?;
-            print(ui, &images, |images| {
+            ui.print(&images, |images| {
                 let mut lines = vec![format!("{:<22} {:<20} {:<12} {}", "IMAGE", "CREATED", "VERSION", "NAME")];
                 lines.extend(images.iter().map(|i| {
                     let version = i.tags.get("version").map(String::as_str).unwrap_or("-");
@@ -519,7 +491,7 @@ fn images(provider: &dyn Provider, command: &ImagesCommand, ui: &Ui, cancel: &At
         }
         ImagesCommand::Show { id } => {
             let image = find(id)?;
-            print(ui, &image, |i| {
+            ui.print(&image, |i| {
                 let mut lines = vec![
                     format!("id:          {}", i.id),
                     format!("name:        {}", i.name),
@@ -536,13 +508,13 @@ fn images(provider: &dyn Provider, command: &ImagesCommand, ui: &Ui, cancel: &At
         ImagesCommand::Rm { id } => {
             let image = find(id)?;
             provider.delete_image(&image.id).map_err(|e| failure(1, e))?;
-            print(ui, &serde_json::json!({ "removed": image.id }), |_| format!("removed {}", image.id));
+            ui.print(&serde_json::json!({ "removed": image.id }), |_| format!("removed {}", image.id));
         }
         ImagesCommand::Export { id, output_file } => {
             let image = find(id)?;
             provider.export_image(&image.id, output_file, cancel).map_err(|e| failure(1, e))?;
             let result = serde_json::json!({ "image_id": image.id, "path": output_file });
-            print(ui, &result, |_| format!("wrote {} to {}", image.id, output_file.display()));
+            ui.print(&result, |_| format!("wrote {} to {}", image.id, output_file.display()));
         }
     }
     Ok(())
@@ -557,7 +529,7 @@ fn check_recipes(files: &[PathBuf], ui: &Ui) -> Result<(), Failure> {
     }
     let result = serde_json::json!({ "checked": files, "problems": problems });
     if problems.is_empty() {
-        print(ui, &result, |_| format!("{} recipe(s) OK", files.len()));
+        ui.print(&result, |_| format!("{} recipe(s) OK", files.len()));
         return Ok(());
     }
     Err(failure(3, problems.join("\n")))

@@ -9,8 +9,6 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 use std::time::Duration;
 
 /// Deploy baked images as red/black clusters, roll back in seconds, clean up after a soak.
@@ -235,13 +233,6 @@ fn describe_status(status: &Status) -> String {
     lines.join("\n")
 }
 
-fn print<T: Serialize>(format: OutputFormat, value: &T, text: impl FnOnce(&T) -> String) {
-    match format {
-        OutputFormat::Json => println!("{}", serde_json::to_string(value).expect("serialisable")),
-        OutputFormat::Text => println!("{}", text(value)),
-    }
-}
-
 fn main() -> ExitCode {
     let mut cli = Cli::parse();
     if std::fs::create_dir_all(&cli.state_dir).is_ok() {
@@ -249,7 +240,7 @@ fn main() -> ExitCode {
             cli.state_dir = canonical;
         }
     }
-    init_logging(cli.verbose);
+    bakery::ui::init_logging(cli.verbose);
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
@@ -259,26 +250,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(verbose: u8) {
-    let default = ["warn", "info", "debug"][usize::from(verbose.min(2))];
-    let filter = tracing_subscriber::EnvFilter::try_from_env("BAKERY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("bakery={default},launcher={default},warn")));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
-}
-
-/// Ctrl-C or SIGTERM stops between steps (the record lets a rerun continue); a second exits.
-fn cancellation() -> Arc<AtomicBool> {
-    let cancel = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM, signal_hook::consts::SIGHUP] {
-        signal_hook::flag::register_conditional_shutdown(signal, 130, Arc::clone(&cancel)).expect("signal handler");
-        signal_hook::flag::register(signal, Arc::clone(&cancel)).expect("signal handler");
-    }
-    cancel
-}
-
 fn run(cli: &Cli) -> Result<(), Failure> {
     let cloud = open_cloud(cli)?;
-    let cancel = cancellation();
+    let cancel = bakery::ui::cancellation();
     let start_time = bakery::process::start_time(std::process::id() as i32).unwrap_or_default();
     let mut engine = Engine::new(cloud.as_ref(), &SystemClock, &cancel, Identity::current(start_time));
     if let Some(interval) =
@@ -286,7 +260,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
     {
         engine.poll_interval = interval;
     }
-    let format = cli.output;
+    let ui = bakery::ui::Ui::new(cli.output);
     let finished = |result: engine::Result<DeployRecord>, cluster: &str| -> Result<(), Failure> {
         let balancer_url = cloud.balancer_url(cluster);
         let record = match &result {
@@ -295,14 +269,14 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         };
         if let Some(record) = record {
             let shown = RunResult { record, balancer_url: balancer_url.clone() };
-            print(format, &shown, |r| describe_record(r.record, r.balancer_url.as_deref()));
+            ui.print(&shown, |r| describe_record(r.record, r.balancer_url.as_deref()));
         }
         let printed = record.is_some();
         match result {
             Ok(_) => Ok(()),
             Err(error) => {
                 let code = exit_code(&error);
-                if format == OutputFormat::Json && !printed {
+                if ui.format == OutputFormat::Json && !printed {
                     println!("{}", serde_json::json!({ "error": error.to_string(), "exit_code": code }));
                 }
                 Err(Failure { code, message: error.to_string() })
@@ -331,12 +305,12 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         Commands::Finish { cluster, soak } => finished(engine.finish(cluster, *soak), cluster),
         Commands::Status { cluster } => {
             let status = engine.status(cluster).map_err(|e| Failure { code: exit_code(&e), message: e.to_string() })?;
-            print(format, &status, describe_status);
+            ui.print(&status, describe_status);
             Ok(())
         }
         Commands::Clusters => {
             let clusters = engine.clusters().map_err(|e| Failure { code: exit_code(&e), message: e.to_string() })?;
-            print(format, &clusters, |c| if c.is_empty() { "no clusters".into() } else { c.join("\n") });
+            ui.print(&clusters, |c| if c.is_empty() { "no clusters".into() } else { c.join("\n") });
             Ok(())
         }
     }
