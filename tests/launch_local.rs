@@ -356,8 +356,9 @@ fn the_launcher_deploys_flips_rolls_back_and_finishes_without_a_failed_request()
     let groups: Vec<&str> = status["groups"].as_array().unwrap().iter().map(|g| g["name"].as_str().unwrap()).collect();
     assert_eq!(groups, [format!("{cluster}-v000")], "finish destroyed the disabled group");
 
-    let cloud = LocalCloud::open(&state_dir()).unwrap();
-    cloud.destroy_group(&format!("{cluster}-v000")).unwrap();
-    cloud.stop_cluster(&cluster).unwrap();
+    let (code, destroyed, stderr) = launcher_json(&["destroy", "--cluster", &cluster]);
+    assert_eq!(code, 0, "{destroyed}\n{stderr}");
+    assert_eq!(LocalCloud::open(&state_dir()).unwrap().balancer_url(&cluster), None, "the balancer is stopped");
     assert_no_leftovers("after the demo");
+    assert!(processes_on_state_dir().is_empty(), "{:#?}", processes_on_state_dir());
 }

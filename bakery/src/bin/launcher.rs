@@ -86,6 +86,11 @@ enum Commands {
         #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
         soak: Duration,
     },
+    /// Destroy every group of the cluster (and, locally, stop its balancer).
+    Destroy {
+        #[arg(long)]
+        cluster: String,
+    },
     /// List the clusters that have groups.
     Clusters,
 }
@@ -303,6 +308,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         }
         Commands::Rollback { cluster, health_timeout } => finished(engine.rollback(cluster, *health_timeout), cluster),
         Commands::Finish { cluster, soak } => finished(engine.finish(cluster, *soak), cluster),
+        Commands::Destroy { cluster } => finished(engine.destroy(cluster), cluster),
         Commands::Status { cluster } => {
             let status = engine.status(cluster).map_err(|e| Failure { code: exit_code(&e), message: e.to_string() })?;
             ui.print(&status, describe_status);

@@ -831,6 +831,11 @@ impl Cloud for AwsCloud {
         Ok(self.runtime.block_on(self.load(cluster))?)
     }
 
+    fn retire_cluster(&self, _cluster: &str) -> cloud::Result<()> {
+        // The load balancer and target groups belong to the user; the groups are gone.
+        Ok(())
+    }
+
     fn balancer_url(&self, cluster: &str) -> Option<String> {
         self.runtime.block_on(self.balancer(cluster)).ok().flatten()
     }

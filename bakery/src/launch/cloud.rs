@@ -102,6 +102,7 @@ pub enum Action {
     Deploy,
     Rollback,
     Finish,
+    Destroy,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -190,6 +191,9 @@ pub trait Cloud: Send + Sync {
     fn load_deploy(&self, cluster: &str) -> Result<Option<DeployRecord>>;
     /// Where the cluster's traffic arrives (local: `http://127.0.0.1:PORT`).
     fn balancer_url(&self, cluster: &str) -> Option<String>;
+    /// Stops what the provider runs for a cluster that has no groups left (local: its balancer;
+    /// on AWS the load balancer is the user's, so nothing). Refused while groups remain.
+    fn retire_cluster(&self, cluster: &str) -> Result<()>;
 }
 
 #[cfg(test)]

@@ -199,6 +199,16 @@ impl<'a> Engine<'a> {
         })
     }
 
+    /// Destroys every group of the cluster, then retires what served it (the local balancer).
+    pub fn destroy(&self, cluster: &str) -> Result<DeployRecord> {
+        let record = self.locked(cluster, |run, state| {
+            let plan = plan::plan_destroy(state);
+            run.execute(&plan, run.record(Action::Destroy, &plan))
+        })?;
+        self.cloud.retire_cluster(cluster).context(ReadSnafu { cluster })?;
+        Ok(record)
+    }
+
     fn now(&self) -> u64 {
         self.clock.now().as_secs()
     }
@@ -472,6 +482,26 @@ mod tests {
         fn group(&self, name: &str) -> Option<Group> {
             self.sim.groups("hello-prod").unwrap().into_iter().find(|g| g.name == name)
         }
+    }
+
+    #[test]
+    fn destroy_removes_every_group_then_retires_the_cluster() {
+        let stand = Stand::new();
+        let engine = stand.engine(10);
+        engine.deploy(&request("ami-1")).unwrap();
+        engine.deploy(&request("ami-2")).unwrap();
+        let destroyed = engine.destroy("hello-prod").unwrap();
+        assert_eq!(destroyed.action, Action::Destroy);
+        let steps: Vec<&str> = destroyed.steps.iter().map(|s| s.step.as_str()).collect();
+        assert!(
+            steps[0].contains("hello-prod-v000") && steps[1].contains("hello-prod-v001"),
+            "serving last: {steps:?}"
+        );
+        assert_eq!(stand.sim.calls().last().map(String::as_str), Some("retire_cluster hello-prod"));
+        assert!(stand.sim.groups("hello-prod").unwrap().is_empty());
+        assert!(stand.sim.templates().is_empty(), "templates go with their groups");
+        // Nothing left: destroying again succeeds with nothing to do.
+        assert!(engine.destroy("hello-prod").unwrap().steps.is_empty());
     }
 
     #[test]

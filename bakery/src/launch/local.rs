@@ -428,6 +428,10 @@ impl Cloud for LocalCloud {
         Ok(read_json(&self.cluster_dir(cluster).join("deploy.json"))?)
     }
 
+    fn retire_cluster(&self, cluster: &str) -> cloud::Result<()> {
+        Ok(self.stop_cluster(cluster)?)
+    }
+
     fn balancer_url(&self, cluster: &str) -> Option<String> {
         check_name("cluster", cluster).ok()?;
         self.balancer(cluster).url().ok().flatten()

@@ -369,6 +369,14 @@ pub fn plan_finish(state: &ClusterState, soak: Duration, now: u64) -> Plan {
     Plan { new_group: serving.map(|g| g.name.clone()), steps, message, ..Plan::default() }
 }
 
+/// Every group of the cluster destroyed, newest first; the serving one goes last.
+pub fn plan_destroy(state: &ClusterState) -> Plan {
+    let mut groups: Vec<&Group> = state.groups.iter().collect();
+    groups.sort_by_key(|g| (g.in_service, std::cmp::Reverse(age(g))));
+    let steps = groups.into_iter().map(|g| Operation::DestroyGroup(g.name.clone())).collect();
+    Plan { steps, ..Plan::default() }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;

@@ -289,6 +289,17 @@ impl Cloud for SimCloud {
         })
     }
 
+    fn retire_cluster(&self, cluster: &str) -> Result<()> {
+        self.call("retire_cluster", cluster, |state| {
+            let prefix = format!("{cluster}-v");
+            let left: Vec<&String> = state.groups.keys().filter(|name| name.starts_with(&prefix)).collect();
+            match left.is_empty() {
+                true => Ok(()),
+                false => Err(format!("cluster {cluster} still has groups {left:?}").into()),
+            }
+        })
+    }
+
     fn balancer_url(&self, _cluster: &str) -> Option<String> {
         None
     }
