@@ -217,7 +217,6 @@ impl LocalCloud {
                 }
             };
             let process = instance.process();
-            journal.hand_over(process).context(JournalSnafu)?;
             state.members.push(MemberState {
                 id: instance.id,
                 zone: zone.to_string(),
@@ -227,7 +226,10 @@ impl LocalCloud {
                 process,
             });
             used.insert(address);
+            // Recorded before the journal is handed over: a launcher killed in between leaves a
+            // dead journal gc reclaims, never an instance that runs on with no group naming it.
             self.save_group(state)?;
+            journal.hand_over(process).context(JournalSnafu)?;
         }
         Ok(())
     }
