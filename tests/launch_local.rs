@@ -62,6 +62,19 @@ fn new_cluster() -> String {
     bakery::ids::new_id("hello").replace('-', "")
 }
 
+/// Destroys a test's cluster however the test ends, so that a failure leaves no instances running
+/// into the next test.
+struct Cleanup<'a>(&'a str);
+
+impl Drop for Cleanup<'_> {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(env!("CARGO_BIN_EXE_launcher"))
+            .env("BAKERY_STATE_DIR", state_dir())
+            .args(["destroy", "--provider", "local", "--cluster", self.0])
+            .output();
+    }
+}
+
 fn wait_healthy(cloud: &LocalCloud, cluster: &str, group: &str, count: usize) {
     let deadline = Instant::now() + Duration::from_secs(240);
     loop {
@@ -186,6 +199,7 @@ fn red_black_flip_and_rollback_under_load_fail_no_request() {
     let (v1, v2) = images();
     let cloud = LocalCloud::open(&state_dir()).unwrap();
     let cluster = new_cluster();
+    let _cleanup = Cleanup(&cluster);
     let (old, new) = (spec(&cluster, 0, v1, 3), spec(&cluster, 1, v2, 3));
 
     cloud.create_group(&old).unwrap();
@@ -259,6 +273,7 @@ fn gc_spares_live_instances_and_reclaims_killed_ones() {
     let (v1, _) = images();
     let cloud = LocalCloud::open(&state_dir()).unwrap();
     let cluster = new_cluster();
+    let _cleanup = Cleanup(&cluster);
     let group = spec(&cluster, 0, v1, 2);
     cloud.create_group(&group).unwrap();
     wait_healthy(&cloud, &cluster, &group.name, 2);
@@ -313,6 +328,7 @@ fn the_launcher_deploys_flips_rolls_back_and_finishes_without_a_failed_request()
     let _serial = serial();
     let (v1, v2) = images();
     let cluster = new_cluster();
+    let _cleanup = Cleanup(&cluster);
     let deploy = |image: &str| {
         launcher_json(&["deploy", "--cluster", &cluster, "--image", image, "--health-url", "/hello/health"])
     };

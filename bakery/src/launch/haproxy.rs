@@ -396,8 +396,6 @@ defaults
     retries 3
     option redispatch 1
     retry-on conn-failure empty-response junk-response 503
-    # Only requests safe to repeat are replayed after a server may have seen them.
-    http-request disable-l7-retry if !METH_GET !METH_HEAD
 
 frontend fe
     bind 127.0.0.1:{port}
@@ -405,6 +403,8 @@ frontend fe
 
 backend {BACKEND}
     balance roundrobin
+    # Only requests safe to repeat are replayed after a server may have seen them.
+    http-request disable-l7-retry if !METH_GET !METH_HEAD
     server-template slot 1-{SLOTS} 127.0.0.1:1 disabled check inter 1s fall 2 rise 1
 ",
         socket = socket.display(),
