@@ -427,41 +427,56 @@ impl Ec2 {
         Ok(output.image_id().unwrap_or_default().to_string())
     }
 
-    /// Volumes and snapshots a bake tagged, with their creation time (unix seconds).
+    /// Volumes a bake tagged: id, bake id, creation time (unix seconds). Every page, each read
+    /// through the retry layer.
     pub async fn bake_volumes(&self) -> Result<Vec<(String, String, i64)>> {
-        let output = retry(self.policy, "DescribeVolumes", || {
-            self.client.describe_volumes().filters(filter("tag-key", BAKE_ID_TAG)).send()
-        })
-        .await
-        .context(CallSnafu)?;
-        Ok(output
-            .volumes()
-            .iter()
-            .map(|v| {
+        let mut found = Vec::new();
+        let mut token = None;
+        loop {
+            let page = retry(self.policy, "DescribeVolumes", || {
+                self.client
+                    .describe_volumes()
+                    .filters(filter("tag-key", BAKE_ID_TAG))
+                    .set_next_token(token.clone())
+                    .send()
+            })
+            .await
+            .context(CallSnafu)?;
+            found.extend(page.volumes().iter().map(|v| {
                 let created = v.create_time().map(|t| t.secs()).unwrap_or_default();
                 (v.volume_id().unwrap_or_default().to_string(), bake_id(v.tags()), created)
-            })
-            .collect())
+            }));
+            token = page.next_token().map(str::to_string);
+            if token.is_none() {
+                return Ok(found);
+            }
+        }
     }
 
+    /// Snapshots still tagged `in-progress`: id, bake id, start time (unix seconds).
     pub async fn unfinished_snapshots(&self) -> Result<Vec<(String, String, i64)>> {
-        let output = retry(self.policy, "DescribeSnapshots", || {
-            self.client
-                .describe_snapshots()
-                .owner_ids("self")
-                .filters(filter(&format!("tag:{STATUS_TAG}"), "in-progress"))
-                .send()
-        })
-        .await
-        .context(CallSnafu)?;
-        Ok(output
-            .snapshots()
-            .iter()
-            .map(|s| {
+        let mut found = Vec::new();
+        let mut token = None;
+        loop {
+            let page = retry(self.policy, "DescribeSnapshots", || {
+                self.client
+                    .describe_snapshots()
+                    .owner_ids("self")
+                    .filters(filter(&format!("tag:{STATUS_TAG}"), "in-progress"))
+                    .set_next_token(token.clone())
+                    .send()
+            })
+            .await
+            .context(CallSnafu)?;
+            found.extend(page.snapshots().iter().map(|s| {
                 let created = s.start_time().map(|t| t.secs()).unwrap_or_default();
                 (s.snapshot_id().unwrap_or_default().to_string(), bake_id(s.tags()), created)
-            })
-            .collect())
+            }));
+            token = page.next_token().map(str::to_string);
+            if token.is_none() {
+                return Ok(found);
+            }
+        }
     }
 }
 
