@@ -378,3 +378,56 @@ fn the_launcher_deploys_flips_rolls_back_and_finishes_without_a_failed_request()
     assert_no_leftovers("after the demo");
     assert!(processes_on_state_dir().is_empty(), "{:#?}", processes_on_state_dir());
 }
+
+/// A deploy killed with SIGKILL during its health gate leaves its lock, its record and its new
+/// group behind; the rerun takes the dead holder's lock over, adopts the group and finishes.
+#[test]
+fn a_deploy_killed_in_its_gate_converges_when_run_again() {
+    let _serial = serial();
+    let (v1, v2) = images();
+    let cluster = new_cluster();
+    let _cleanup = Cleanup(&cluster);
+    let deploy_args = |image: &str| {
+        ["deploy", "--cluster", &cluster, "--image", image, "--health-url", "/hello/health"].map(str::to_string)
+    };
+    let (code, first, stderr) = launcher_json(&deploy_args(v1).each_ref().map(String::as_str));
+    assert_eq!(code, 0, "{first}\n{stderr}");
+
+    let mut killed = std::process::Command::new(env!("CARGO_BIN_EXE_launcher"))
+        .env("BAKERY_STATE_DIR", state_dir())
+        .env("LAUNCHER_POLL_INTERVAL", "500ms")
+        .args(deploy_args(v2))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let record = state_dir().join(format!("clusters/{cluster}/deploy.json"));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let saved: Value = serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+        let gate_started = saved["image_id"] == v2.as_str() && saved["steps"][0]["outcome"] == "ok";
+        if gate_started {
+            break;
+        }
+        assert!(killed.try_wait().unwrap().is_none(), "the deploy ended before its gate: {saved}");
+        assert!(Instant::now() < deadline, "the deploy never created its group: {saved}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    killed.kill().unwrap();
+    killed.wait().unwrap();
+
+    let (code, rerun, stderr) = launcher_json(&deploy_args(v2).each_ref().map(String::as_str));
+    assert_eq!(code, 0, "{rerun}\n{stderr}");
+    assert_eq!(rerun["new_group"], format!("{cluster}-v001"), "the killed deploy's group is adopted: {rerun}");
+    assert_eq!(rerun["steps"][0]["outcome"], "skipped", "{rerun}");
+    let (_, status, _) = launcher_json(&["status", "--cluster", &cluster]);
+    let groups: Vec<(String, bool)> = status["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| (g["name"].as_str().unwrap().to_string(), g["in_service"] == true))
+        .collect();
+    assert_eq!(groups, [(format!("{cluster}-v000"), false), (format!("{cluster}-v001"), true)], "{status}");
+    let balancer = rerun["balancer_url"].as_str().unwrap();
+    assert_eq!(versions_seen(balancer, 30), BTreeSet::from(["9.2.0".to_string()]));
+}
