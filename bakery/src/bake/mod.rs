@@ -94,6 +94,8 @@ pub struct Bake<'a> {
     pub volume_id: Option<String>,
     pub device: Option<PathBuf>,
     pub root: Option<PathBuf>,
+    /// The block device of the mounted root filesystem (a partition of `device`).
+    pub root_device: Option<PathBuf>,
     pub install: Option<crate::package::InstallReport>,
     pub snapshot: Option<SnapshotResult>,
     pub image: Option<Image>,
@@ -156,6 +158,7 @@ pub fn bake(
         volume_id: None,
         device: None,
         root: None,
+        root_device: None,
         install: None,
         snapshot: None,
         image: None,

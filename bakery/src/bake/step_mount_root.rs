@@ -21,6 +21,7 @@ pub fn run(bake: &mut Bake) -> crate::provider::Result<()> {
     bake.journal.push(Resource::Mount { path: mount_point.clone() })?;
     mounts::mount_ext4(&node, &mount_point, false)?;
     bake.root = Some(mount_point.clone());
+    bake.root_device = Some(node);
 
     // An image that ships its own policy keeps it; ours is removed before the snapshot.
     let policy = mount_point.join(POLICY_RC_D.trim_start_matches('/'));
