@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -54,9 +54,6 @@ pub type Result<T> = std::result::Result<T, Error>;
 /// How long one block's body may take to arrive.
 const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// What a block transfer task ends with.
-type Joined<T> = std::result::Result<Result<T>, tokio::task::JoinError>;
-
 fn checksum(data: &[u8]) -> ([u8; 32], String) {
     let digest: [u8; 32] = Sha256::digest(data).into();
     (digest, base64::engine::general_purpose::STANDARD.encode(digest))
@@ -69,6 +66,40 @@ pub fn linear_aggregate(digests: &BTreeMap<u64, [u8; 32]>) -> String {
         hasher.update(digest);
     }
     base64::engine::general_purpose::STANDARD.encode(hasher.finalize())
+}
+
+/// Runs `work` on every item with at most `limit` in flight, handing each result to `done` as it
+/// arrives; stops at the first error or when `cancel` is set (dropping the set aborts the rest).
+async fn bounded<I, T, F, Fut>(
+    items: impl IntoIterator<Item = I>,
+    limit: usize,
+    cancel: &AtomicBool,
+    work: F,
+    mut done: impl FnMut(T),
+) -> Result<()>
+where
+    F: Fn(I) -> Fut,
+    Fut: std::future::Future<Output = Result<T>> + Send + 'static,
+    T: Send + 'static,
+{
+    let permits = Arc::new(Semaphore::new(limit));
+    let mut tasks = JoinSet::new();
+    for item in items {
+        ensure!(!cancel.load(Ordering::Relaxed), CancelledSnafu);
+        let permit = permits.clone().acquire_owned().await.expect("the semaphore is never closed");
+        while let Some(result) = tasks.try_join_next() {
+            done(result.context(TaskSnafu)??);
+        }
+        let future = work(item);
+        tasks.spawn(async move {
+            let _permit = permit;
+            future.await
+        });
+    }
+    while let Some(result) = tasks.join_next().await {
+        done(result.context(TaskSnafu)??);
+    }
+    Ok(())
 }
 
 /// What a new snapshot is and where its blocks come from.
@@ -171,28 +202,13 @@ impl Ebs {
         cancel: &AtomicBool,
         progress: &(dyn Fn(u64, u64) + Sync),
     ) -> Result<BTreeMap<u64, [u8; 32]>> {
-        let permits = Arc::new(Semaphore::new(self.concurrency));
-        let mut tasks = JoinSet::new();
         let mut digests = BTreeMap::new();
         let total = upload.blocks.len() as u64;
-        let done = AtomicU64::new(0);
-        let finish = |result: Joined<Option<(u64, [u8; 32])>>, digests: &mut BTreeMap<u64, [u8; 32]>| -> Result<()> {
-            if let Some((index, digest)) = result.context(TaskSnafu)?? {
-                digests.insert(index, digest);
-            }
-            progress(done.fetch_add(1, Ordering::Relaxed) + 1, total);
-            Ok(())
-        };
-        for &index in &upload.blocks {
-            ensure!(!cancel.load(Ordering::Relaxed), CancelledSnafu);
-            let permit = permits.clone().acquire_owned().await.expect("the semaphore is never closed");
-            while let Some(result) = tasks.try_join_next() {
-                finish(result, &mut digests)?;
-            }
+        let mut finished = 0;
+        let work = |index: u64| {
             let (this, snapshot, source, path, skip_zero) =
                 (self.clone(), snapshot.to_string(), source.clone(), path.clone(), upload.skip_zero);
-            tasks.spawn(async move {
-                let _permit = permit;
+            async move {
                 let (data, skip) = tokio::task::spawn_blocking(move || {
                     let mut data = vec![0u8; BLOCK_SIZE];
                     source.read_exact_at(&mut data, index * BLOCK_SIZE as u64).context(ReadSnafu { index, path })?;
@@ -205,11 +221,14 @@ impl Ebs {
                     return Ok(None);
                 }
                 this.put_block(&snapshot, index, data).await.map(Some)
-            });
-        }
-        while let Some(result) = tasks.join_next().await {
-            finish(result, &mut digests)?;
-        }
+            }
+        };
+        bounded(upload.blocks.iter().copied(), self.concurrency, cancel, work, |uploaded| {
+            digests.extend(uploaded);
+            finished += 1;
+            progress(finished, total);
+        })
+        .await?;
         Ok(digests)
     }
 
@@ -277,44 +296,32 @@ impl Ebs {
             }
         }
 
-        let permits = Arc::new(Semaphore::new(self.concurrency));
-        let mut tasks = JoinSet::new();
         let mut blocks = BTreeMap::new();
         let total = listed.len() as u64;
-        let done = AtomicU64::new(0);
-        let fetched = |result: Joined<(u64, Option<String>)>, blocks: &mut BTreeMap<u64, String>| -> Result<()> {
-            if let (index, Some(hash)) = result.context(TaskSnafu)?? {
-                blocks.insert(index, hash);
-            }
-            progress(done.fetch_add(1, Ordering::Relaxed) + 1, total);
-            Ok(())
-        };
-        for (index, token) in listed {
-            ensure!(!cancel.load(Ordering::Relaxed), CancelledSnafu);
-            let permit = permits.clone().acquire_owned().await.expect("the semaphore is never closed");
-            while let Some(result) = tasks.try_join_next() {
-                fetched(result, &mut blocks)?;
-            }
+        let mut finished = 0;
+        let work = |(index, token): (u64, String)| {
             let (this, store, snapshot) = (self.clone(), store.clone(), snapshot.to_string());
-            tasks.spawn(async move {
-                let _permit = permit;
+            async move {
                 let data = this.get_block(&snapshot, index, &token).await?;
                 tokio::task::spawn_blocking(move || {
                     // A manifest leaves zero blocks out, as a volume's snapshot would.
                     if data.iter().all(|&b| b == 0) {
-                        return Ok((index, None));
+                        return Ok(None);
                     }
                     let hash = hex::encode(Sha256::digest(&data));
                     store.put_block(&hash, &data).context(StoreSnafu { snapshot, index })?;
-                    Ok((index, Some(hash)))
+                    Ok(Some((index, hash)))
                 })
                 .await
                 .context(TaskSnafu)?
-            });
-        }
-        while let Some(result) = tasks.join_next().await {
-            fetched(result, &mut blocks)?;
-        }
+            }
+        };
+        bounded(listed, self.concurrency, cancel, work, |stored| {
+            blocks.extend(stored);
+            finished += 1;
+            progress(finished, total);
+        })
+        .await?;
         let manifest = SnapshotManifest {
             id: snapshot.to_string(),
             parent: None,
