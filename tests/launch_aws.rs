@@ -325,7 +325,7 @@ fn throttled_autoscaling_and_elbv2_calls_still_complete() {
     deploy(&stand, 1, &[]);
     let (code, value, stderr) = run(&["rollback", "--cluster", CLUSTER]);
     assert_eq!(code, 0, "{value}\n{stderr}");
-    let (code, value, stderr) = run(&["finish", "--cluster", CLUSTER]);
+    let (code, value, stderr) = run(&["finish", "--cluster", CLUSTER, "--soak", "0s"]);
     assert_eq!(code, 0, "{value}\n{stderr}");
     let throttled = proxy_get("/_proxy/stats")["faults"]["throttle"].as_u64().unwrap_or(0);
     proxy_post("/_proxy/faults", &json!({}));

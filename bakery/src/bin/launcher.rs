@@ -83,7 +83,8 @@ enum Commands {
     Finish {
         #[arg(long)]
         cluster: String,
-        #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+        /// How long a group must have been disabled; the default keeps a recent one for rollback.
+        #[arg(long, default_value = "12h", value_parser = humantime::parse_duration)]
         soak: Duration,
     },
     /// Destroy every group of the cluster (and, locally, stop its balancer).
