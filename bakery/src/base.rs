@@ -3,9 +3,11 @@
 //! and the disk is imported as a snapshot and registered. Results are cached by a hash of the
 //! recipe and the builder script: a rebuild with nothing changed costs a lookup.
 
-use crate::journal::{Journal, Resource};
-use crate::provider::{ImageRequest, Provider};
-use crate::ui::Ui;
+use crate::events::{Sink, Unit};
+use crate::journal::Resource;
+use crate::provider::{Image, ImageRequest, Provider, SnapshotResult};
+use crate::tags;
+use crate::txn::{self, Step, StepResult, Tx};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use snafu::{ensure, ResultExt, Snafu};
@@ -15,7 +17,6 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-pub const RECIPE_HASH_TAG: &str = "bakery:base-recipe-hash";
 const BUILDER_SCRIPT: &str = "build-disk.sh";
 
 #[derive(Debug, Snafu)]
@@ -30,7 +31,7 @@ pub enum Error {
     Invalid { path: PathBuf, problem: String },
 
     #[snafu(display("{source}"))]
-    Journal { source: crate::journal::Error },
+    Run { source: txn::Error },
 
     #[snafu(display("{step}: {source}"))]
     Provider { step: &'static str, source: crate::provider::Error },
@@ -40,16 +41,13 @@ pub enum Error {
 
     #[snafu(display("{} failed ({status}); see its output above", script.display()))]
     BuildFailed { script: PathBuf, status: std::process::ExitStatus },
-
-    #[snafu(display("interrupted; everything the build created was removed"))]
-    Interrupted,
 }
 
 impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Read { .. } | Error::Parse { .. } | Error::Invalid { .. } => 3,
-            Error::Interrupted => 130,
+            Error::Run { source } => source.exit_code(),
             _ => 1,
         }
     }
@@ -105,20 +103,40 @@ fn builder_script(recipe_path: &Path) -> PathBuf {
     recipe_path.parent().unwrap_or(Path::new(".")).join(BUILDER_SCRIPT)
 }
 
+/// What the build's steps share.
+struct Build {
+    id: String,
+    work: PathBuf,
+    disk: PathBuf,
+    path: PathBuf,
+    recipe: BaseRecipe,
+    hash: String,
+    snapshot: Option<SnapshotResult>,
+    image: Option<Image>,
+}
+
+const STEPS: &[Step<Build>] = &[
+    Step { name: "build the root filesystem and disk (mmdebstrap)", run: build_disk },
+    Step { name: "import the disk into the block store", run: import_disk },
+    Step { name: "register the base image", run: register },
+];
+
 /// Builds (or finds in the cache) the base image a recipe describes.
 pub fn build(
     provider: &dyn Provider,
     state_dir: &Path,
     path: &Path,
     rebuild: bool,
-    ui: &Ui,
+    events: &dyn Sink,
     cancel: &AtomicBool,
 ) -> Result<BaseOutcome> {
     let started = Instant::now();
     let (recipe, hash) = load(path)?;
     if !rebuild {
-        let cached =
-            provider.images_tagged(RECIPE_HASH_TAG, &hash).context(ProviderSnafu { step: "looking up the cache" })?;
+        let cached = provider
+            .images()
+            .images_tagged(tags::BASE_RECIPE_HASH, &hash)
+            .context(ProviderSnafu { step: "looking up the cache" })?;
         if let Some(image) = cached.into_iter().next() {
             return Ok(BaseOutcome {
                 image_id: image.id,
@@ -133,112 +151,108 @@ pub fn build(
     }
 
     let id = crate::ids::new_id("base");
-    let mut journal = Journal::begin(state_dir, &id, &format!("base build {}", recipe.name), provider.kind())
-        .context(JournalSnafu)?;
-    let result = build_and_register(provider, state_dir, path, &recipe, &hash, &mut journal, ui, cancel);
-    match result {
-        Ok(outcome) => {
-            journal.keep(&Resource::Image { id: outcome.image_id.clone() }).context(JournalSnafu)?;
-            journal.keep(&Resource::Snapshot { id: outcome.snapshot_id.clone() }).context(JournalSnafu)?;
-            journal.unwind_all(provider).context(JournalSnafu)?;
-            Ok(BaseOutcome { duration_ms: started.elapsed().as_millis() as u64, ..outcome })
-        }
-        Err(error) => {
-            if let Err(cleanup) = journal.unwind_all(provider) {
-                tracing::error!(%cleanup, "cleanup after the failed build also failed; run `bakery gc`");
-            }
-            Err(error)
-        }
-    }
+    let what = format!("base build {}", recipe.name);
+    let mut build = Build {
+        work: state_dir.join("tmp").join(&id),
+        // The builder wants its output outside its scratch directory.
+        disk: state_dir.join("tmp").join(format!("{id}.raw")),
+        id: id.clone(),
+        path: path.to_path_buf(),
+        recipe,
+        hash,
+        snapshot: None,
+        image: None,
+    };
+    let kept = |build: &Build| {
+        let image = build.image.as_ref().map(|i| Resource::Image { id: i.id.clone() });
+        let snapshot = build.snapshot.as_ref().map(|s| Resource::Snapshot { id: s.id.clone() });
+        image.into_iter().chain(snapshot).collect()
+    };
+    txn::run(state_dir, &id, &what, provider, cancel, events, &mut build, STEPS, kept).context(RunSnafu)?;
+    let image = build.image.expect("the register step sets the image");
+    let snapshot = build.snapshot.expect("the import step sets the snapshot");
+    Ok(BaseOutcome {
+        image_id: image.id,
+        name: image.name,
+        snapshot_id: snapshot.id,
+        recipe_hash: build.hash,
+        stored_bytes: snapshot.stored_bytes,
+        duration_ms: started.elapsed().as_millis() as u64,
+        reused: false,
+    })
 }
 
-#[allow(clippy::too_many_arguments)]
-fn build_and_register(
-    provider: &dyn Provider,
-    state_dir: &Path,
-    path: &Path,
-    recipe: &BaseRecipe,
-    hash: &str,
-    journal: &mut Journal,
-    ui: &Ui,
-    cancel: &AtomicBool,
-) -> Result<BaseOutcome> {
-    let work = state_dir.join("tmp").join(journal.id());
-    journal.push(Resource::Dir { path: work.clone() }).context(JournalSnafu)?;
-    std::fs::create_dir_all(&work).context(ReadSnafu { path: &work })?;
-    // The builder wants its output outside its scratch directory.
-    let disk = state_dir.join("tmp").join(format!("{}.raw", journal.id()));
-    journal.push(Resource::File { path: disk.clone() }).context(JournalSnafu)?;
+fn build_disk(build: &mut Build, tx: &mut Tx) -> StepResult {
+    let work = &build.work;
+    tx.created(Resource::Dir { path: work.clone() })?;
+    std::fs::create_dir_all(work).context(ReadSnafu { path: work })?;
+    tx.created(Resource::File { path: build.disk.clone() })?;
     // Run a copy: bash reads a script as it goes, so editing the original mid-build would bite.
     let script = work.join(BUILDER_SCRIPT);
-    std::fs::copy(builder_script(path), &script).context(ReadSnafu { path: &script })?;
-    ui.step(1, 3, "build the root filesystem and disk (mmdebstrap)");
+    std::fs::copy(builder_script(&build.path), &script).context(ReadSnafu { path: &script })?;
+    let recipe = &build.recipe;
     let mut child = Command::new("bash")
         .arg(&script)
         .args(["--suite", &recipe.suite, "--packages", &recipe.packages.join(",")])
         .args(["--disk-size-mib", &recipe.disk_size_mib.to_string(), "--hostname", &recipe.hostname])
         .arg("--out")
-        .arg(&disk)
+        .arg(&build.disk)
         .arg("--work")
-        .arg(&work)
+        .arg(work)
         .spawn()
         .context(SpawnSnafu { script: &script })?;
     let status = loop {
         if let Some(status) = child.try_wait().context(SpawnSnafu { script: &script })? {
             break status;
         }
-        if cancel.load(Ordering::Relaxed) {
-            // The script's own trap unmounts and detaches what it made.
+        if tx.cancel.load(Ordering::Relaxed) {
+            // The script's own trap unmounts and detaches what it made; the runner reports the
+            // interruption.
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::SIGTERM);
             let _ = child.wait();
-            return InterruptedSnafu.fail();
+            return Ok(());
         }
         std::thread::sleep(Duration::from_millis(100));
     };
     ensure!(status.success(), BuildFailedSnafu { script: &script, status });
+    Ok(())
+}
 
-    ui.step(2, 3, "import the disk into the block store");
-    let bar = ui.bar(0, "blocks", false);
-    let snapshot = provider
-        .import_disk(&disk, &recipe.description, cancel, &|done, total| {
-            bar.set_length(total);
-            bar.set_position(done);
-        })
-        .context(ProviderSnafu { step: "importing the disk" })?;
-    bar.finish_and_clear();
-    journal.push(Resource::Snapshot { id: snapshot.id.clone() }).context(JournalSnafu)?;
+fn import_disk(build: &mut Build, tx: &mut Tx) -> StepResult {
+    let progress = tx.progress(Unit::Blocks);
+    let description = &build.recipe.description;
+    let snapshot = tx.provider.volumes().import_disk(&build.disk, description, tx.cancel, &progress)?;
+    tx.created(Resource::Snapshot { id: snapshot.id.clone() })?;
+    build.snapshot = Some(snapshot);
+    Ok(())
+}
 
-    ui.step(3, 3, "register the base image");
+fn register(build: &mut Build, tx: &mut Tx) -> StepResult {
+    let snapshot = build.snapshot.as_ref().expect("the import step ran");
+    let recipe = &build.recipe;
     let stamp = crate::ids::now_rfc3339().replace(['-', ':', 'T', 'Z'], "");
     let tags: BTreeMap<String, String> = [
-        (crate::local::BASE_NAME_TAG, recipe.name.as_str()),
-        (RECIPE_HASH_TAG, hash),
+        (tags::BASE_NAME, recipe.name.as_str()),
+        (tags::BASE_RECIPE_HASH, build.hash.as_str()),
         ("os", "debian"),
         ("os_suite", recipe.suite.as_str()),
         ("creator", "bakery"),
-        ("bakery:version", env!("CARGO_PKG_VERSION")),
+        (tags::VERSION, env!("CARGO_PKG_VERSION")),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .chain([("creation_time".to_string(), crate::ids::now_rfc3339())])
     .collect();
-    let image = provider
-        .register_image(&ImageRequest {
-            name: format!("{}-{stamp}", recipe.name),
-            description: recipe.description.clone(),
-            snapshot_id: snapshot.id.clone(),
-            tags,
-            parent: None,
-        })
-        .context(ProviderSnafu { step: "registering the image" })?;
-    journal.push(Resource::Image { id: image.id.clone() }).context(JournalSnafu)?;
-    Ok(BaseOutcome {
-        image_id: image.id,
-        name: image.name,
-        snapshot_id: snapshot.id,
-        recipe_hash: hash.to_string(),
-        stored_bytes: snapshot.stored_bytes,
-        duration_ms: 0,
-        reused: false,
-    })
+    let image = tx.provider.images().register_image(&ImageRequest {
+        name: format!("{}-{stamp}", recipe.name),
+        description: recipe.description.clone(),
+        snapshot_id: snapshot.id.clone(),
+        volume_size: snapshot.volume_size,
+        tags,
+        parent: None,
+    })?;
+    tx.created(Resource::Image { id: image.id.clone() })?;
+    tracing::info!(image = %image.id, build = %build.id, "registered the base image");
+    build.image = Some(image);
+    Ok(())
 }

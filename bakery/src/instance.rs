@@ -15,7 +15,7 @@
 
 use crate::journal::{Journal, Resource};
 use crate::local::LocalProvider;
-use crate::provider::Provider;
+use crate::provider::Provider as _;
 use crate::{gpt, loopdev, mounts, process, rootfs::RootDir};
 use serde::Serialize;
 use snafu::{OptionExt, ResultExt, Snafu};
@@ -155,14 +155,11 @@ pub fn start(
 ) -> Result<Instance> {
     snafu::ensure!(endpoint.address.is_loopback(), NotLoopbackSnafu { address: endpoint.address });
     let image = provider
+        .images()
         .find_image(image_id)
         .context(PrepareSnafu { step: "looking up the image" })?
         .context(NoImageSnafu { id: image_id })?;
-    let manifest = provider
-        .store()
-        .snapshot(&image.snapshot_id)
-        .map_err(|e| Error::Prepare { step: "reading the snapshot", source: e.into() })?;
-    let disk = provider.cached_image(&manifest).context(PrepareSnafu { step: "materialising the image" })?;
+    let disk = provider.image_disk(&image).context(PrepareSnafu { step: "materialising the image" })?;
 
     let id = crate::ids::new_id("i");
     let dir = state_dir.join("instances").join(&id);

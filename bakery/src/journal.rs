@@ -13,7 +13,6 @@
 
 use crate::mounts;
 use crate::process::Identity;
-use crate::provider::Provider;
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 use snafu::{ResultExt, Snafu};
@@ -32,10 +31,48 @@ pub enum Error {
     Parse { path: PathBuf, source: serde_json::Error },
 
     #[snafu(display("undoing {resource}: {source}"))]
-    Release { resource: String, source: crate::provider::Error },
+    Release { resource: String, source: UndoError },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+pub type UndoError = Box<dyn std::error::Error + Send + Sync>;
+pub type UndoResult = std::result::Result<(), UndoError>;
+
+/// What the journal needs from a cloud to undo what a transaction created there. Host
+/// resources (mounts, loop devices, files, processes) release themselves. Each call succeeds
+/// when the resource is already gone.
+pub trait Undo {
+    fn delete_volume(&self, id: &str) -> UndoResult;
+    fn detach_volume(&self, volume: &str, device: &Path) -> UndoResult;
+    fn delete_snapshot(&self, id: &str) -> UndoResult;
+    fn delete_image(&self, id: &str) -> UndoResult;
+}
+
+/// The undo of journals that hold host resources only (instances, balancers): no provider is
+/// needed to stop them, and a cloud resource in such a journal is an error.
+pub struct HostOnly;
+
+impl HostOnly {
+    fn refuse(what: &str, id: &str) -> UndoResult {
+        Err(format!("{what} {id} is a cloud resource; run `bakery gc` with its provider").into())
+    }
+}
+
+impl Undo for HostOnly {
+    fn delete_volume(&self, id: &str) -> UndoResult {
+        Self::refuse("volume", id)
+    }
+    fn detach_volume(&self, volume: &str, _device: &Path) -> UndoResult {
+        Self::refuse("attachment of", volume)
+    }
+    fn delete_snapshot(&self, id: &str) -> UndoResult {
+        Self::refuse("snapshot", id)
+    }
+    fn delete_image(&self, id: &str) -> UndoResult {
+        Self::refuse("image", id)
+    }
+}
 
 /// Something a bake created that must not outlive a failed bake.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -107,11 +144,19 @@ impl Resource {
         }
     }
 
+    /// Whether undoing it needs a cloud (a provider) rather than this host alone.
+    pub fn is_cloud(&self) -> bool {
+        matches!(
+            self,
+            Resource::Volume { .. } | Resource::Attachment { .. } | Resource::Snapshot { .. } | Resource::Image { .. }
+        )
+    }
+
     /// Undoes the resource; succeeds when it is already gone.
-    pub fn release(&self, provider: &dyn Provider) -> crate::provider::Result<()> {
+    pub fn release(&self, cloud: &(impl Undo + ?Sized)) -> UndoResult {
         match self {
-            Resource::Volume { id } => provider.delete_volume(id),
-            Resource::Attachment { volume, device } => provider.detach_volume(volume, device),
+            Resource::Volume { id } => cloud.delete_volume(id),
+            Resource::Attachment { volume, device } => cloud.detach_volume(volume, device),
             Resource::PartitionNodes { device } => Ok(crate::loopdev::remove_partition_nodes(device)?),
             Resource::Mount { path } => {
                 mounts::unmount_tree(path)?;
@@ -124,8 +169,8 @@ impl Resource {
                 mounts::unmount_tree(path)?;
                 remove(path, |p| fs::remove_dir_all(p))
             }
-            Resource::Snapshot { id } => provider.delete_snapshot(id),
-            Resource::Image { id } => provider.delete_image(id),
+            Resource::Snapshot { id } => cloud.delete_snapshot(id),
+            Resource::Image { id } => cloud.delete_image(id),
             Resource::LoopDevice { device, file } => Ok(crate::loopdev::detach_if_backed_by(device, file)?),
             Resource::Process { pid, start_time } => {
                 crate::process::stop(*pid, *start_time);
@@ -135,7 +180,7 @@ impl Resource {
     }
 }
 
-fn remove(path: &Path, op: fn(&Path) -> std::io::Result<()>) -> crate::provider::Result<()> {
+fn remove(path: &Path, op: fn(&Path) -> std::io::Result<()>) -> UndoResult {
     match op(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Box::new(e)),
         _ => Ok(()),
@@ -254,13 +299,13 @@ impl Journal {
 
     /// Undoes resources newest first until `stop` matches one (which stays), stopping at the
     /// first failure so that nothing is released while something above it still holds it.
-    pub fn unwind_until(&mut self, provider: &dyn Provider, stop: impl Fn(&Resource) -> bool) -> Result<()> {
+    pub fn unwind_until(&mut self, cloud: &(impl Undo + ?Sized), stop: impl Fn(&Resource) -> bool) -> Result<()> {
         while let Some(resource) = self.record.resources.last().cloned() {
             if stop(&resource) {
                 break;
             }
             tracing::debug!(%resource, "journal: undoing");
-            resource.release(provider).context(ReleaseSnafu { resource: resource.to_string() })?;
+            resource.release(cloud).context(ReleaseSnafu { resource: resource.to_string() })?;
             self.record.resources.pop();
             self.save()?;
         }
@@ -268,8 +313,8 @@ impl Journal {
     }
 
     /// Undoes everything and removes the journal. On a failure the journal stays for `gc`.
-    pub fn unwind_all(mut self, provider: &dyn Provider) -> Result<()> {
-        self.unwind_until(provider, |_| false)?;
+    pub fn unwind_all(mut self, cloud: &(impl Undo + ?Sized)) -> Result<()> {
+        self.unwind_until(cloud, |_| false)?;
         self.finish()
     }
 
@@ -355,9 +400,9 @@ pub fn census(state_dir: &Path) -> Result<Census> {
 }
 
 /// Undoes a dead bake's resources in reverse order and removes its journal.
-pub fn reclaim(provider: &dyn Provider, record: &Record, path: &Path) -> Result<()> {
+pub fn reclaim(cloud: &(impl Undo + ?Sized), record: &Record, path: &Path) -> Result<()> {
     for resource in record.resources.iter().rev() {
-        resource.release(provider).context(ReleaseSnafu { resource: resource.to_string() })?;
+        resource.release(cloud).context(ReleaseSnafu { resource: resource.to_string() })?;
     }
     match fs::remove_file(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e).context(IoSnafu { path }),
@@ -383,7 +428,6 @@ mod tests {
     #[test]
     fn a_handed_over_journal_lives_as_long_as_its_process() {
         let state = tempfile::tempdir().unwrap();
-        let provider = crate::local::LocalProvider::open(state.path()).unwrap();
         let file = state.path().join("held");
         fs::write(&file, b"").unwrap();
         let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
@@ -401,7 +445,7 @@ mod tests {
         let _ = child.wait();
         let census = census(state.path()).unwrap();
         let (record, path, _lock) = &census.dead[0];
-        reclaim(&provider, record, path).unwrap();
+        reclaim(&HostOnly, record, path).unwrap();
         assert!(!file.exists(), "reclaimed once its process is gone");
         assert!(Journal::adopt(state.path(), "j").unwrap().is_none());
     }

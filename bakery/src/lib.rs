@@ -1,14 +1,24 @@
 //! Bakery: turn an application build into a machine image without booting an instance, and
 //! (in `launcher`) deploy it as a red/black cluster.
 //!
-//! The library holds everything; the `bakery` binary is a thin command line over it.
+//! The library holds everything; the `bakery` and `launcher` binaries are thin command lines
+//! over it. Where things go:
+//! - a bake step: a file in [`bake`], run by the transaction runner ([`txn`]);
+//! - a provider: an [`provider::ImageRegistry`] and a [`provider::VolumeBackend`] composed into
+//!   a [`provider::Provider`] ([`local`], [`aws`]); volumes on this host come from [`blockstore`];
+//! - a deploy strategy: a planner in [`launch::plan`], executed by [`launch::engine`] against a
+//!   [`launch::cloud::Cloud`];
+//! - progress: [`events`], rendered by [`ui`] for the command lines.
 
 pub mod atomic;
+#[cfg(feature = "aws")]
 pub mod aws;
 pub mod bake;
 pub mod base;
+pub mod blockstore;
 pub mod chroot;
 pub mod command;
+pub mod events;
 pub mod gc;
 pub mod gpt;
 pub mod ids;
@@ -24,5 +34,12 @@ pub mod provider;
 pub mod push;
 pub mod recipe;
 pub mod rootfs;
+pub mod tags;
+pub mod txn;
 pub mod ui;
 pub mod verify;
+
+/// What `--provider aws` says in a build without the `aws` feature (the quick start's).
+#[cfg(not(feature = "aws"))]
+pub const AWS_NOT_BUILT: &str =
+    "this build has no aws provider: build with `cargo build --release --features aws` (scripts/test does)";

@@ -1,12 +1,13 @@
-//! How a command talks to people and to CI: step lines and indicatif progress bars on stderr
-//! when it is a terminal, plain log lines otherwise, and exactly one JSON object on stdout with
-//! `--output json`.
+//! How a command talks to people and to CI: the library's [`events`](crate::events) rendered
+//! on stderr (step lines and indicatif progress bars when it is a terminal, plain lines
+//! otherwise), and exactly one JSON object on stdout with `--output json`.
 
+use crate::events::{Event, Sink, Unit};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 use std::io::IsTerminal;
 use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// Logs on stderr: warnings by default, `-v` info, `-vv` debug; `BAKERY_LOG` (an `EnvFilter`)
 /// overrides.
@@ -37,11 +38,21 @@ pub enum OutputFormat {
 pub struct Ui {
     pub format: OutputFormat,
     interactive: bool,
+    state: Mutex<Render>,
+}
+
+/// What is on screen now.
+#[derive(Default)]
+struct Render {
+    /// The running step's progress bar, or the gate's spinner.
+    bar: Option<ProgressBar>,
+    /// The gate's last line, so that an unchanged one is not repeated.
+    gate: Option<String>,
 }
 
 impl Ui {
     pub fn new(format: OutputFormat) -> Ui {
-        Ui { format, interactive: std::io::stderr().is_terminal() }
+        Ui { format, interactive: std::io::stderr().is_terminal(), state: Mutex::default() }
     }
 
     /// A command's result on stdout: one JSON object, or text for people.
@@ -51,28 +62,100 @@ impl Ui {
             OutputFormat::Text => println!("{}", text(value)),
         }
     }
+}
 
-    /// Announces a pipeline step.
-    pub fn step(&self, number: usize, total: usize, name: &str) {
-        tracing::info!(step = name, "[{number}/{total}]");
-        if self.interactive {
-            eprintln!("[{number}/{total}] {name}");
+/// Renders events on stderr: indicatif bars and live gate lines on a terminal; elsewhere (CI
+/// logs) one plain line per step, phase change, operation and change of what a gate waits for.
+impl Sink for Ui {
+    fn emit(&self, event: &Event) {
+        let mut state = self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        match event {
+            Event::StepStarted { step, number, total } => {
+                tracing::info!(step = %step, "[{number}/{total}]");
+                self.line(&mut state, format!("[{number}/{total}] {step}"));
+            }
+            Event::Progress { unit, done, total, .. } if self.interactive => {
+                let bar = state.bar.get_or_insert_with(|| new_bar(*unit));
+                bar.set_length(*total);
+                bar.set_position(*done);
+            }
+            Event::Progress { .. } => {}
+            Event::StepFinished { step, duration_ms, ok, .. } => {
+                if let Some(bar) = state.bar.take() {
+                    bar.finish_and_clear();
+                }
+                if !self.interactive {
+                    let how = if *ok { "done" } else { "failed" };
+                    self.line(&mut state, format!("  {step}: {how} in {}", seconds(*duration_ms)));
+                }
+            }
+            Event::OperationStarted { cluster, operation, number, total } => {
+                self.line(&mut state, format!("{cluster} [{number}/{total}] {operation}"));
+            }
+            Event::OperationFinished { cluster, operation, outcome, message, duration_ms, .. } => {
+                if let Some(bar) = state.bar.take() {
+                    bar.finish_and_clear();
+                }
+                state.gate = None;
+                let why = message.as_ref().map(|m| format!(" ({m})")).unwrap_or_default();
+                let took = seconds(*duration_ms);
+                self.line(&mut state, format!("{cluster}   {outcome} in {took}: {operation}{why}"));
+            }
+            Event::Gate { group, desired, healthy, starting, unhealthy, waiting_for, .. } => {
+                let waiting = match waiting_for.len() {
+                    0 => String::new(),
+                    n if n <= 3 => format!("; waiting for {}", waiting_for.join(", ")),
+                    n => format!("; waiting for {}, … ({n} in all)", waiting_for[..3].join(", ")),
+                };
+                let text = format!(
+                    "{group}: {healthy} of {desired} healthy, {starting} starting, {unhealthy} unhealthy{waiting}"
+                );
+                if state.gate.as_deref() == Some(text.as_str()) {
+                    return;
+                }
+                state.gate = Some(text.clone());
+                if self.interactive {
+                    let spinner = state.bar.get_or_insert_with(new_spinner);
+                    spinner.set_message(text);
+                } else {
+                    self.line(&mut state, format!("  gate {text}"));
+                }
+            }
+            Event::Phase { cluster, action, phase, message } => {
+                let why = message.as_ref().map(|m| format!(": {m}")).unwrap_or_default();
+                self.line(&mut state, format!("{cluster}: {action} {phase}{why}"));
+            }
         }
     }
+}
 
-    /// A progress bar counting `unit`s; hidden unless stderr is a terminal.
-    pub fn bar(&self, total: u64, message: &str, bytes: bool) -> ProgressBar {
-        if !self.interactive {
-            return ProgressBar::hidden();
+impl Ui {
+    /// A line on stderr, printed above a running bar on a terminal.
+    fn line(&self, state: &mut Render, text: String) {
+        match &state.bar {
+            Some(bar) => bar.println(text),
+            None => eprintln!("{text}"),
         }
-        let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
-        let template = if bytes {
-            "  {msg:24} [{bar:32}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}"
-        } else {
-            "  {msg:24} [{bar:32}] {pos}/{len} eta {eta}"
-        };
-        bar.set_style(ProgressStyle::with_template(template).expect("valid template").progress_chars("=> "));
-        bar.set_message(message.to_string());
-        bar
     }
+}
+
+fn seconds(ms: u64) -> String {
+    format!("{:.1}s", ms as f64 / 1000.0)
+}
+
+fn new_bar(unit: Unit) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+    let template = match unit {
+        Unit::Bytes => "  [{bar:32}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        Unit::Blocks => "  [{bar:32}] {pos}/{len} blocks eta {eta}",
+    };
+    bar.set_style(ProgressStyle::with_template(template).expect("valid template").progress_chars("=> "));
+    bar
+}
+
+fn new_spinner() -> ProgressBar {
+    let spinner = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+    spinner.set_style(ProgressStyle::with_template("  {spinner} {msg} ({elapsed})").expect("valid template"));
+    spinner.enable_steady_tick(std::time::Duration::from_millis(200));
+    spinner
 }

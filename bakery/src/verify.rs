@@ -2,8 +2,10 @@
 //! never boots what it makes; this proves the result does.
 
 use crate::instance::{self, Endpoint, Method};
-use crate::journal::Journal;
+use crate::journal::{HostOnly, Journal};
 use crate::local::LocalProvider;
+use crate::provider::Provider as _;
+use crate::tags;
 use serde::Serialize;
 use snafu::{ResultExt, Snafu};
 use std::io::Read;
@@ -142,11 +144,21 @@ pub fn verify(
         }
     });
     // Stop the guest and remove its layers whatever happened.
-    journal.unwind_all(provider).context(JournalSnafu)?;
+    journal.unwind_all(&HostOnly).context(JournalSnafu)?;
     if cancel.load(Ordering::Relaxed) {
         return InterruptedSnafu.fail();
     }
     outcome
+}
+
+/// Tags the image with the verdict: [`tags::VERIFIED`], and the boot time when it passed.
+pub fn record_verdict(provider: &LocalProvider, outcome: &VerifyOutcome) -> crate::provider::Result<()> {
+    let mut verdict = std::collections::BTreeMap::new();
+    verdict.insert(tags::VERIFIED.to_string(), outcome.passed.to_string());
+    if let Some(boot_ms) = outcome.boot_ms {
+        verdict.insert(tags::VERIFIED_BOOT_MS.to_string(), boot_ms.to_string());
+    }
+    provider.images().tag_image(&outcome.image_id, &verdict)
 }
 
 #[cfg(test)]

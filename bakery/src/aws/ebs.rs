@@ -4,7 +4,7 @@
 //! Facts: docs.aws.amazon.com/ebs/latest/userguide/ebsapis-using-checksums.html.
 
 use super::retry::{retry, retry_also, CallError, Policy};
-use crate::local::store::{SnapshotManifest, Store, BLOCK_SIZE};
+use crate::blockstore::store::{SnapshotManifest, Store, BLOCK_SIZE};
 use aws_sdk_ebs::types::{ChecksumAggregationMethod, ChecksumAlgorithm, Tag};
 use aws_smithy_types::byte_stream::ByteStream;
 use base64::Engine;
@@ -34,10 +34,10 @@ pub enum Error {
     Read { index: u64, path: PathBuf, source: std::io::Error },
 
     #[snafu(display("storing block {index} of {snapshot}: {source}"))]
-    Store { snapshot: String, index: u64, source: crate::local::store::Error },
+    Store { snapshot: String, index: u64, source: crate::blockstore::store::Error },
 
     #[snafu(display("saving the mirror of {snapshot}: {source}"))]
-    SaveManifest { snapshot: String, source: crate::local::store::Error },
+    SaveManifest { snapshot: String, source: crate::blockstore::store::Error },
 
     #[snafu(display("snapshot {snapshot} ended as {status}"))]
     Incomplete { snapshot: String, status: String },

@@ -28,17 +28,9 @@ pub enum Error {
 
     #[snafu(display("cancelled while waiting for {what}"))]
     Cancelled { what: String },
-
-    #[snafu(display("image {id} has no root snapshot for {root_device}"))]
-    NoRootSnapshot { id: String, root_device: String },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
-
-/// Tag on every volume and snapshot a bake creates, so `gc` can find the ones a dead bake left.
-pub const BAKE_ID_TAG: &str = "bakery:bake-id";
-/// `in-progress` until the image that owns the snapshot is registered.
-pub const STATUS_TAG: &str = "bakery:status";
 
 fn tags(map: &BTreeMap<String, String>) -> Vec<Tag> {
     map.iter().map(|(k, v)| Tag::builder().key(k).value(v).build()).collect()
@@ -436,7 +428,7 @@ impl Ec2 {
             let page = retry(self.policy, "DescribeVolumes", || {
                 self.client
                     .describe_volumes()
-                    .filters(filter("tag-key", BAKE_ID_TAG))
+                    .filters(filter("tag-key", crate::tags::BAKE_ID))
                     .set_next_token(token.clone())
                     .send()
             })
@@ -462,7 +454,7 @@ impl Ec2 {
                 self.client
                     .describe_snapshots()
                     .owner_ids("self")
-                    .filters(filter(&format!("tag:{STATUS_TAG}"), "in-progress"))
+                    .filters(filter(&format!("tag:{}", crate::tags::STATUS), "in-progress"))
                     .set_next_token(token.clone())
                     .send()
             })
@@ -482,7 +474,7 @@ impl Ec2 {
 
 /// The bake a resource was tagged with, or "" for none.
 fn bake_id(tags: &[Tag]) -> String {
-    tags.iter().find(|t| t.key() == Some(BAKE_ID_TAG)).and_then(|t| t.value()).unwrap_or_default().to_string()
+    tags.iter().find(|t| t.key() == Some(crate::tags::BAKE_ID)).and_then(|t| t.value()).unwrap_or_default().to_string()
 }
 
 fn ignore_missing<T>(result: std::result::Result<T, CallError>) -> Result<()> {
@@ -510,12 +502,4 @@ fn to_image(image: &aws_sdk_ec2::types::Image) -> Image {
             .filter_map(|t| Some((t.key()?.to_string(), t.value().unwrap_or_default().to_string())))
             .collect(),
     }
-}
-
-/// The root snapshot of an image, or an error naming the image.
-pub fn root_snapshot(image: &Image) -> Result<&str> {
-    if image.snapshot_id.is_empty() {
-        return NoRootSnapshotSnafu { id: &image.id, root_device: &image.root_device_name }.fail();
-    }
-    Ok(&image.snapshot_id)
 }

@@ -1,7 +1,8 @@
 //! The bake pipeline, after Packer's amazon-chroot builder: an ordered list of steps, one file
-//! each. Every resource a step creates is recorded in the bake's journal, and on any failure or
-//! interruption the journal is unwound newest first, so cleanup runs in reverse order, is
-//! idempotent, and can be finished by `bakery gc` if this process dies.
+//! each, run by the transaction runner ([`crate::txn`]). Every resource a step creates is
+//! recorded in the bake's journal, and on any failure or interruption the journal is unwound
+//! newest first, so cleanup runs in reverse order, is idempotent, and can be finished by
+//! `bakery gc` if this process dies.
 
 mod plan;
 mod step_apply_recipe;
@@ -16,13 +17,14 @@ mod step_write_manifest;
 
 pub use plan::{BakePlan, BakeRequest};
 
-use crate::journal::{Journal, Resource};
+use crate::events::Sink;
+use crate::journal::Resource;
 use crate::provider::{Image, Provider, SnapshotResult};
-use crate::ui::Ui;
+use crate::txn::{self, Step};
 use serde::Serialize;
 use snafu::{ResultExt, Snafu};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 #[derive(Debug, Snafu)]
@@ -30,20 +32,11 @@ pub enum Error {
     #[snafu(display("{source}"))]
     Plan { source: plan::Error },
 
-    #[snafu(display("could not start the bake journal: {source}"))]
-    Journal { source: crate::journal::Error },
-
     #[snafu(display("another bake with the same key is running and holds {}: {source}", path.display()))]
     Busy { path: PathBuf, source: nix::Error },
 
-    #[snafu(display("{step}: {source}"))]
-    Step { step: &'static str, source: crate::provider::Error },
-
-    #[snafu(display("interrupted during {step}; everything it created was removed"))]
-    Interrupted { step: &'static str },
-
-    #[snafu(display("{source}\ncleanup also failed, `bakery gc` will finish it: {cleanup}"))]
-    CleanupFailed { source: Box<Error>, cleanup: crate::journal::Error },
+    #[snafu(display("{source}"))]
+    Run { source: txn::Error },
 }
 
 impl Error {
@@ -53,17 +46,9 @@ impl Error {
         match self {
             Error::Plan { source } => source.exit_code(),
             Error::Busy { .. } => 5,
-            Error::Interrupted { .. } => 130,
-            Error::Step { source, .. } if is_input_error(source.as_ref()) => 3,
-            Error::CleanupFailed { source, .. } => source.exit_code(),
-            _ => 1,
+            Error::Run { source } => source.exit_code(),
         }
     }
-}
-
-/// Errors caused by what the user handed us rather than by the machine.
-fn is_input_error(error: &(dyn std::error::Error + 'static)) -> bool {
-    error.is::<crate::package::Error>() || error.is::<crate::chroot::Error>() || error.is::<crate::rootfs::Error>()
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -83,14 +68,10 @@ pub struct BakeOutcome {
     pub reused: bool,
 }
 
-/// What the steps share: the plan, the journal and what earlier steps produced.
-pub struct Bake<'a> {
-    pub provider: &'a dyn Provider,
+/// What the steps share: the plan and what earlier steps produced.
+pub struct Bake {
     pub state_dir: PathBuf,
     pub plan: BakePlan,
-    pub journal: Journal,
-    pub cancel: &'a AtomicBool,
-    pub ui: &'a Ui,
     pub volume_id: Option<String>,
     pub device: Option<PathBuf>,
     pub root: Option<PathBuf>,
@@ -101,18 +82,16 @@ pub struct Bake<'a> {
     pub image: Option<Image>,
 }
 
-type StepFn = fn(&mut Bake) -> crate::provider::Result<()>;
-
-const STEPS: &[(&str, StepFn)] = &[
-    ("create volume from the base snapshot", step_create_volume::run),
-    ("attach volume", step_attach_volume::run),
-    ("mount the root filesystem", step_mount_root::run),
-    ("install the package", step_install_package::run),
-    ("apply the recipe", step_apply_recipe::run),
-    ("write the manifest", step_write_manifest::run),
-    ("unmount and detach", step_detach::run),
-    ("snapshot the volume", step_snapshot::run),
-    ("register the image", step_register_image::run),
+const STEPS: &[Step<Bake>] = &[
+    Step { name: "create volume from the base snapshot", run: step_create_volume::run },
+    Step { name: "attach volume", run: step_attach_volume::run },
+    Step { name: "mount the root filesystem", run: step_mount_root::run },
+    Step { name: "install the package", run: step_install_package::run },
+    Step { name: "apply the recipe", run: step_apply_recipe::run },
+    Step { name: "write the manifest", run: step_write_manifest::run },
+    Step { name: "unmount and detach", run: step_detach::run },
+    Step { name: "snapshot the volume", run: step_snapshot::run },
+    Step { name: "register the image", run: step_register_image::run },
 ];
 
 /// Bakes an image, or returns the existing one with the same bake key unless `rebake`.
@@ -120,7 +99,7 @@ pub fn bake(
     provider: &dyn Provider,
     state_dir: PathBuf,
     request: &BakeRequest,
-    ui: &Ui,
+    events: &dyn Sink,
     cancel: &AtomicBool,
 ) -> Result<BakeOutcome> {
     let started = Instant::now();
@@ -146,15 +125,9 @@ pub fn bake(
         }
     }
 
-    let journal = Journal::begin(&state_dir, &plan.bake_id, &format!("bake {}", plan.name), provider.kind())
-        .context(JournalSnafu)?;
     let mut bake = Bake {
-        provider,
-        state_dir,
+        state_dir: state_dir.clone(),
         plan,
-        journal,
-        cancel,
-        ui,
         volume_id: None,
         device: None,
         root: None,
@@ -163,23 +136,17 @@ pub fn bake(
         snapshot: None,
         image: None,
     };
-    if let Err(error) = run_steps(&mut bake) {
-        let Bake { journal, .. } = bake;
-        return Err(match journal.unwind_all(provider) {
-            Ok(()) => error,
-            Err(cleanup) => Error::CleanupFailed { source: Box::new(error), cleanup },
-        });
-    }
-
+    let (id, what) = (bake.plan.bake_id.clone(), format!("bake {}", bake.plan.name));
     // The image and its snapshot outlive the bake; the volume does not.
-    let image = bake.image.clone().expect("the register step sets the image");
-    let snapshot = bake.snapshot.clone().expect("the snapshot step sets the snapshot");
-    let Bake { mut journal, plan, .. } = bake;
-    let kept = [Resource::Image { id: image.id.clone() }, Resource::Snapshot { id: snapshot.id.clone() }];
-    for resource in &kept {
-        journal.keep(resource).context(JournalSnafu)?;
-    }
-    journal.unwind_all(provider).context(JournalSnafu)?;
+    let kept = |bake: &Bake| {
+        let image = bake.image.as_ref().map(|i| Resource::Image { id: i.id.clone() });
+        let snapshot = bake.snapshot.as_ref().map(|s| Resource::Snapshot { id: s.id.clone() });
+        image.into_iter().chain(snapshot).collect()
+    };
+    txn::run(&state_dir, &id, &what, provider, cancel, events, &mut bake, STEPS, kept).context(RunSnafu)?;
+    let image = bake.image.expect("the register step sets the image");
+    let snapshot = bake.snapshot.expect("the snapshot step sets the snapshot");
+    let plan = bake.plan;
     Ok(BakeOutcome {
         image_id: image.id,
         name: image.name,
@@ -192,19 +159,4 @@ pub fn bake(
         duration_ms: started.elapsed().as_millis() as u64,
         reused: false,
     })
-}
-
-fn run_steps(bake: &mut Bake) -> Result<()> {
-    for (number, (step, run)) in STEPS.iter().enumerate() {
-        if bake.cancel.load(Ordering::Relaxed) {
-            return InterruptedSnafu { step: *step }.fail();
-        }
-        bake.ui.step(number + 1, STEPS.len(), step);
-        let result = run(bake);
-        if bake.cancel.load(Ordering::Relaxed) {
-            return InterruptedSnafu { step: *step }.fail();
-        }
-        result.context(StepSnafu { step: *step })?;
-    }
-    Ok(())
 }

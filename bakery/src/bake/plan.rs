@@ -4,6 +4,7 @@
 
 use crate::provider::{Image, Provider};
 use crate::recipe::{self, Recipe};
+use crate::tags;
 use nix::fcntl::{Flock, FlockArg};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -14,7 +15,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// The tag that makes bakes idempotent: same base, package and recipe → same image.
-pub const BAKE_KEY_TAG: &str = "bakery:bake-key";
 
 #[derive(Debug, Snafu)]
 pub enum Error {
@@ -133,7 +133,10 @@ pub fn resolve(provider: &dyn Provider, request: &BakeRequest) -> Result<BakePla
     for tag in &request.tags {
         let (key, value) = tag.split_once('=').context(BadTagSnafu { tag, problem: "expected KEY=VALUE" })?;
         ensure!(!key.is_empty(), BadTagSnafu { tag, problem: "the key is empty" });
-        ensure!(!key.starts_with("bakery:"), BadTagSnafu { tag, problem: "keys starting with bakery: are reserved" });
+        ensure!(
+            !key.starts_with(tags::RESERVED_PREFIX),
+            BadTagSnafu { tag, problem: "keys starting with bakery: are reserved" }
+        );
         user_tags.insert(key.to_string(), value.to_string());
     }
 
@@ -152,8 +155,11 @@ pub fn resolve(provider: &dyn Provider, request: &BakeRequest) -> Result<BakePla
             .context(PackageSnafu { package: &request.package })?
             .context(MissingChecksumSnafu { package: &request.package })?,
     };
-    let base =
-        provider.find_image(&request.base).context(LookupSnafu)?.context(BaseNotFoundSnafu { base: &request.base })?;
+    let base = provider
+        .images()
+        .find_image(&request.base)
+        .context(LookupSnafu)?
+        .context(BaseNotFoundSnafu { base: &request.base })?;
 
     let optional = |value: &Option<String>| value.clone().unwrap_or_default();
     let builtins: BTreeMap<String, String> = [
@@ -211,10 +217,10 @@ pub fn resolve(provider: &dyn Provider, request: &BakeRequest) -> Result<BakePla
     put("commit", &optional(&request.commit));
     put("creator", "bakery");
     put("creation_time", &crate::ids::now_rfc3339());
-    put("bakery:version", env!("CARGO_PKG_VERSION"));
-    put("bakery:bake-id", &bake_id);
-    put("bakery:recipe", &request.recipe.file_name().unwrap_or_default().to_string_lossy());
-    put(BAKE_KEY_TAG, &bake_key);
+    put(tags::VERSION, env!("CARGO_PKG_VERSION"));
+    put(tags::BAKE_ID, &bake_id);
+    put(tags::RECIPE, &request.recipe.file_name().unwrap_or_default().to_string_lossy());
+    put(tags::BAKE_KEY, &bake_key);
 
     Ok(BakePlan {
         bake_id,
@@ -249,7 +255,8 @@ pub fn lock_bake_key(state_dir: &Path, key: &str, cancel: &AtomicBool) -> super:
             Err((_, source)) => return Err(source).context(super::BusySnafu { path }),
         }
         if cancel.load(Ordering::Relaxed) {
-            return super::InterruptedSnafu { step: "waiting for the bake with the same key" }.fail();
+            let interrupted = crate::txn::Error::Interrupted { step: "waiting for the bake with the same key" };
+            return Err(super::Error::Run { source: interrupted });
         }
         if !waiting {
             tracing::info!(key, "a bake with the same key is running; waiting for it");
@@ -260,6 +267,6 @@ pub fn lock_bake_key(state_dir: &Path, key: &str, cancel: &AtomicBool) -> super:
 }
 
 pub fn existing_image(provider: &dyn Provider, plan: &BakePlan) -> Result<Option<Image>> {
-    let images = provider.images_tagged(BAKE_KEY_TAG, &plan.bake_key).context(LookupSnafu)?;
+    let images = provider.images().images_tagged(tags::BAKE_KEY, &plan.bake_key).context(LookupSnafu)?;
     Ok(images.into_iter().next())
 }

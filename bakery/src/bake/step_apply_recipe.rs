@@ -4,14 +4,15 @@
 use super::Bake;
 use crate::chroot;
 use crate::rootfs::RootDir;
+use crate::txn::{StepError, StepResult, Tx};
 
-pub fn run(bake: &mut Bake) -> crate::provider::Result<()> {
+pub fn run(bake: &mut Bake, tx: &mut Tx) -> StepResult {
     let mount_point = bake.root.clone().expect("the mount step ran");
-    let root = RootDir::open(&mount_point)?;
+    let root = RootDir::open(&mount_point).map_err(StepError::input)?;
     let recipe = &bake.plan.recipe;
     for file in &recipe.files {
-        let (uid, gid) = root.lookup_ids(&file.owner, &file.group)?;
-        root.write_file(&file.path, file.content.as_bytes(), file.mode, uid, gid)?;
+        let (uid, gid) = root.lookup_ids(&file.owner, &file.group).map_err(StepError::input)?;
+        root.write_file(&file.path, file.content.as_bytes(), file.mode, uid, gid).map_err(StepError::input)?;
     }
 
     let services = recipe
@@ -24,11 +25,13 @@ pub fn run(bake: &mut Bake) -> crate::provider::Result<()> {
     if commands.is_empty() {
         return Ok(());
     }
-    let log = bake.state_dir.join("tmp").join(format!("{}-command.log", bake.plan.bake_id));
-    bake.journal.push(crate::journal::Resource::File { path: log.clone() })?;
+    let scratch = bake.state_dir.join("tmp");
+    std::fs::create_dir_all(&scratch)?;
+    let log = scratch.join(format!("{}-command.log", bake.plan.bake_id));
+    tx.created(crate::journal::Resource::File { path: log.clone() })?;
     let env = [("BAKERY_APP", bake.plan.app.as_str()), ("BAKERY_VERSION", bake.plan.version.as_str())];
     for command in &commands {
-        chroot::run(&mount_point, command, &env, &log, bake.cancel)?;
+        chroot::run(&mount_point, command, &env, &log, tx.cancel).map_err(StepError::input)?;
     }
     Ok(())
 }

@@ -4,6 +4,7 @@
 
 use super::Bake;
 use crate::journal::Resource;
+use crate::txn::{StepResult, Tx};
 use std::time::{Duration, Instant};
 
 /// A filesystem that is still alive after its last mount went away.
@@ -16,16 +17,16 @@ pub struct StillInUse {
     device: String,
 }
 
-pub fn run(bake: &mut Bake) -> crate::provider::Result<()> {
+pub fn run(bake: &mut Bake, tx: &mut Tx) -> StepResult {
     // Unmount first and check the filesystem is really gone while the device is still ours (a
     // detached device's name may be reused by another bake at once), then detach.
     let device_level = |r: &Resource| matches!(r, Resource::PartitionNodes { .. } | Resource::Attachment { .. });
-    bake.journal.unwind_until(bake.provider, device_level)?;
+    tx.journal.unwind_until(tx.provider, device_level)?;
     bake.root = None;
     if let Some(device) = bake.root_device.take() {
         ensure_released(&device)?;
     }
-    bake.journal.unwind_until(bake.provider, |r| matches!(r, Resource::Volume { .. }))?;
+    tx.journal.unwind_until(tx.provider, |r| matches!(r, Resource::Volume { .. }))?;
     bake.device = None;
     Ok(())
 }

@@ -4,6 +4,7 @@
 use super::Bake;
 use crate::package::ManifestEntry;
 use crate::rootfs::RootDir;
+use crate::txn::{StepError, StepResult, Tx};
 use serde::Serialize;
 
 pub const MANIFEST_PATH: &str = "/var/lib/bakery/manifest.json";
@@ -32,8 +33,8 @@ struct PackageInfo<'a> {
     expanded_bytes: u64,
 }
 
-pub fn run(bake: &mut Bake) -> crate::provider::Result<()> {
-    let root = RootDir::open(bake.root.as_ref().expect("the mount step ran"))?;
+pub fn run(bake: &mut Bake, _tx: &mut Tx) -> StepResult {
+    let root = RootDir::open(bake.root.as_ref().expect("the mount step ran")).map_err(StepError::input)?;
     let install = bake.install.as_ref().expect("the install step ran");
     let plan = &bake.plan;
     let manifest = Manifest {
@@ -56,6 +57,6 @@ pub fn run(bake: &mut Bake) -> crate::provider::Result<()> {
         files: &install.entries,
     };
     let json = serde_json::to_vec_pretty(&manifest)?;
-    root.write_file(MANIFEST_PATH, &json, 0o644, 0, 0)?;
+    root.write_file(MANIFEST_PATH, &json, 0o644, 0, 0).map_err(StepError::input)?;
     Ok(())
 }

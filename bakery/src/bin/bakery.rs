@@ -5,7 +5,7 @@ use bakery::instance::Method;
 use bakery::provider::Provider;
 use bakery::ui::{OutputFormat, Ui};
 use bakery::verify::{self, Expect};
-use bakery::{aws, base, gc, local, push, recipe};
+use bakery::{base, gc, local, push, recipe};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 use std::path::PathBuf;
@@ -59,7 +59,7 @@ struct AwsArgs {
     /// and upload only the changed blocks with the EBS direct APIs, from any Linux host.
     /// Default: attach when IMDSv2 answers (on EC2), direct elsewhere.
     #[arg(long, global = true, value_enum)]
-    mode: Option<aws::Mode>,
+    mode: Option<ModeArg>,
     /// Encrypt volumes and snapshots with this KMS key.
     #[arg(long, global = true, value_name = "ARN")]
     kms_key: Option<String>,
@@ -70,6 +70,12 @@ struct AwsArgs {
     /// private otherwise.
     #[arg(long = "share-with", global = true, value_name = "ACCOUNT")]
     share_with: Vec<String>,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum ModeArg {
+    Attach,
+    Direct,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
@@ -291,16 +297,22 @@ fn main() -> ExitCode {
 fn open_provider(cli: &Cli, cancel: &Arc<AtomicBool>) -> Result<Box<dyn Provider>, Failure> {
     match cli.provider {
         ProviderKind::Local => open_local(cli).map(|p| Box::new(p) as Box<dyn Provider>),
-        ProviderKind::Aws => open_aws(cli, cancel).map(|p| Box::new(p) as Box<dyn Provider>),
+        ProviderKind::Aws => open_aws(cli, cancel),
     }
 }
 
-fn open_aws(cli: &Cli, cancel: &Arc<AtomicBool>) -> Result<aws::AwsProvider, Failure> {
+#[cfg(feature = "aws")]
+fn open_aws(cli: &Cli, cancel: &Arc<AtomicBool>) -> Result<Box<dyn Provider>, Failure> {
+    use bakery::aws;
     // Only a bake needs to know whether it runs on EC2; everything else skips the IMDS probe.
     let bakes = matches!(cli.command, Commands::Bake(_));
+    let mode = cli.aws.mode.map(|mode| match mode {
+        ModeArg::Attach => aws::Mode::Attach,
+        ModeArg::Direct => aws::Mode::Direct,
+    });
     let options = aws::Options {
         region: cli.aws.region.clone(),
-        mode: cli.aws.mode.or((!bakes).then_some(aws::Mode::Direct)),
+        mode: mode.or((!bakes).then_some(aws::Mode::Direct)),
         kms_key: cli.aws.kms_key.clone(),
         copy_to_regions: cli.aws.copy_to_regions.clone(),
         share_with: cli.aws.share_with.clone(),
@@ -309,8 +321,20 @@ fn open_aws(cli: &Cli, cancel: &Arc<AtomicBool>) -> Result<aws::AwsProvider, Fai
             _ => std::time::Duration::from_secs(2 * 3600),
         },
         cancel: cancel.clone(),
+        // The tests' pretend EC2 host has no real EBS devices: loop twins stand in for them.
+        device_source: match std::env::var("BAKERY_AWS_DEVICE_SOURCE").as_deref() {
+            Ok("loop") => aws::attach::DeviceSource::LoopTwin,
+            _ => aws::attach::DeviceSource::Kernel,
+        },
     };
-    aws::AwsProvider::open(&cli.state_dir, options).map_err(|e| failure(2, format!("aws provider: {e}")))
+    let provider =
+        aws::AwsProvider::open(&cli.state_dir, options).map_err(|e| failure(2, format!("aws provider: {e}")))?;
+    Ok(Box::new(provider))
+}
+
+#[cfg(not(feature = "aws"))]
+fn open_aws(_cli: &Cli, _cancel: &Arc<AtomicBool>) -> Result<Box<dyn Provider>, Failure> {
+    Err(failure(2, bakery::AWS_NOT_BUILT))
 }
 
 /// Booting images is this host's business: verify needs the local provider's disks.
@@ -331,12 +355,7 @@ fn verify_image(
     let local = open_local(cli)?;
     let outcome = verify::verify(&local, &cli.state_dir, image_id, method, expects, timeout, cancel)
         .map_err(|e| failure(e.exit_code(), e))?;
-    let mut tags = std::collections::BTreeMap::new();
-    tags.insert("bakery:verified".to_string(), outcome.passed.to_string());
-    if let Some(boot_ms) = outcome.boot_ms {
-        tags.insert("bakery:verified-boot-ms".to_string(), boot_ms.to_string());
-    }
-    local.tag_image(&outcome.image_id, &tags).map_err(|e| failure(1, e))?;
+    verify::record_verdict(&local, &outcome).map_err(|e| failure(1, e))?;
     Ok(outcome)
 }
 
@@ -362,8 +381,9 @@ fn run(cli: &Cli, ui: &Ui) -> Result<(), Failure> {
     }
     let cancel = bakery::ui::cancellation();
     if let Commands::Push { image } = &cli.command {
-        let outcome = push::push(&open_local(cli)?, &open_aws(cli, &cancel)?, &cli.state_dir, image, ui, &cancel)
-            .map_err(|e| failure(e.exit_code(), e))?;
+        let outcome =
+            push::push(&open_local(cli)?, open_aws(cli, &cancel)?.as_ref(), &cli.state_dir, image, ui, &cancel)
+                .map_err(|e| failure(e.exit_code(), e))?;
         ui.print(&outcome, |o| {
             let how = if o.reused { "already pushed" } else { "pushed" };
             format!(
@@ -475,11 +495,15 @@ fn run(cli: &Cli, ui: &Ui) -> Result<(), Failure> {
 
 fn images(provider: &dyn Provider, command: &ImagesCommand, ui: &Ui, cancel: &AtomicBool) -> Result<(), Failure> {
     let find = |id: &str| {
-        provider.find_image(id).map_err(|e| failure(1, e))?.ok_or_else(|| failure(4, format!("image {id} not found")))
+        provider
+            .images()
+            .find_image(id)
+            .map_err(|e| failure(1, e))?
+            .ok_or_else(|| failure(4, format!("image {id} not found")))
     };
     match command {
         ImagesCommand::List => {
-            let images = provider.list_images().map_err(|e| failure(1, e))?;
+            let images = provider.images().list_images().map_err(|e| failure(1, e))?;
             ui.print(&images, |images| {
                 let mut lines = vec![format!("{:<22} {:<20} {:<12} {}", "IMAGE", "CREATED", "VERSION", "NAME")];
                 lines.extend(images.iter().map(|i| {

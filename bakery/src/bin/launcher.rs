@@ -159,9 +159,12 @@ fn open_cloud(cli: &Cli) -> Result<Box<dyn Cloud>, Failure> {
             Ok(local) => Ok(Box::new(local)),
             Err(error) => Err(error.into()),
         },
+        #[cfg(feature = "aws")]
         CloudKind::Aws => {
             bakery::launch::aws::AwsCloud::open(cli.region.clone()).map(|aws| Box::new(aws) as Box<dyn Cloud>)
         }
+        #[cfg(not(feature = "aws"))]
+        CloudKind::Aws => Err(bakery::AWS_NOT_BUILT.into()),
     };
     opened.map_err(|e| Failure { code: 2, message: format!("opening the {} provider: {e}", cloud_name(cli)) })
 }
@@ -267,6 +270,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         engine.poll_interval = interval;
     }
     let ui = bakery::ui::Ui::new(cli.output);
+    engine.events = &ui;
     let finished = |result: engine::Result<DeployRecord>, cluster: &str| -> Result<(), Failure> {
         let balancer_url = cloud.balancer_url(cluster);
         let record = match &result {

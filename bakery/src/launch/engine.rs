@@ -5,6 +5,7 @@
 use super::cloud::{self, Action, Cloud, DeployRecord, Group, Health, LockHolder, Outcome, Phase, StepRecord};
 use super::names::{self, Cluster};
 use super::plan::{self, ClusterState, DeployRequest, Operation, Plan};
+use crate::events::{Discard, Event, Sink};
 use serde::Serialize;
 use snafu::{ResultExt, Snafu};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -123,6 +124,8 @@ pub struct Engine<'a> {
     pub poll_interval: Duration,
     /// Renewed while the run lives, so only a dead run's lock expires.
     pub lock_ttl: Duration,
+    /// Where each operation, gate poll and phase change is reported.
+    pub events: &'a dyn Sink,
 }
 
 /// Why a step did not complete.
@@ -156,6 +159,7 @@ impl<'a> Engine<'a> {
             identity,
             poll_interval: Duration::from_secs(10),
             lock_ttl: Duration::from_secs(15 * 60),
+            events: &Discard,
         }
     }
 
@@ -295,13 +299,42 @@ impl Run<'_, '_> {
         self.engine.cloud.save_deploy(record).context(SaveSnafu { cluster: &self.cluster })
     }
 
+    /// Saves the record and reports its phase when it changed.
+    fn save_phase(&self, record: &mut DeployRecord, phase: Phase) -> Result<()> {
+        record.phase = phase;
+        self.save(record)?;
+        self.engine.events.emit(&Event::Phase {
+            cluster: self.cluster.clone(),
+            action: snake(&record.action),
+            phase: snake(&phase),
+            message: record.message.clone(),
+        });
+        Ok(())
+    }
+
+    fn report_step(&self, step: &StepRecord, number: usize, total: usize) {
+        self.engine.events.emit(&Event::OperationFinished {
+            cluster: self.cluster.clone(),
+            operation: step.step.clone(),
+            number,
+            total,
+            outcome: snake(&step.outcome),
+            message: step.message.clone(),
+            duration_ms: step.duration_ms,
+        });
+    }
+
     fn execute(&mut self, plan: &Plan, mut record: DeployRecord) -> Result<DeployRecord> {
-        self.save(&mut record)?;
+        self.save_phase(&mut record, Phase::Running)?;
+        let total = plan.steps.len();
         for (i, op) in plan.steps.iter().enumerate() {
             let result = if self.engine.cancel.load(Ordering::SeqCst) {
                 Err(StepError::Cancelled)
             } else {
                 self.keep_lock()?;
+                let operation = op.to_string();
+                let (cluster, number) = (self.cluster.clone(), i + 1);
+                self.engine.events.emit(&Event::OperationStarted { cluster, operation, number, total });
                 let started = self.engine.clock.now();
                 let result = self.run(op);
                 let step = &mut record.steps[i];
@@ -313,38 +346,37 @@ impl Run<'_, '_> {
                     let step = &mut record.steps[i];
                     step.outcome = if skipped.is_some() { Outcome::Skipped } else { Outcome::Ok };
                     step.message = skipped;
+                    self.report_step(&record.steps[i], i + 1, total);
                 }
                 // Another run owns the cluster now: its record is not ours to overwrite.
                 Err(StepError::Lock(e)) => return Err(*e),
                 Err(StepError::Cancelled) => {
                     not_reached(&mut record.steps[i..], "cancelled");
-                    record.phase = Phase::Cancelled;
-                    self.save(&mut record)?;
+                    self.save_phase(&mut record, Phase::Cancelled)?;
                     return CancelledSnafu { record }.fail();
                 }
                 Err(StepError::Gate(reason)) => {
                     fail(&mut record.steps[i], &reason);
+                    self.report_step(&record.steps[i], i + 1, total);
                     not_reached(&mut record.steps[i + 1..], "the health gate failed");
                     let rescue = self.rescue(&plan.on_gate_failure, &mut record)?;
-                    record.phase = Phase::Failed;
                     record.message = Some(format!("health gate of {} failed: {reason}; {rescue}", op.group()));
-                    self.save(&mut record)?;
+                    self.save_phase(&mut record, Phase::Failed)?;
                     return GateSnafu { group: op.group(), reason, rescue, record }.fail();
                 }
                 Err(StepError::Cloud(e)) => {
                     let message = e.to_string();
                     fail(&mut record.steps[i], &message);
+                    self.report_step(&record.steps[i], i + 1, total);
                     not_reached(&mut record.steps[i + 1..], "an earlier step failed");
-                    record.phase = Phase::Failed;
                     record.message = Some(format!("{op}: {message}"));
-                    self.save(&mut record)?;
+                    self.save_phase(&mut record, Phase::Failed)?;
                     return StepSnafu { step: op.to_string(), message, record }.fail();
                 }
             }
             self.save(&mut record)?;
         }
-        record.phase = Phase::Succeeded;
-        self.save(&mut record)?;
+        self.save_phase(&mut record, Phase::Succeeded)?;
         Ok(record)
     }
 
@@ -413,6 +445,20 @@ impl Run<'_, '_> {
                     let healthy = g.members.iter().filter(|m| m.health == Health::Healthy).count();
                     let unhealthy = g.members.iter().filter(|m| m.health == Health::Unhealthy).count();
                     let starting = g.members.len() - healthy - unhealthy;
+                    self.engine.events.emit(&Event::Gate {
+                        cluster: self.cluster.clone(),
+                        group: group.to_string(),
+                        desired,
+                        healthy: healthy as u32,
+                        starting: starting as u32,
+                        unhealthy: unhealthy as u32,
+                        waiting_for: g
+                            .members
+                            .iter()
+                            .filter(|m| m.health != Health::Healthy)
+                            .map(|m| m.id.clone())
+                            .collect(),
+                    });
                     if healthy >= desired as usize && healthy == g.members.len() {
                         return Ok(());
                     }
@@ -432,6 +478,11 @@ impl Run<'_, '_> {
             clock.sleep(self.engine.poll_interval.min(deadline - now));
         }
     }
+}
+
+/// An enum's serde name (`succeeded`, `red_black`…), as the record's JSON spells it.
+fn snake(value: &impl Serialize) -> String {
+    serde_json::to_value(value).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
 }
 
 fn pending(step: String) -> StepRecord {
@@ -502,6 +553,44 @@ mod tests {
         assert!(stand.sim.templates().is_empty(), "templates go with their groups");
         // Nothing left: destroying again succeeds with nothing to do.
         assert!(engine.destroy("hello-prod").unwrap().steps.is_empty());
+    }
+
+    #[test]
+    fn a_deploy_reports_its_phases_operations_and_what_the_gate_waits_for() {
+        let stand = Stand::new();
+        let recorder = crate::events::Recorder::default();
+        let mut engine = stand.engine(10);
+        engine.events = &recorder;
+        engine.deploy(&request("ami-1")).unwrap();
+        let events = recorder.events();
+        let phases: Vec<&str> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Phase { phase, .. } => Some(phase.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(phases, ["running", "succeeded"]);
+        let gates: Vec<(u32, u32, usize)> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Gate { healthy, desired, waiting_for, .. } => Some((*healthy, *desired, waiting_for.len())),
+                _ => None,
+            })
+            .collect();
+        assert!(gates.len() >= 2, "the gate polled more than once: {gates:?}");
+        assert_eq!(gates.last(), Some(&(3, 3, 0)), "{gates:?}");
+        assert!(gates.first().is_some_and(|(healthy, _, waiting)| *healthy < 3 && *waiting > 0), "{gates:?}");
+        let started = events.iter().filter(|e| matches!(e, Event::OperationStarted { .. })).count();
+        let finished: Vec<&str> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::OperationFinished { outcome, .. } => Some(outcome.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(started, finished.len());
+        assert!(finished.iter().all(|o| *o == "ok"), "{finished:?}");
     }
 
     #[test]

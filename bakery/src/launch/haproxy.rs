@@ -13,7 +13,6 @@
 use crate::instance::Endpoint;
 use crate::journal::{self, Journal, Resource};
 use crate::process::Identity;
-use crate::provider::Provider;
 use serde::{Deserialize, Serialize};
 use snafu::{OptionExt, ResultExt, Snafu};
 use std::collections::BTreeMap;
@@ -137,22 +136,22 @@ impl Balancer {
 
     /// Restarts HAProxy if it is gone and re-applies its slots. Does not start a balancer that
     /// was never started.
-    pub fn refresh(&self, provider: &dyn Provider) -> Result<()> {
+    pub fn refresh(&self) -> Result<()> {
         if let Some(state) = self.load()? {
-            self.running(provider, Some(state))?;
+            self.running(Some(state))?;
         }
         Ok(())
     }
 
     /// The state of a running HAProxy: the recorded one, or one (re)started now.
-    fn running(&self, provider: &dyn Provider, state: Option<State>) -> Result<State> {
+    fn running(&self, state: Option<State>) -> Result<State> {
         match state {
             Some(state) if state.process.is_some_and(|p| p.is_running()) => Ok(state),
             Some(state) => {
                 tracing::warn!(dir = %self.dir.display(), "HAProxy is gone; restarting it and re-applying its slots");
                 // The dead one's journal names the same socket and pid file: undo it first.
-                self.unwind(provider, &state.journal)?;
-                let state = self.start(provider, state.port, state.slots)?;
+                self.unwind(&state.journal)?;
+                let state = self.start(state.port, state.slots)?;
                 for (slot, server) in &state.slots {
                     self.apply(*slot, server)?;
                 }
@@ -160,19 +159,19 @@ impl Balancer {
             }
             None => {
                 let port = Endpoint::free(Ipv4Addr::LOCALHOST).context(PortSnafu)?.port;
-                self.start(provider, port, BTreeMap::new())
+                self.start(port, BTreeMap::new())
             }
         }
     }
 
-    fn start(&self, provider: &dyn Provider, port: u16, slots: BTreeMap<usize, Server>) -> Result<State> {
+    fn start(&self, port: u16, slots: BTreeMap<usize, Server>) -> Result<State> {
         let socket = self.socket();
         snafu::ensure!(socket.as_os_str().len() <= MAX_SOCKET_PATH, SocketPathSnafu { path: socket });
         let (config, pid_file) = (self.dir.join("haproxy.cfg"), self.dir.join("haproxy.pid"));
         crate::atomic::write(&config, render_config(port, &socket).as_bytes()).context(IoSnafu { path: &config })?;
         let id = crate::ids::new_id("balancer");
         let what = format!("balancer {}", self.dir.display());
-        let mut journal = Journal::begin(&self.state_dir, &id, &what, provider.kind()).context(JournalSnafu)?;
+        let mut journal = Journal::begin(&self.state_dir, &id, &what, "local").context(JournalSnafu)?;
         let mut state = State { port, journal: id, process: None, slots };
         self.save(&state)?;
         let started = (|| {
@@ -192,7 +191,7 @@ impl Balancer {
         let process = match started {
             Ok(process) => process,
             Err(error) => {
-                if let Err(undo) = journal.unwind_all(provider) {
+                if let Err(undo) = journal.unwind_all(&journal::HostOnly) {
                     tracing::error!(%undo, "could not undo a failed balancer start; `bakery gc` will");
                 }
                 return Err(error);
@@ -205,17 +204,17 @@ impl Balancer {
         Ok(state)
     }
 
-    fn unwind(&self, provider: &dyn Provider, journal: &str) -> Result<()> {
+    fn unwind(&self, journal: &str) -> Result<()> {
         match Journal::adopt(&self.state_dir, journal).context(JournalSnafu)? {
-            Some(journal) => journal.unwind_all(provider).context(JournalSnafu),
+            Some(journal) => journal.unwind_all(&journal::HostOnly).context(JournalSnafu),
             None => Ok(()),
         }
     }
 
     /// Puts `servers` in service: each gets a slot (if it has none) and is made ready; returns
     /// once HAProxy sees every one of them up, so that the caller may then drain others.
-    pub fn enable(&self, provider: &dyn Provider, servers: &[Server]) -> Result<()> {
-        let mut state = self.running(provider, self.load()?)?;
+    pub fn enable(&self, servers: &[Server]) -> Result<()> {
+        let mut state = self.running(self.load()?)?;
         for server in servers {
             if !state.slots.values().any(|s| s == server) {
                 let free = (1..=SLOTS).find(|n| !state.slots.contains_key(n)).context(FullSnafu)?;
@@ -244,9 +243,9 @@ impl Balancer {
     /// Takes the servers named `ids` out of service without failing a request: their slots
     /// drain until no session is left on them (bounded by [`DRAIN_TIMEOUT`]), then go to
     /// maintenance and are freed. Nothing to do without a balancer.
-    pub fn disable(&self, provider: &dyn Provider, ids: &[String]) -> Result<()> {
+    pub fn disable(&self, ids: &[String]) -> Result<()> {
         let Some(state) = self.load()? else { return Ok(()) };
-        let mut state = self.running(provider, Some(state))?;
+        let mut state = self.running(Some(state))?;
         let slots: Vec<usize> = state.slots.iter().filter(|(_, s)| ids.contains(&s.id)).map(|(n, _)| *n).collect();
         if slots.is_empty() {
             return Ok(());
@@ -275,9 +274,9 @@ impl Balancer {
     }
 
     /// Stops HAProxy and removes the balancer's state; the URL is gone after this.
-    pub fn stop(&self, provider: &dyn Provider) -> Result<()> {
+    pub fn stop(&self) -> Result<()> {
         let Some(state) = self.load()? else { return Ok(()) };
-        self.unwind(provider, &state.journal)?;
+        self.unwind(&state.journal)?;
         for path in [self.dir.join("haproxy.cfg"), self.state_path()] {
             match std::fs::remove_file(&path) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e).context(IoSnafu { path }),

@@ -121,7 +121,7 @@ impl LocalCloud {
         let _lock = self.lock(cluster)?;
         let groups: Vec<String> = self.group_states(cluster)?.into_iter().map(|g| g.spec.name).collect();
         snafu::ensure!(groups.is_empty(), NotEmptySnafu { cluster, groups });
-        self.balancer(cluster).stop(&self.provider).context(BalancerSnafu { cluster })
+        self.balancer(cluster).stop().context(BalancerSnafu { cluster })
     }
 
     fn clusters_dir(&self) -> PathBuf {
@@ -210,7 +210,7 @@ impl LocalCloud {
             let instance = match started {
                 Ok(instance) => instance,
                 Err(source) => {
-                    if let Err(error) = journal.unwind_all(&self.provider) {
+                    if let Err(error) = journal.unwind_all(&journal::HostOnly) {
                         tracing::error!(%error, "could not undo a failed instance start; `bakery gc` will");
                     }
                     return Err(Error::Boot { group, source });
@@ -239,7 +239,7 @@ impl LocalCloud {
     fn shrink(&self, state: &mut GroupState, members: &[MemberState]) -> Result<()> {
         let cluster = state.spec.cluster.clone();
         let ids: Vec<String> = members.iter().map(|m| m.id.clone()).collect();
-        self.balancer(&cluster).disable(&self.provider, &ids).context(BalancerSnafu { cluster })?;
+        self.balancer(&cluster).disable(&ids).context(BalancerSnafu { cluster })?;
         let results: Vec<(String, Result<()>)> = std::thread::scope(|scope| {
             let stopping: Vec<_> =
                 members.iter().map(|member| (member.id.clone(), scope.spawn(|| self.stop_member(member)))).collect();
@@ -261,7 +261,7 @@ impl LocalCloud {
 
     fn stop_member(&self, member: &MemberState) -> Result<()> {
         match Journal::adopt(&self.state_dir, &member.journal).context(JournalSnafu)? {
-            Some(journal) => journal.unwind_all(&self.provider).context(JournalSnafu),
+            Some(journal) => journal.unwind_all(&journal::HostOnly).context(JournalSnafu),
             None => Ok(()), // reclaimed by gc after its process died
         }
     }
@@ -293,7 +293,7 @@ impl Cloud for LocalCloud {
             return Ok(Vec::new());
         }
         let _lock = self.lock(cluster)?;
-        self.balancer(cluster).refresh(&self.provider).context(BalancerSnafu { cluster })?;
+        self.balancer(cluster).refresh().context(BalancerSnafu { cluster })?;
         let agent = ureq::AgentBuilder::new()
             .timeout_connect(Duration::from_millis(500))
             .timeout(Duration::from_secs(2))
@@ -372,7 +372,7 @@ impl Cloud for LocalCloud {
         let (_lock, mut state) = self.locked_group(group)?.context(NoGroupSnafu { group })?;
         let cluster = &state.spec.cluster;
         let servers: Vec<Server> = state.members.iter().map(MemberState::server).collect();
-        self.balancer(cluster).enable(&self.provider, &servers).context(BalancerSnafu { cluster })?;
+        self.balancer(cluster).enable(&servers).context(BalancerSnafu { cluster })?;
         state.in_service = true;
         state.suspended = false;
         state.disabled_at = None;
@@ -383,7 +383,7 @@ impl Cloud for LocalCloud {
         let Some((_lock, mut state)) = self.locked_group(group)? else { return Ok(()) };
         let cluster = &state.spec.cluster;
         let ids: Vec<String> = state.members.iter().map(|m| m.id.clone()).collect();
-        self.balancer(cluster).disable(&self.provider, &ids).context(BalancerSnafu { cluster })?;
+        self.balancer(cluster).disable(&ids).context(BalancerSnafu { cluster })?;
         state.in_service = false;
         state.suspended = true;
         // The soak counts from the first time it was disabled.

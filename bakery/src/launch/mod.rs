@@ -1,6 +1,7 @@
 //! The launcher: red/black deploys of baked images into Frigga-named clusters. Strategies only
 //! plan; one engine executes plans against any [`cloud::Cloud`], so plans are tested with no cloud.
 
+#[cfg(feature = "aws")]
 pub mod aws;
 pub mod cloud;
 pub mod engine;
@@ -8,4 +9,5 @@ pub mod haproxy;
 pub mod local;
 pub mod names;
 pub mod plan;
-pub mod sim;
+#[cfg(test)]
+mod sim;

@@ -6,7 +6,7 @@
 //! shared between snapshots, and a snapshot records its parent so that only the blocks that
 //! differ from it count as changed.
 
-use crate::local::sparse;
+use super::sparse;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};

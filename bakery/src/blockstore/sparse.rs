@@ -217,7 +217,7 @@ pub fn clone_or_copy(source: &File, dest: &File) -> Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::local::store::{ChangeHint, Store, BLOCK_SIZE};
+    use crate::blockstore::store::{ChangeHint, Store, BLOCK_SIZE};
     use std::os::unix::fs::FileExt;
     use std::path::Path;
     use std::process::Command;
@@ -306,7 +306,7 @@ mod tests {
         assert!(plan.to_read.len() <= 4, "only the rewritten extents are read: {:?}", plan.to_read);
         assert_eq!(plan.unchanged.len() + plan.to_read.iter().filter(|i| **i < 20).count(), 20);
 
-        let manifest = crate::local::store::SnapshotManifest {
+        let manifest = crate::blockstore::store::SnapshotManifest {
             id: "snap-p".into(),
             parent: None,
             volume_size: 32 * BS,
