@@ -163,11 +163,7 @@ pub fn build(
         snapshot: None,
         image: None,
     };
-    let kept = |build: &Build| {
-        let image = build.image.as_ref().map(|i| Resource::Image { id: i.id.clone() });
-        let snapshot = build.snapshot.as_ref().map(|s| Resource::Snapshot { id: s.id.clone() });
-        image.into_iter().chain(snapshot).collect()
-    };
+    let kept = |build: &Build| txn::image_and_snapshot(&build.image, &build.snapshot);
     txn::run(state_dir, &id, &what, provider, cancel, events, &mut build, STEPS, kept).context(RunSnafu)?;
     let image = build.image.expect("the register step sets the image");
     let snapshot = build.snapshot.expect("the import step sets the snapshot");

@@ -239,16 +239,17 @@ pub fn start(
 
 /// The child `parent` forks at once (unshare --fork), or None if `parent` exits without one.
 fn forked_child(parent: process::Identity) -> Option<process::Identity> {
-    let deadline = Instant::now() + std::time::Duration::from_secs(5);
     let children = format!("/proc/{0}/task/{0}/children", parent.pid);
-    while parent.is_running() && Instant::now() < deadline {
+    let (timeout, interval) = (std::time::Duration::from_secs(5), std::time::Duration::from_millis(5));
+    // Some(None): the parent is gone without a child.
+    let forked = crate::wait::until(timeout, interval, || {
         let pids = std::fs::read_to_string(&children).unwrap_or_default();
-        if let Some(pid) = pids.split_whitespace().next().and_then(|pid| pid.parse().ok()) {
-            return process::Identity::of(pid);
+        match pids.split_whitespace().next().and_then(|pid| pid.parse().ok()) {
+            Some(pid) => Some(process::Identity::of(pid)),
+            None => (!parent.is_running()).then_some(None),
         }
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-    None
+    });
+    forked.flatten()
 }
 
 /// TCG unless BAKERY_QEMU_ACCEL says otherwise: KVM on hosts like this one cannot boot a stock

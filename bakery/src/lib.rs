@@ -38,6 +38,7 @@ pub mod tags;
 pub mod txn;
 pub mod ui;
 pub mod verify;
+pub mod wait;
 
 /// What `--provider aws` says in a build without the `aws` feature (the quick start's).
 #[cfg(not(feature = "aws"))]

@@ -2,7 +2,7 @@
 //! time, stopped by pid, never by name, and never a process that merely reused the pid.
 
 use serde::{Deserialize, Serialize};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// A process as recorded on disk: pid and start time together never name another process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,19 +54,17 @@ pub fn stop_within(pid: i32, started: u64, grace: Duration) {
         return;
     }
     let _ = kill(target, Signal::SIGTERM);
-    let deadline = Instant::now() + grace;
-    while Instant::now() < deadline {
+    let gone = || {
         reap();
-        if !is_running(pid, started) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
+        (!is_running(pid, started)).then_some(())
+    };
+    if crate::wait::until(grace, Duration::from_millis(50), gone).is_some() {
+        return;
     }
     tracing::warn!(pid, "did not stop in time; killing it");
     let _ = kill(target, Signal::SIGKILL);
-    while is_running(pid, started) {
-        reap();
-        std::thread::sleep(Duration::from_millis(20));
+    if crate::wait::until(Duration::from_secs(60), Duration::from_millis(20), gone).is_none() {
+        tracing::error!(pid, "still running a minute after SIGKILL (stuck in the kernel?)");
     }
     reap();
 }

@@ -95,11 +95,7 @@ pub fn push(
     let id = crate::ids::new_id("push");
     let what = format!("push {}", image.id);
     let mut push = Push { source: image, disk, snapshot: None, image: None };
-    let kept = |push: &Push| {
-        let image = push.image.as_ref().map(|i| Resource::Image { id: i.id.clone() });
-        let snapshot = push.snapshot.as_ref().map(|s| Resource::Snapshot { id: s.id.clone() });
-        image.into_iter().chain(snapshot).collect()
-    };
+    let kept = |push: &Push| txn::image_and_snapshot(&push.image, &push.snapshot);
     txn::run(state_dir, &id, &what, target, cancel, events, &mut push, STEPS, kept).context(RunSnafu)?;
     let registered = push.image.expect("the register step sets the image");
     let snapshot = push.snapshot.expect("the upload step sets the snapshot");

@@ -7,7 +7,7 @@
 
 use crate::events::{Event, Sink, Unit};
 use crate::journal::{self, Journal, Resource};
-use crate::provider::Provider;
+use crate::provider::{Image, Provider, SnapshotResult};
 use snafu::Snafu;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -103,6 +103,14 @@ impl<'a> Tx<'a> {
     }
 }
 
+/// What a transaction that registers an image keeps: the image and its snapshot (a volume,
+/// scratch files and mounts do not outlive it).
+pub fn image_and_snapshot(image: &Option<Image>, snapshot: &Option<SnapshotResult>) -> Vec<Resource> {
+    let image = image.as_ref().map(|i| Resource::Image { id: i.id.clone() });
+    let snapshot = snapshot.as_ref().map(|s| Resource::Snapshot { id: s.id.clone() });
+    image.into_iter().chain(snapshot).collect()
+}
+
 /// Runs `steps` over `context` in a new journal; on success keeps what `kept` names (the
 /// image and its snapshot) and undoes the rest (scratch, volumes), on failure undoes all.
 #[allow(clippy::too_many_arguments)]
@@ -162,7 +170,7 @@ fn run_steps<C>(tx: &mut Tx, context: &mut C, steps: &[Step<C>]) -> Result<()> {
 mod tests {
     use super::*;
     use crate::events::Recorder;
-    use crate::provider::{GcReport, Image, ImageRegistry, ImageRequest, VolumeBackend};
+    use crate::provider::{GcReport, ImageRegistry, ImageRequest, VolumeBackend};
     use std::collections::{BTreeMap, BTreeSet};
     use std::path::{Path, PathBuf};
     use std::sync::Mutex;

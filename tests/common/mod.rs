@@ -94,8 +94,10 @@ pub fn leftovers() -> Vec<String> {
     let mut found = Vec::new();
     let losetup =
         Command::new("losetup").args(["--list", "--noheadings", "--output", "NAME,BACK-FILE"]).output().unwrap();
+    // The copy-on-write pool bakery makes on a state directory without reflink stays mounted.
+    let pool = format!("{}/cow.xfs", state.display());
     for line in String::from_utf8_lossy(&losetup.stdout).lines() {
-        if line.contains(&format!("{}/", state.display())) {
+        if line.contains(&format!("{}/", state.display())) && !line.trim_end().ends_with(&pool) {
             found.push(format!("loop device: {line}"));
         }
     }
@@ -108,11 +110,15 @@ pub fn leftovers() -> Vec<String> {
             found.push(format!("mount: {point}"));
         }
     }
-    // The aws provider's block caches keep their volumes under aws/<region>/.
-    let caches = std::fs::read_dir(state.join("aws")).into_iter().flatten().flatten();
-    let cache_volumes = caches.map(|region| Path::new("aws").join(region.file_name()).join("volumes"));
-    let dirs = ["volumes", "mnt", "tmp", "journal", "instances"].map(PathBuf::from);
-    for dir in dirs.into_iter().chain(cache_volumes) {
+    // Volumes live on the state directory, or on its copy-on-write pool (cow/) when it has no
+    // reflink; the aws provider's mirrors keep theirs under aws/<region>/.
+    let mut dirs: Vec<PathBuf> = ["mnt", "tmp", "journal", "instances"].map(PathBuf::from).into();
+    for cow in [PathBuf::new(), PathBuf::from("cow")] {
+        dirs.push(cow.join("volumes"));
+        let mirrors = std::fs::read_dir(state.join(&cow).join("aws")).into_iter().flatten().flatten();
+        dirs.extend(mirrors.map(|region| cow.join("aws").join(region.file_name()).join("volumes")));
+    }
+    for dir in dirs {
         let dir = dir.display().to_string();
         if let Ok(entries) = std::fs::read_dir(state.join(&dir)) {
             for entry in entries.flatten() {

@@ -23,27 +23,22 @@ pub fn metadata_endpoint() -> Option<String> {
     Some(std::env::var("AWS_EC2_METADATA_SERVICE_ENDPOINT").unwrap_or_else(|_| "http://169.254.169.254".to_string()))
 }
 
-/// Asks IMDSv2 at `base` (a session token first, as IMDSv2-only hosts require). `None` off EC2,
-/// or when the service does not answer within `timeout`.
-pub fn identify(base: &str, timeout: Duration) -> Option<Identity> {
-    let agent = ureq::AgentBuilder::new().timeout(timeout).build();
-    let token = agent
-        .put(&format!("{}/latest/api/token", base.trim_end_matches('/')))
-        .set("X-aws-ec2-metadata-token-ttl-seconds", "300")
-        .call()
+/// Asks IMDSv2 at `base` through the SDK's own metadata client (a session token first, as
+/// IMDSv2-only hosts require). `None` off EC2, or when the service does not answer within
+/// `timeout`.
+pub async fn identify(base: &str, timeout: Duration) -> Option<Identity> {
+    let client = aws_config::imds::Client::builder()
+        .endpoint(base)
         .ok()?
-        .into_string()
-        .ok()?;
-    let get = |path: &str| {
-        agent
-            .get(&format!("{}/latest/meta-data/{path}", base.trim_end_matches('/')))
-            .set("X-aws-ec2-metadata-token", &token)
-            .call()
-            .ok()?
-            .into_string()
-            .ok()
+        .max_attempts(1)
+        .connect_timeout(timeout)
+        .read_timeout(timeout)
+        .build();
+    let get = |path: &'static str| {
+        let client = client.clone();
+        async move { client.get(format!("/latest/meta-data/{path}")).await.ok().map(|v| v.as_ref().to_string()) }
     };
-    Some(Identity { instance_id: get("instance-id")?, zone: get("placement/availability-zone")? })
+    Some(Identity { instance_id: get("instance-id").await?, zone: get("placement/availability-zone").await? })
 }
 
 /// The device names EC2 accepts for data volumes, in the order we try them.
@@ -97,6 +92,7 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         drop(listener);
-        assert!(identify(&format!("http://127.0.0.1:{port}"), Duration::from_millis(500)).is_none());
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        assert!(runtime.block_on(identify(&format!("http://127.0.0.1:{port}"), Duration::from_millis(500))).is_none());
     }
 }

@@ -110,7 +110,10 @@ impl AwsProvider {
         let ebs = Ebs { client: aws_sdk_ebs::Client::new(&config), policy, concurrency: 32 };
         let host = match options.mode {
             Some(Mode::Direct) => None,
-            _ => host::metadata_endpoint().and_then(|endpoint| host::identify(&endpoint, Duration::from_secs(1))),
+            _ => match host::metadata_endpoint() {
+                Some(endpoint) => runtime.block_on(host::identify(&endpoint, Duration::from_secs(1))),
+                None => None,
+            },
         };
         let mode = options.mode.unwrap_or(if host.is_some() { Mode::Attach } else { Mode::Direct });
         let mirror = mirror::Mirror::open(state_dir, &region, ebs.clone(), runtime.clone(), options.cancel.clone())?;

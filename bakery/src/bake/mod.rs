@@ -18,7 +18,6 @@ mod step_write_manifest;
 pub use plan::{BakePlan, BakeRequest};
 
 use crate::events::Sink;
-use crate::journal::Resource;
 use crate::provider::{Image, Provider, SnapshotResult};
 use crate::txn::{self, Step};
 use serde::Serialize;
@@ -137,12 +136,7 @@ pub fn bake(
         image: None,
     };
     let (id, what) = (bake.plan.bake_id.clone(), format!("bake {}", bake.plan.name));
-    // The image and its snapshot outlive the bake; the volume does not.
-    let kept = |bake: &Bake| {
-        let image = bake.image.as_ref().map(|i| Resource::Image { id: i.id.clone() });
-        let snapshot = bake.snapshot.as_ref().map(|s| Resource::Snapshot { id: s.id.clone() });
-        image.into_iter().chain(snapshot).collect()
-    };
+    let kept = |bake: &Bake| txn::image_and_snapshot(&bake.image, &bake.snapshot);
     txn::run(&state_dir, &id, &what, provider, cancel, events, &mut bake, STEPS, kept).context(RunSnafu)?;
     let image = bake.image.expect("the register step sets the image");
     let snapshot = bake.snapshot.expect("the snapshot step sets the snapshot");

@@ -5,7 +5,7 @@
 use super::Bake;
 use crate::journal::Resource;
 use crate::txn::{StepResult, Tx};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// A filesystem that is still alive after its last mount went away.
 #[derive(Debug, snafu::Snafu)]
@@ -36,14 +36,8 @@ pub fn run(bake: &mut Bake, tx: &mut Tx) -> StepResult {
 fn ensure_released(device: &std::path::Path) -> crate::provider::Result<()> {
     let name = device.file_name().unwrap_or_default();
     let entry = std::path::Path::new("/proc/fs/ext4").join(name);
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while entry.exists() {
-        if Instant::now() >= deadline {
-            return Err(StillInUse { device: device.display().to_string() }.into());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
+    let released = crate::wait::until(Duration::from_secs(2), Duration::from_millis(50), || (!entry.exists()).then_some(()));
+    released.ok_or_else(|| StillInUse { device: device.display().to_string() }.into())
 }
 
 #[cfg(test)]

@@ -9,7 +9,6 @@
 
 use nix::fcntl::{Flock, FlockArg};
 use std::fs::{self, File};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -29,9 +28,7 @@ pub fn reflinks(dir: &Path) -> bool {
         // An empty file is not cloned on every filesystem: give it one block.
         std::io::Write::write_all(&mut &source_file, &[1; 4096]).ok()?;
         let clone_file = File::create(&clone).ok()?;
-        let ficlone = nix::request_code_write!(0x94, 9, std::mem::size_of::<libc::c_int>());
-        // SAFETY: FICLONE takes the source descriptor as its argument; both descriptors are valid.
-        Some(unsafe { libc::ioctl(clone_file.as_raw_fd(), ficlone, source_file.as_raw_fd()) } == 0)
+        Some(rustix::fs::ioctl_ficlone(&clone_file, &source_file).is_ok())
     })();
     let _ = fs::remove_file(&source);
     let _ = fs::remove_file(&clone);

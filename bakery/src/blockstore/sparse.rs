@@ -9,6 +9,7 @@
 use snafu::{ResultExt, Snafu};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
+use rustix::fs::SeekFrom;
 use std::os::fd::AsRawFd;
 
 #[derive(Debug, Snafu)]
@@ -66,26 +67,16 @@ impl SharedBlocks {
 
 /// Ranges `[start, end)` of the file that hold data.
 pub fn data_ranges(file: &File) -> Result<Vec<(u64, u64)>> {
-    let fd = file.as_raw_fd();
-    let len = file.metadata().context(SeekSnafu)?.len() as i64;
+    let len = file.metadata().context(SeekSnafu)?.len();
     let mut ranges = Vec::new();
-    let mut offset = 0i64;
+    let mut offset = 0;
     while offset < len {
-        // SAFETY: lseek on a valid descriptor has no memory-safety requirements.
-        let start = unsafe { libc::lseek(fd, offset, libc::SEEK_DATA) };
-        if start < 0 {
-            let err = std::io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::ENXIO) {
-                break; // no data after offset
-            }
-            return Err(err).context(SeekSnafu);
-        }
-        // SAFETY: as above.
-        let end = unsafe { libc::lseek(fd, start, libc::SEEK_HOLE) };
-        if end < 0 {
-            return Err(std::io::Error::last_os_error()).context(SeekSnafu);
-        }
-        ranges.push((start as u64, end as u64));
+        let start = match rustix::fs::seek(file, SeekFrom::Data(offset)) {
+            Err(rustix::io::Errno::NXIO) => break, // no data after offset
+            other => other.map_err(std::io::Error::from).context(SeekSnafu)?,
+        };
+        let end = rustix::fs::seek(file, SeekFrom::Hole(start)).map_err(std::io::Error::from).context(SeekSnafu)?;
+        ranges.push((start, end));
         offset = end;
     }
     Ok(ranges)
@@ -99,8 +90,8 @@ pub fn data_blocks(file: &File, block_size: u64) -> Result<DataBlocks> {
     Ok(DataBlocks(blocks.into_iter().collect()))
 }
 
-const FS_IOC_FIEMAP: libc::c_ulong = 0xC020_660B;
-const FICLONE: libc::c_ulong = 0x4004_9409;
+/// `_IOWR('f', 11, struct fiemap)` (linux/fs.h): the request is sized by the fixed header only.
+const FS_IOC_FIEMAP: libc::c_ulong = nix::request_code_readwrite!(b'f', 11, 32) as libc::c_ulong;
 const FIEMAP_FLAG_SYNC: u32 = 0x1;
 const FIEMAP_EXTENT_LAST: u32 = 0x1;
 const FIEMAP_EXTENT_SHARED: u32 = 0x2000;
@@ -185,8 +176,7 @@ pub fn unshared_blocks(file: &File, block_size: u64) -> Result<SharedBlocks> {
 /// Makes `dest` a copy of `source`: a reflink clone when the filesystem can (returns true),
 /// otherwise an in-kernel copy of the data ranges only, keeping holes (returns false).
 pub fn clone_or_copy(source: &File, dest: &File) -> Result<bool> {
-    // SAFETY: FICLONE takes the source descriptor as its argument; both descriptors are valid.
-    if unsafe { libc::ioctl(dest.as_raw_fd(), FICLONE, source.as_raw_fd()) } == 0 {
+    if rustix::fs::ioctl_ficlone(dest, source).is_ok() {
         return Ok(true);
     }
     let len = source.metadata().context(CopySnafu)?.len();
@@ -195,17 +185,13 @@ pub fn clone_or_copy(source: &File, dest: &File) -> Result<bool> {
         Error::Seek { source } => Error::Copy { source },
         other => other,
     })? {
-        let mut offset = start as i64;
-        while (offset as u64) < end {
+        let mut offset = start;
+        while offset < end {
             let mut dest_offset = offset;
-            let remaining = (end - offset as u64) as usize;
-            // SAFETY: both descriptors are valid and the offsets point at owned i64s.
-            let copied = unsafe {
-                libc::copy_file_range(source.as_raw_fd(), &mut offset, dest.as_raw_fd(), &mut dest_offset, remaining, 0)
-            };
-            if copied < 0 {
-                return Err(std::io::Error::last_os_error()).context(CopySnafu);
-            }
+            let remaining = (end - offset) as usize;
+            let copied = rustix::fs::copy_file_range(source, Some(&mut offset), dest, Some(&mut dest_offset), remaining)
+                .map_err(std::io::Error::from)
+                .context(CopySnafu)?;
             if copied == 0 {
                 break;
             }

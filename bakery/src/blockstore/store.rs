@@ -14,7 +14,7 @@ use snafu::{ensure, ResultExt, Snafu};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
 use std::io::Write;
-use std::os::fd::AsRawFd;
+use rustix::fs::FallocateFlags;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -290,13 +290,11 @@ impl Store {
         file.set_len(manifest.volume_size).context(IoSnafu { path: out })?;
         let differing = manifest.blocks.iter().filter(|(index, hash)| base_manifest.blocks.get(index) != Some(hash));
         self.write_blocks(&file, out, differing, cancel)?;
+        let punch = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
         for index in base_manifest.blocks.keys().filter(|index| !manifest.blocks.contains_key(index)) {
-            let offset = (index * BLOCK_SIZE as u64) as libc::off_t;
-            let flags = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-            // SAFETY: fallocate on a valid descriptor with in-range offsets.
-            if unsafe { libc::fallocate(file.as_raw_fd(), flags, offset, BLOCK_SIZE as libc::off_t) } != 0 {
-                return Err(std::io::Error::last_os_error()).context(IoSnafu { path: out });
-            }
+            rustix::fs::fallocate(&file, punch, index * BLOCK_SIZE as u64, BLOCK_SIZE as u64)
+                .map_err(std::io::Error::from)
+                .context(IoSnafu { path: out })?;
         }
         file.sync_all().context(IoSnafu { path: out })
     }

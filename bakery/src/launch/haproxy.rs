@@ -20,7 +20,7 @@ use std::io::{Read, Write};
 use std::net::Ipv4Addr;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Servers a cluster's backend can hold at once (old and new groups together, during a flip).
 pub const SLOTS: usize = 64;
@@ -227,17 +227,13 @@ impl Balancer {
         for (slot, server) in &slots {
             self.apply(*slot, server)?;
         }
-        let deadline = Instant::now() + UP_TIMEOUT;
-        loop {
+        let mut down = Vec::new();
+        let up = crate::wait::try_until(UP_TIMEOUT, Duration::from_millis(100), || {
             let status = self.status()?;
-            let down: Vec<String> =
-                slots.iter().filter(|(n, _)| !status.get(n).is_some_and(|s| s.up)).map(|(_, s)| s.id.clone()).collect();
-            if down.is_empty() {
-                return Ok(());
-            }
-            snafu::ensure!(Instant::now() < deadline, NotUpSnafu { servers: down });
-            std::thread::sleep(Duration::from_millis(100));
-        }
+            down = slots.iter().filter(|(n, _)| !status.get(n).is_some_and(|s| s.up)).map(|(_, s)| s.id.clone()).collect();
+            Ok::<_, Error>(down.is_empty().then_some(()))
+        })?;
+        up.context(NotUpSnafu { servers: down })
     }
 
     /// Takes the servers named `ids` out of service without failing a request: their slots
@@ -253,18 +249,13 @@ impl Balancer {
         for slot in &slots {
             self.set_state(*slot, "drain")?;
         }
-        let deadline = Instant::now() + DRAIN_TIMEOUT;
-        loop {
+        let drained = crate::wait::try_until(DRAIN_TIMEOUT, Duration::from_millis(100), || {
             let status = self.status()?;
-            let busy = slots.iter().filter(|n| status.get(n).is_some_and(|s| s.sessions > 0)).count();
-            if busy == 0 {
-                break;
-            }
-            if Instant::now() > deadline {
-                tracing::warn!(busy, "requests still running on draining servers; taking them out anyway");
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
+            let busy = slots.iter().any(|n| status.get(n).is_some_and(|s| s.sessions > 0));
+            Ok::<_, Error>((!busy).then_some(()))
+        })?;
+        if drained.is_none() {
+            tracing::warn!("requests still running on draining servers; taking them out anyway");
         }
         for slot in &slots {
             self.set_state(*slot, "maint")?;

@@ -16,17 +16,15 @@
 //! stays attached while a group is disabled, so a rollback is gated the same way. Without
 //! target groups the gate is the ASG's own (EC2 status) health.
 //!
-//! **Lock.** A launch template `bakery-lock-<cluster>`: CreateLaunchTemplate fails atomically
-//! when the name exists. The holder is written with it (tags in the same request), renewed by
-//! re-tagging it *by id*, and a stale one is deleted *by id* before creating anew, so two
-//! runs taking over the same stale lock cannot delete each other's fresh one.
-//!
-//! **Deploy record.** JSON, base64, in 256-character chunks as tags of a launch template
-//! `bakery-deploys-<cluster>` that is never launched: written in one CreateTags call (with the
-//! chunk count), read with DescribeTags. Launch-template versions were the other candidate, but
-//! versions pile up with every step and moto cannot delete them.
+//! The health gate lives in [`gate`], launch templates in [`templates`], and the deploy lock and
+//! record in [`state`].
 //!
 //! Every call goes through [`crate::aws::retry`]; the SDK's own retries are off.
+
+mod gate;
+mod state;
+mod templates;
+
 
 use super::cloud::{self, Capacity, Cloud, DeployRecord, Group, GroupSpec, Health, LockHolder, Member};
 use crate::aws::ec2::{self as ec2_calls, wait_for};
@@ -198,235 +196,9 @@ impl AwsCloud {
             .context(CallSnafu)?;
         Ok(())
     }
+}
 
-    // ELBv2.
-
-    /// Instance id → target state in the target group.
-    async fn target_health(&self, arn: &str) -> std::result::Result<BTreeMap<String, String>, CallError> {
-        let output = retry(self.policy, "DescribeTargetHealth", || {
-            self.elb.describe_target_health().target_group_arn(arn).send()
-        })
-        .await?;
-        Ok(output
-            .target_health_descriptions()
-            .iter()
-            .filter_map(|d| {
-                let id = d.target()?.id()?.to_string();
-                Some((id, d.target_health()?.state()?.as_str().to_string()))
-            })
-            .collect())
-    }
-
-    async fn target_group(&self, arn: Option<&str>, name: Option<&str>) -> Result<Option<TargetGroup>> {
-        let found = retry(self.policy, "DescribeTargetGroups", || {
-            self.elb
-                .describe_target_groups()
-                .set_target_group_arns(arn.map(|a| vec![a.to_string()]))
-                .set_names(name.map(|n| vec![n.to_string()]))
-                .send()
-        })
-        .await;
-        match found {
-            Err(e) if e.is_not_found() => Ok(None),
-            other => Ok(other.context(CallSnafu)?.target_groups().first().cloned()),
-        }
-    }
-
-    async fn listeners(&self, balancer: &str) -> Result<Vec<Listener>> {
-        let output = retry(self.policy, "DescribeListeners", || {
-            self.elb.describe_listeners().load_balancer_arn(balancer).send()
-        })
-        .await
-        .context(CallSnafu)?;
-        let mut listeners = output.listeners().to_vec();
-        listeners.sort_by_key(|l| l.port());
-        Ok(listeners)
-    }
-
-    /// The non-default rules of the listener that forward to `target_group`, and the priorities in use.
-    async fn rules_to(&self, listener: &str, target_group: &str) -> Result<(Vec<String>, BTreeSet<i32>)> {
-        let output = retry(self.policy, "DescribeRules", || self.elb.describe_rules().listener_arn(listener).send())
-            .await
-            .context(CallSnafu)?;
-        let mut ours = Vec::new();
-        let mut used = BTreeSet::new();
-        for rule in output.rules().iter().filter(|r| r.is_default() != Some(true)) {
-            used.extend(rule.priority().and_then(|p| p.parse::<i32>().ok()));
-            if rule.actions().iter().any(|a| a.target_group_arn() == Some(target_group)) {
-                ours.extend(rule.rule_arn().map(str::to_string));
-            }
-        }
-        Ok((ours, used))
-    }
-
-    /// The group's check target group and the listener rule that makes ELB check it (see the
-    /// module's doc); both found again when they exist.
-    async fn ensure_check_group(&self, group: &str, cluster_group: &str, health_url: &str) -> Result<String> {
-        let model =
-            self.target_group(Some(cluster_group), None).await?.context(NoTargetGroupSnafu { arn: cluster_group })?;
-        let protocol = model.protocol().cloned().unwrap_or(ProtocolEnum::Http);
-        if !matches!(protocol, ProtocolEnum::Http | ProtocolEnum::Https) {
-            return NotHttpSnafu { arn: cluster_group, protocol: protocol.as_str() }.fail();
-        }
-        let balancer = model.load_balancer_arns().first().context(NoBalancerSnafu { arn: cluster_group })?;
-        let name = check_name(group);
-        let arn = match self.target_group(None, Some(&name)).await? {
-            Some(existing) => existing.target_group_arn().unwrap_or_default().to_string(),
-            None => {
-                let created = retry(self.policy, "CreateTargetGroup", || {
-                    self.elb
-                        .create_target_group()
-                        .name(&name)
-                        .protocol(protocol.clone())
-                        .set_protocol_version(model.protocol_version().map(str::to_string))
-                        .set_port(model.port())
-                        .set_vpc_id(model.vpc_id().map(str::to_string))
-                        .target_type(TargetTypeEnum::Instance)
-                        .set_health_check_protocol(model.health_check_protocol().cloned())
-                        .set_health_check_port(model.health_check_port().map(str::to_string))
-                        .health_check_path(health_url)
-                        .set_health_check_interval_seconds(model.health_check_interval_seconds())
-                        .set_health_check_timeout_seconds(model.health_check_timeout_seconds())
-                        .set_healthy_threshold_count(model.healthy_threshold_count())
-                        .set_unhealthy_threshold_count(model.unhealthy_threshold_count())
-                        .set_matcher(model.matcher().cloned())
-                        .tags(ElbTag::builder().key("bakery:check-for").value(group).build())
-                        .send()
-                })
-                .await
-                .context(CallSnafu)?;
-                created.target_groups().first().and_then(|t| t.target_group_arn()).unwrap_or_default().to_string()
-            }
-        };
-        let listener = self.listeners(balancer).await?.into_iter().next().context(NoListenerSnafu { arn: balancer })?;
-        let listener = listener.listener_arn().unwrap_or_default();
-        // Another deploy on the same balancer may take the priority first: choose again.
-        let mut attempts = 0;
-        loop {
-            let (ours, used) = self.rules_to(listener, &arn).await?;
-            if !ours.is_empty() {
-                return Ok(arn);
-            }
-            // Last in evaluation order, out of the way of the rules people write.
-            let priority = (1..=50_000).rev().find(|p| !used.contains(p)).unwrap_or(50_000);
-            let host = format!("{name}.{CHECK_DOMAIN}");
-            let created = retry(self.policy, "CreateRule", || {
-                self.elb
-                    .create_rule()
-                    .listener_arn(listener)
-                    .priority(priority)
-                    .conditions(
-                        RuleCondition::builder()
-                            .field("host-header")
-                            .host_header_config(HostHeaderConditionConfig::builder().values(&host).build())
-                            .build(),
-                    )
-                    .actions(Action::builder().r#type(ActionTypeEnum::Forward).target_group_arn(&arn).build())
-                    .send()
-            })
-            .await;
-            attempts += 1;
-            match created {
-                Err(e) if e.code.as_deref() == Some("PriorityInUse") && attempts < 5 => continue,
-                other => other.context(CallSnafu)?,
-            };
-            return Ok(arn);
-        }
-    }
-
-    async fn delete_check_group(&self, group: &str) -> Result<()> {
-        let Some(check) = self.target_group(None, Some(&check_name(group))).await? else { return Ok(()) };
-        let arn = check.target_group_arn().unwrap_or_default();
-        for balancer in check.load_balancer_arns() {
-            for listener in self.listeners(balancer).await? {
-                let (rules, _) = self.rules_to(listener.listener_arn().unwrap_or_default(), arn).await?;
-                for rule in rules {
-                    ignore_missing(
-                        retry(self.policy, "DeleteRule", || self.elb.delete_rule().rule_arn(&rule).send()).await,
-                    )?;
-                }
-            }
-        }
-        ignore_missing(
-            retry(self.policy, "DeleteTargetGroup", || self.elb.delete_target_group().target_group_arn(arn).send())
-                .await,
-        )
-    }
-
-    // EC2: launch templates, their tags, subnets, addresses.
-
-    async fn template_id(&self, name: &str) -> Result<Option<(String, BTreeMap<String, String>)>> {
-        let found = retry(self.policy, "DescribeLaunchTemplates", || {
-            self.ec2.describe_launch_templates().launch_template_names(name).send()
-        })
-        .await;
-        let output = match found {
-            Err(e) if e.is_not_found() => return Ok(None),
-            other => other.context(CallSnafu)?,
-        };
-        Ok(output.launch_templates().first().map(|t| {
-            let tags = t.tags().iter().filter_map(|t| Some((t.key()?.to_string(), t.value()?.to_string())));
-            (t.launch_template_id().unwrap_or_default().to_string(), tags.collect())
-        }))
-    }
-
-    /// The template's current tags. DescribeTags, because moto's DescribeLaunchTemplates shows
-    /// only the tags given at creation. A resource has at most 50 tags: one page.
-    async fn template_tags(&self, id: &str) -> Result<BTreeMap<String, String>> {
-        let output = retry(self.policy, "DescribeTags", || {
-            self.ec2.describe_tags().filters(Ec2Filter::builder().name("resource-id").values(id).build()).send()
-        })
-        .await
-        .context(CallSnafu)?;
-        Ok(output.tags().iter().filter_map(|t| Some((t.key()?.to_string(), t.value()?.to_string()))).collect())
-    }
-
-    /// Creates the template with `tags` in the same request; Ok(false) when the name is taken.
-    async fn create_template(
-        &self,
-        name: &str,
-        data: RequestLaunchTemplateData,
-        tags: &[(String, String)],
-    ) -> Result<bool> {
-        let spec = TagSpecification::builder()
-            .resource_type(ResourceType::LaunchTemplate)
-            .set_tags(Some(tags.iter().map(|(k, v)| Ec2Tag::builder().key(k).value(v).build()).collect()))
-            .build();
-        let created = retry(self.policy, "CreateLaunchTemplate", || {
-            self.ec2
-                .create_launch_template()
-                .launch_template_name(name)
-                .launch_template_data(data.clone())
-                .tag_specifications(spec.clone())
-                .send()
-        })
-        .await;
-        match created {
-            Err(e) if e.code.as_deref().is_some_and(|c| c.contains("AlreadyExists")) => Ok(false),
-            other => other.map(|_| true).context(CallSnafu),
-        }
-    }
-
-    async fn tag_template(&self, id: &str, tags: &[(String, String)]) -> std::result::Result<(), CallError> {
-        let tags: Vec<Ec2Tag> = tags.iter().map(|(k, v)| Ec2Tag::builder().key(k).value(v).build()).collect();
-        retry(self.policy, "CreateTags", || self.ec2.create_tags().resources(id).set_tags(Some(tags.clone())).send())
-            .await?;
-        Ok(())
-    }
-
-    async fn delete_template(&self, id: Option<&str>, name: Option<&str>) -> Result<()> {
-        ignore_missing(
-            retry(self.policy, "DeleteLaunchTemplate", || {
-                self.ec2
-                    .delete_launch_template()
-                    .set_launch_template_id(id.map(str::to_string))
-                    .set_launch_template_name(name.map(str::to_string))
-                    .send()
-            })
-            .await,
-        )
-    }
-
+impl AwsCloud {
     /// One default subnet per zone of the default VPC, at least three zones.
     async fn default_subnets(&self) -> Result<Vec<String>> {
         let output = retry(self.policy, "DescribeSubnets", || {
@@ -656,65 +428,6 @@ impl AwsCloud {
         self.delete_template(None, Some(group)).await
     }
 
-    async fn acquire(&self, cluster: &str, holder: &LockHolder) -> Result<Option<LockHolder>> {
-        let name = format!("bakery-lock-{cluster}");
-        let tags = to_tags(LOCK_TAG, holder, "the lock holder")?;
-        for _ in 0..5 {
-            if self.create_template(&name, RequestLaunchTemplateData::builder().build(), &tags).await? {
-                return Ok(None);
-            }
-            // Taken: by us (renew), by a live run (refuse) or by a dead one (take over).
-            let Some((id, _)) = self.template_id(&name).await? else { continue };
-            let current: Option<LockHolder> = from_tags(LOCK_TAG, &self.template_tags(&id).await?, &name)?;
-            match current {
-                Some(current) if current.deploy_id == holder.deploy_id => match self.tag_template(&id, &tags).await {
-                    // Taken over since: the next round sees the new holder.
-                    Err(e) if e.is_not_found() => continue,
-                    other => return other.map(|_| None).context(CallSnafu),
-                },
-                Some(current) if !current.is_stale_here(now()) => return Ok(Some(current)),
-                Some(_) => self.delete_template(Some(&id), None).await?,
-                // Tags may lag a moment behind a template just created by another run.
-                None => tokio::time::sleep(Duration::from_secs(1)).await,
-            }
-        }
-        UnsettledSnafu { name }.fail()
-    }
-
-    async fn release(&self, cluster: &str, deploy_id: &str) -> Result<()> {
-        let name = format!("bakery-lock-{cluster}");
-        let Some((id, _)) = self.template_id(&name).await? else { return Ok(()) };
-        let current: Option<LockHolder> = from_tags(LOCK_TAG, &self.template_tags(&id).await?, &name)?;
-        if current.is_some_and(|h| h.deploy_id == deploy_id) {
-            self.delete_template(Some(&id), None).await?;
-        }
-        Ok(())
-    }
-
-    async fn save(&self, record: &DeployRecord) -> Result<()> {
-        let name = format!("bakery-deploys-{}", record.cluster);
-        let tags = to_tags(RECORD_TAG, record, "the deploy record")?;
-        for _ in 0..3 {
-            match self.template_id(&name).await? {
-                Some((id, _)) => match self.tag_template(&id, &tags).await {
-                    Err(e) if e.is_not_found() => continue,
-                    other => return other.context(CallSnafu),
-                },
-                None if self.create_template(&name, RequestLaunchTemplateData::builder().build(), &tags).await? => {
-                    return Ok(())
-                }
-                None => continue,
-            }
-        }
-        UnsettledSnafu { name }.fail()
-    }
-
-    async fn load(&self, cluster: &str) -> Result<Option<DeployRecord>> {
-        let name = format!("bakery-deploys-{cluster}");
-        let Some((id, _)) = self.template_id(&name).await? else { return Ok(None) };
-        from_tags(RECORD_TAG, &self.template_tags(&id).await?, &name)
-    }
-
     async fn clusters_async(&self) -> Result<Vec<String>> {
         let filter = AsgFilter::builder().name("key").values(CLUSTER_TAG).build();
         let mut clusters = BTreeSet::new();
@@ -758,6 +471,7 @@ impl AwsCloud {
         }))
     }
 }
+
 
 impl Cloud for AwsCloud {
     fn kind(&self) -> &'static str {
@@ -877,10 +591,6 @@ fn same_image(name: &str, group: &AutoScalingGroup, image_id: &str) -> Result<()
 }
 
 /// ELBv2 target group names: at most 32 characters of `[A-Za-z0-9-]`, so a digest of the group.
-fn check_name(group: &str) -> String {
-    format!("bakery-{}", &hex::encode(Sha256::digest(group.as_bytes()))[..24])
-}
-
 fn to_group(
     asg: &AutoScalingGroup,
     health: &BTreeMap<String, BTreeMap<String, String>>,
@@ -931,29 +641,6 @@ fn to_group(
 
 /// `value` as JSON in base64, cut into tag-sized chunks under `prefix-NN`, with the count under
 /// `prefix`; stale chunks past the count are ignored by [`from_tags`].
-fn to_tags<T: Serialize>(prefix: &str, value: &T, what: &str) -> Result<Vec<(String, String)>> {
-    let json = serde_json::to_vec(value).expect("serialisable");
-    let encoded = base64::engine::general_purpose::STANDARD.encode(json);
-    let chunks: Vec<&str> =
-        encoded.as_bytes().chunks(TAG_VALUE_MAX).map(|c| std::str::from_utf8(c).expect("base64")).collect();
-    snafu::ensure!(chunks.len() <= MAX_CHUNKS, TooLargeSnafu { what, chars: encoded.len() });
-    let mut tags = vec![(prefix.to_string(), chunks.len().to_string())];
-    tags.extend(chunks.iter().enumerate().map(|(i, chunk)| (format!("{prefix}-{i:02}"), chunk.to_string())));
-    Ok(tags)
-}
-
-fn from_tags<T: DeserializeOwned>(prefix: &str, tags: &BTreeMap<String, String>, resource: &str) -> Result<Option<T>> {
-    let Some(count) = tags.get(prefix) else { return Ok(None) };
-    let corrupt = |reason: String| Error::Corrupt { what: prefix.to_string(), resource: resource.to_string(), reason };
-    let count: usize = count.parse().map_err(|_| corrupt(format!("chunk count {count:?}")))?;
-    let mut encoded = String::new();
-    for i in 0..count {
-        encoded += tags.get(&format!("{prefix}-{i:02}")).ok_or_else(|| corrupt(format!("chunk {i} is missing")))?;
-    }
-    let json = base64::engine::general_purpose::STANDARD.decode(encoded).map_err(|e| corrupt(e.to_string()))?;
-    serde_json::from_slice(&json).map(Some).map_err(|e| corrupt(e.to_string()))
-}
-
 fn group_missing(error: &CallError) -> bool {
     error.code.as_deref() == Some("ValidationError") && error.message.contains("not found")
 }
@@ -965,35 +652,3 @@ fn ignore_missing<T>(result: std::result::Result<T, CallError>) -> Result<()> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn values_round_trip_through_tag_chunks() {
-        let holder = LockHolder {
-            deploy_id: "1700000000000-42-0".into(),
-            owner: "ann".into(),
-            host: "h".repeat(300),
-            pid: 42,
-            start_time: 7,
-            expires: 1_700_000_900,
-        };
-        let tags: BTreeMap<String, String> = to_tags(LOCK_TAG, &holder, "holder").unwrap().into_iter().collect();
-        assert!(tags.len() > 2 && tags.values().all(|v| v.len() <= TAG_VALUE_MAX), "{tags:?}");
-        assert_eq!(from_tags::<LockHolder>(LOCK_TAG, &tags, "t").unwrap(), Some(holder));
-        assert_eq!(from_tags::<LockHolder>(LOCK_TAG, &BTreeMap::new(), "t").unwrap(), None);
-        let mut torn = tags.clone();
-        torn.remove(&format!("{LOCK_TAG}-01"));
-        assert!(from_tags::<LockHolder>(LOCK_TAG, &torn, "t").unwrap_err().to_string().contains("chunk 1 is missing"));
-        let huge = "x".repeat(MAX_CHUNKS * TAG_VALUE_MAX);
-        assert!(matches!(to_tags(RECORD_TAG, &huge, "record"), Err(Error::TooLarge { .. })));
-    }
-
-    #[test]
-    fn check_group_names_fit_elbv2_limits() {
-        let name = check_name("hello-prod-some-very-long-detail-v001");
-        assert!(name.len() <= 32 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'), "{name}");
-        assert_ne!(name, check_name("hello-prod-v001"));
-    }
-}

@@ -1,0 +1,78 @@
+//! Launch templates: one per group (its Frigga name), and the two that hold the deploy lock and
+//! the deploy record.
+
+use super::*;
+
+impl AwsCloud {
+    pub(super) async fn template_id(&self, name: &str) -> Result<Option<(String, BTreeMap<String, String>)>> {
+        let found = retry(self.policy, "DescribeLaunchTemplates", || {
+            self.ec2.describe_launch_templates().launch_template_names(name).send()
+        })
+        .await;
+        let output = match found {
+            Err(e) if e.is_not_found() => return Ok(None),
+            other => other.context(CallSnafu)?,
+        };
+        Ok(output.launch_templates().first().map(|t| {
+            let tags = t.tags().iter().filter_map(|t| Some((t.key()?.to_string(), t.value()?.to_string())));
+            (t.launch_template_id().unwrap_or_default().to_string(), tags.collect())
+        }))
+    }
+
+    /// The template's current tags. DescribeTags, because moto's DescribeLaunchTemplates shows
+    /// only the tags given at creation. A resource has at most 50 tags: one page.
+    pub(super) async fn template_tags(&self, id: &str) -> Result<BTreeMap<String, String>> {
+        let output = retry(self.policy, "DescribeTags", || {
+            self.ec2.describe_tags().filters(Ec2Filter::builder().name("resource-id").values(id).build()).send()
+        })
+        .await
+        .context(CallSnafu)?;
+        Ok(output.tags().iter().filter_map(|t| Some((t.key()?.to_string(), t.value()?.to_string()))).collect())
+    }
+
+    /// Creates the template with `tags` in the same request; Ok(false) when the name is taken.
+    pub(super) async fn create_template(
+        &self,
+        name: &str,
+        data: RequestLaunchTemplateData,
+        tags: &[(String, String)],
+    ) -> Result<bool> {
+        let spec = TagSpecification::builder()
+            .resource_type(ResourceType::LaunchTemplate)
+            .set_tags(Some(tags.iter().map(|(k, v)| Ec2Tag::builder().key(k).value(v).build()).collect()))
+            .build();
+        let created = retry(self.policy, "CreateLaunchTemplate", || {
+            self.ec2
+                .create_launch_template()
+                .launch_template_name(name)
+                .launch_template_data(data.clone())
+                .tag_specifications(spec.clone())
+                .send()
+        })
+        .await;
+        match created {
+            Err(e) if e.code.as_deref().is_some_and(|c| c.contains("AlreadyExists")) => Ok(false),
+            other => other.map(|_| true).context(CallSnafu),
+        }
+    }
+
+    pub(super) async fn tag_template(&self, id: &str, tags: &[(String, String)]) -> std::result::Result<(), CallError> {
+        let tags: Vec<Ec2Tag> = tags.iter().map(|(k, v)| Ec2Tag::builder().key(k).value(v).build()).collect();
+        retry(self.policy, "CreateTags", || self.ec2.create_tags().resources(id).set_tags(Some(tags.clone())).send())
+            .await?;
+        Ok(())
+    }
+
+    pub(super) async fn delete_template(&self, id: Option<&str>, name: Option<&str>) -> Result<()> {
+        ignore_missing(
+            retry(self.policy, "DeleteLaunchTemplate", || {
+                self.ec2
+                    .delete_launch_template()
+                    .set_launch_template_id(id.map(str::to_string))
+                    .set_launch_template_name(name.map(str::to_string))
+                    .send()
+            })
+            .await,
+        )
+    }
+}
