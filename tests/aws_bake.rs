@@ -1,8 +1,8 @@
 //! The aws provider against moto, through the project's proxy that checks what moto does not
 //! (block size, per-block checksums, changed-block count, LINEAR aggregate) and injects faults.
 //! The base image is built locally once, then pushed; bakes run in direct mode (any host) and
-//! in attach mode on a pretend EC2 host (a metadata service in this process, loop devices
-//! standing in for the kernel's view of attached volumes).
+//! in attach mode on a pretend EC2 host (a metadata service in this process, and the test
+//! playing the kernel: an attached volume appears as a device node over a loop device).
 
 mod common;
 
@@ -180,7 +180,9 @@ fn metadata_service(instance: &str, zone: &str) -> String {
             }
             let path = request.split(' ').nth(1).unwrap_or_default();
             let (status, body) = match path {
-                "/latest/api/token" if request.starts_with("PUT") => ("200 OK", "token-1".to_string()),
+                "/latest/api/token" if request.starts_with("PUT") => {
+                    ("200 OK\r\nx-aws-ec2-metadata-token-ttl-seconds: 300", "token-1".to_string())
+                }
                 _ if !token => ("401 Unauthorized", String::new()),
                 "/latest/meta-data/instance-id" => ("200 OK", instance.clone()),
                 "/latest/meta-data/placement/availability-zone" => ("200 OK", zone.clone()),
@@ -197,6 +199,65 @@ fn metadata_service(instance: &str, zone: &str) -> String {
     address
 }
 
+/// Plays the kernel of the pretend EC2 host: once the proxy has seen AttachVolume, the volume
+/// appears at the device name it asked for, as on a Xen instance: a device node over a loop
+/// device on a copy of the base disk, its root partition beside it (`/dev/sdf2`). Dropping it
+/// removes the nodes and the loop devices.
+struct PretendKernel {
+    watcher: Option<std::thread::JoinHandle<Vec<(String, String)>>>,
+    _disk: tempfile::TempDir,
+}
+
+impl PretendKernel {
+    fn start() -> PretendKernel {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("volume.raw");
+        let exported = run(&["images", "export", BASE, "--output-file", disk.to_str().unwrap()]);
+        assert!(exported.status.success(), "export: {}", String::from_utf8_lossy(&exported.stderr));
+        let watcher = std::thread::spawn(move || {
+            let attached = (0..1200).find_map(|_| {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                recorded("AttachVolume").first().map(|call| call["params"]["Device"].as_str().unwrap().to_string())
+            });
+            let device = attached.expect("AttachVolume within two minutes");
+            let root = bakery::gpt::root_partition(&disk).unwrap();
+            let losetup = |extra: &[String]| {
+                let out = std::process::Command::new("losetup")
+                    .args(["--find", "--show"])
+                    .args(extra)
+                    .arg(&disk)
+                    .output()
+                    .unwrap();
+                assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
+                String::from_utf8_lossy(&out.stdout).trim().to_string()
+            };
+            let whole = losetup(&[]);
+            let partition =
+                losetup(&["--offset".into(), root.offset().to_string(), "--sizelimit".into(), root.size().to_string()]);
+            let mut made = Vec::new();
+            for (node, loop_device) in [(device.clone(), whole), (format!("{device}{}", root.number), partition)] {
+                let rdev = std::os::unix::fs::MetadataExt::rdev(&std::fs::metadata(&loop_device).unwrap());
+                let (major, minor) = (nix::sys::stat::major(rdev).to_string(), nix::sys::stat::minor(rdev).to_string());
+                let mknod = std::process::Command::new("mknod").args([&node, "b", &major, &minor]).status().unwrap();
+                assert!(mknod.success(), "mknod {node}");
+                made.push((node, loop_device));
+            }
+            made
+        });
+        PretendKernel { watcher: Some(watcher), _disk: dir }
+    }
+}
+
+impl Drop for PretendKernel {
+    fn drop(&mut self) {
+        let Some(Ok(made)) = self.watcher.take().map(|watcher| watcher.join()) else { return };
+        for (node, loop_device) in made {
+            let _ = std::fs::remove_file(&node);
+            let _ = std::process::Command::new("losetup").args(["--detach", &loop_device]).status();
+        }
+    }
+}
+
 #[test]
 fn attach_mode_creates_attaches_detaches_snapshots_registers_and_deletes_the_volume() {
     let (_serial, ami, base_snapshot) = fresh_cloud_with_base();
@@ -211,12 +272,10 @@ fn attach_mode_creates_attaches_detaches_snapshots_registers_and_deletes_the_vol
     let mut args = bake_args(&ami, package.to_str().unwrap(), "3.3.0");
     let key = "arn:aws:kms:us-east-1:123456789012:key/0b1c2d3e-bake-ry00-test-000000000000";
     args.extend(["--mode", "attach", "--kms-key", key]);
-    let env = [
-        ("AWS_EC2_METADATA_DISABLED", "false"),
-        ("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds.as_str()),
-        ("BAKERY_AWS_DEVICE_SOURCE", "loop"),
-    ];
+    let env = [("AWS_EC2_METADATA_DISABLED", "false"), ("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds.as_str())];
+    let kernel = PretendKernel::start();
     let (code, baked, stderr) = run_aws_json(&args, &env);
+    drop(kernel);
     assert_eq!(code, 0, "attach bake: {stderr}");
 
     let created = recorded("CreateVolume");

@@ -38,6 +38,10 @@ impl Partition {
     pub fn offset(&self) -> u64 {
         self.first_lba * SECTOR
     }
+
+    pub fn size(&self) -> u64 {
+        (self.last_lba + 1 - self.first_lba) * SECTOR
+    }
 }
 
 fn guid(bytes: &[u8]) -> String {

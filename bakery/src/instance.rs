@@ -49,7 +49,7 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Method {
     Container,
@@ -261,7 +261,7 @@ fn accelerator() -> String {
 /// Read-only loop on the root partition, mounted, with an overlay on top; returns the overlay.
 fn mount_container_root(journal: &mut Journal, disk: &Path, dir: &Path) -> crate::provider::Result<PathBuf> {
     let partition = gpt::root_partition(disk)?;
-    let size = (partition.last_lba + 1 - partition.first_lba) * 512;
+    let size = partition.size();
     let device = loopdev::attach_partition_read_only(disk, partition.offset(), size)?;
     journal.push(Resource::LoopDevice { device: device.clone(), file: disk.to_path_buf() })?;
     let lower = dir.join("lower");

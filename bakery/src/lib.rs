@@ -9,15 +9,18 @@
 //! - a deploy strategy: a planner in [`launch::plan`], executed by [`launch::engine`] against a
 //!   [`launch::cloud::Cloud`];
 //! - progress: [`events`], rendered by [`ui`] for the command lines.
+//!
+//! Host plumbing (mounts, loop devices, chroots, confined file operations, waits) is private to
+//! the library.
 
-pub mod atomic;
+mod atomic;
 #[cfg(feature = "aws")]
 pub mod aws;
 pub mod bake;
 pub mod base;
 pub mod blockstore;
-pub mod chroot;
-pub mod command;
+mod chroot;
+mod command;
 pub mod events;
 pub mod gc;
 pub mod gpt;
@@ -26,19 +29,19 @@ pub mod instance;
 pub mod journal;
 pub mod launch;
 pub mod local;
-pub mod loopdev;
-pub mod mounts;
+mod loopdev;
+mod mounts;
 pub mod package;
 pub mod process;
 pub mod provider;
 pub mod push;
 pub mod recipe;
-pub mod rootfs;
+mod rootfs;
 pub mod tags;
 pub mod txn;
 pub mod ui;
 pub mod verify;
-pub mod wait;
+mod wait;
 
 /// What `--provider aws` says in a build without the `aws` feature (the quick start's).
 #[cfg(not(feature = "aws"))]

@@ -26,22 +26,9 @@ pub enum Error {
     DeviceLock { source: std::io::Error },
 }
 
-/// Where an attached volume's block device comes from.
-#[derive(Default)]
-pub enum DeviceSource {
-    #[default]
-    /// The kernel: the device named at attach time, its `xvd` form, or the NVMe disk whose serial
-    /// is the volume id.
-    Kernel,
-    /// Tests on a pretend EC2 host: a loop device over a twin of the volume filled from the
-    /// snapshot's mirrored blocks, while every control-plane call still goes to EC2.
-    LoopTwin,
-}
-
 pub struct AttachedVolumes {
     pub host: Identity,
-    pub devices: DeviceSource,
-    /// For exports (and the loop twins of tests).
+    /// For exports.
     pub mirror: Mirror,
     pub uploader: Uploader,
     pub sweep: Sweep,
@@ -54,10 +41,6 @@ impl AttachedVolumes {
 
     fn block_on<T>(&self, future: impl std::future::Future<Output = T>) -> T {
         self.uploader.runtime.block_on(future)
-    }
-
-    fn twin(&self) -> bool {
-        matches!(self.devices, DeviceSource::LoopTwin)
     }
 }
 
@@ -73,10 +56,6 @@ impl VolumeBackend for AttachedVolumes {
             let _ = self.block_on(self.ec2().delete_volume(&id));
             return Err(error.into());
         }
-        if self.twin() {
-            self.mirror.ensure(snapshot_id)?;
-            self.mirror.volumes.create_volume_as(&id, snapshot_id, bake_id)?;
-        }
         Ok(id)
     }
 
@@ -86,17 +65,13 @@ impl VolumeBackend for AttachedVolumes {
         let in_use: BTreeSet<String> = self.block_on(self.ec2().attached_devices(instance))?;
         let device = host::free_device(&in_use).context(NoFreeDeviceSnafu)?;
         let attached = self.block_on(self.ec2().attach(volume_id, instance, &device)).map_err(Into::into);
-        let found = attached.and_then(|()| match self.devices {
-            DeviceSource::LoopTwin => self.mirror.volumes.attach_volume(volume_id),
-            DeviceSource::Kernel => {
-                let appeared = self.block_on(ec2::wait_for(
-                    &format!("volume {volume_id} appearing as a block device"),
-                    Duration::from_secs(120),
-                    || async { Ok(host::find_device(volume_id, &device)) },
-                ));
-                appeared
-                    .map_err(|_| Error::DeviceMissing { volume: volume_id.to_string(), device: device.clone() }.into())
-            }
+        let found = attached.and_then(|()| {
+            let appeared = self.block_on(ec2::wait_for(
+                &format!("volume {volume_id} appearing as a block device"),
+                Duration::from_secs(120),
+                || async { Ok(host::find_device(volume_id, &device)) },
+            ));
+            appeared.map_err(|_| Error::DeviceMissing { volume: volume_id.to_string(), device: device.clone() }.into())
         });
         if found.is_err() {
             // The journal records the attachment only once this returns: undo it here.
@@ -105,17 +80,11 @@ impl VolumeBackend for AttachedVolumes {
         found
     }
 
-    fn detach_volume(&self, volume_id: &str, device: &Path) -> Result<()> {
-        if self.twin() {
-            self.mirror.volumes.detach_volume(volume_id, device)?;
-        }
+    fn detach_volume(&self, volume_id: &str, _device: &Path) -> Result<()> {
         Ok(self.block_on(self.ec2().detach(volume_id, &self.host.instance_id))?)
     }
 
     fn delete_volume(&self, volume_id: &str) -> Result<()> {
-        if self.twin() {
-            self.mirror.volumes.delete_volume(volume_id)?;
-        }
         Ok(self.block_on(self.ec2().delete_volume(volume_id))?)
     }
 

@@ -1,6 +1,6 @@
 //! EBS snapshots on this host, over the EBS direct APIs: the [`Mirror`] copies a snapshot's
-//! blocks into the block store once per snapshot id (direct-mode volumes, exports, and the
-//! attach-mode test twin are loop volumes over it); the [`Uploader`] sends blocks of a local file
+//! blocks into the block store once per snapshot id (direct-mode volumes are loop volumes over
+//! it, and exports read it); the [`Uploader`] sends blocks of a local file
 //! into a new EBS snapshot (direct-mode bakes and `bakery push`).
 
 use super::ebs::{self, Ebs, Upload};

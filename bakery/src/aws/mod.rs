@@ -63,8 +63,6 @@ pub struct Options {
     pub gc_older_than: Duration,
     /// Set on Ctrl-C: mirrors and waits stop at their next block or poll.
     pub cancel: Arc<AtomicBool>,
-    /// Where attach mode finds attached volumes (tests use loop twins).
-    pub device_source: attach::DeviceSource,
 }
 
 /// A runtime for the SDK's futures and the configuration every bakery client uses: the standard
@@ -127,13 +125,9 @@ impl AwsProvider {
         };
         let volumes: Box<dyn VolumeBackend> = match mode {
             Mode::Direct => Box::new(direct::DirectVolumes { mirror, uploader, sweep }),
-            Mode::Attach => Box::new(attach::AttachedVolumes {
-                host: host.context(NotOnEc2Snafu)?,
-                devices: options.device_source,
-                mirror,
-                uploader,
-                sweep,
-            }),
+            Mode::Attach => {
+                Box::new(attach::AttachedVolumes { host: host.context(NotOnEc2Snafu)?, mirror, uploader, sweep })
+            }
         };
         tracing::debug!(%region, ?mode, "aws provider");
         let registry = registry::Ec2Registry {

@@ -36,7 +36,8 @@ pub fn run(bake: &mut Bake, tx: &mut Tx) -> StepResult {
 fn ensure_released(device: &std::path::Path) -> crate::provider::Result<()> {
     let name = device.file_name().unwrap_or_default();
     let entry = std::path::Path::new("/proc/fs/ext4").join(name);
-    let released = crate::wait::until(Duration::from_secs(2), Duration::from_millis(50), || (!entry.exists()).then_some(()));
+    let released =
+        crate::wait::until(Duration::from_secs(2), Duration::from_millis(50), || (!entry.exists()).then_some(()));
     released.ok_or_else(|| StillInUse { device: device.display().to_string() }.into())
 }
 

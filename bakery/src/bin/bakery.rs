@@ -72,6 +72,22 @@ struct AwsArgs {
     share_with: Vec<String>,
 }
 
+/// How `verify` boots an image.
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum MethodArg {
+    Container,
+    Vm,
+}
+
+impl From<MethodArg> for Method {
+    fn from(method: MethodArg) -> Method {
+        match method {
+            MethodArg::Container => Method::Container,
+            MethodArg::Vm => Method::Vm,
+        }
+    }
+}
+
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
 enum ModeArg {
     Attach,
@@ -214,8 +230,8 @@ struct VerifyArgs {
     /// Image id or name.
     image: String,
     /// How to boot it.
-    #[arg(long, value_enum, default_value_t = Method::Container)]
-    method: Method,
+    #[arg(long, value_enum, default_value_t = MethodArg::Container)]
+    method: MethodArg,
     /// GET PATH must answer 200 with TEXT in the body; repeatable.
     #[arg(long, value_name = "PATH=TEXT")]
     expect: Vec<Expect>,
@@ -321,11 +337,6 @@ fn open_aws(cli: &Cli, cancel: &Arc<AtomicBool>) -> Result<Box<dyn Provider>, Fa
             _ => std::time::Duration::from_secs(2 * 3600),
         },
         cancel: cancel.clone(),
-        // The tests' pretend EC2 host has no real EBS devices: loop twins stand in for them.
-        device_source: match std::env::var("BAKERY_AWS_DEVICE_SOURCE").as_deref() {
-            Ok("loop") => aws::attach::DeviceSource::LoopTwin,
-            _ => aws::attach::DeviceSource::Kernel,
-        },
     };
     let provider =
         aws::AwsProvider::open(&cli.state_dir, options).map_err(|e| failure(2, format!("aws provider: {e}")))?;
@@ -466,7 +477,7 @@ fn run(cli: &Cli, ui: &Ui) -> Result<(), Failure> {
             }
         }
         Commands::Verify(args) => {
-            let outcome = verify_image(cli, &args.image, args.method, &args.expect, args.timeout, &cancel)?;
+            let outcome = verify_image(cli, &args.image, args.method.into(), &args.expect, args.timeout, &cancel)?;
             ui.print(&outcome, describe_verification);
             if !outcome.passed {
                 return Err(reported_failure(6, format!("image {} failed verification", outcome.image_id)));

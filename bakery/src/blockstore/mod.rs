@@ -73,8 +73,8 @@ impl Volumes {
         &self.store
     }
 
-    /// A volume with a given id (a cloud volume's id for its local twin).
-    pub fn create_volume_as(&self, id: &str, snapshot_id: &str, bake_id: &str) -> Result<()> {
+    /// A volume with a given id.
+    fn create_volume_as(&self, id: &str, snapshot_id: &str, bake_id: &str) -> Result<()> {
         let manifest = self.store.snapshot(snapshot_id)?;
         let cached = self.cached_image(&manifest)?;
         let path = self.volume_file(id);
@@ -101,10 +101,6 @@ impl Volumes {
     /// The file behind a volume.
     pub fn volume_file(&self, id: &str) -> PathBuf {
         self.volumes.join(format!("{id}.raw"))
-    }
-
-    pub fn has_volume(&self, id: &str) -> bool {
-        self.volume_meta(id).is_ok()
     }
 
     fn volume_meta(&self, id: &str) -> std::result::Result<VolumeMeta, Error> {

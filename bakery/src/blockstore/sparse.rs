@@ -6,10 +6,10 @@
 //! bake rewrote (they are no longer `shared`), so a snapshot reads only those. Elsewhere the
 //! volume is a sparse copy and SEEK_DATA/SEEK_HOLE bound the read to the blocks holding data.
 
+use rustix::fs::SeekFrom;
 use snafu::{ResultExt, Snafu};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
-use rustix::fs::SeekFrom;
 use std::os::fd::AsRawFd;
 
 #[derive(Debug, Snafu)]
@@ -189,9 +189,10 @@ pub fn clone_or_copy(source: &File, dest: &File) -> Result<bool> {
         while offset < end {
             let mut dest_offset = offset;
             let remaining = (end - offset) as usize;
-            let copied = rustix::fs::copy_file_range(source, Some(&mut offset), dest, Some(&mut dest_offset), remaining)
-                .map_err(std::io::Error::from)
-                .context(CopySnafu)?;
+            let copied =
+                rustix::fs::copy_file_range(source, Some(&mut offset), dest, Some(&mut dest_offset), remaining)
+                    .map_err(std::io::Error::from)
+                    .context(CopySnafu)?;
             if copied == 0 {
                 break;
             }

@@ -8,13 +8,13 @@
 
 use super::sparse;
 use rayon::prelude::*;
+use rustix::fs::FallocateFlags;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use snafu::{ensure, ResultExt, Snafu};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
 use std::io::Write;
-use rustix::fs::FallocateFlags;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

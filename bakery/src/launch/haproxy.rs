@@ -230,7 +230,8 @@ impl Balancer {
         let mut down = Vec::new();
         let up = crate::wait::try_until(UP_TIMEOUT, Duration::from_millis(100), || {
             let status = self.status()?;
-            down = slots.iter().filter(|(n, _)| !status.get(n).is_some_and(|s| s.up)).map(|(_, s)| s.id.clone()).collect();
+            down =
+                slots.iter().filter(|(n, _)| !status.get(n).is_some_and(|s| s.up)).map(|(_, s)| s.id.clone()).collect();
             Ok::<_, Error>(down.is_empty().then_some(()))
         })?;
         up.context(NotUpSnafu { servers: down })

@@ -164,7 +164,12 @@ pub(super) struct Extractor<'a> {
 }
 
 impl<'a> Extractor<'a> {
-    pub(super) fn new(install_dir: OwnedFd, opts: &'a InstallOptions, cancel: &'a AtomicBool, package: &'a str) -> Self {
+    pub(super) fn new(
+        install_dir: OwnedFd,
+        opts: &'a InstallOptions,
+        cancel: &'a AtomicBool,
+        package: &'a str,
+    ) -> Self {
         Self {
             opts,
             cancel,
@@ -581,4 +586,3 @@ fn gzip_error(package: &str, source: io::Error) -> Error {
         Error::CorruptGzip { package, source }
     }
 }
-

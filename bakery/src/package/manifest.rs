@@ -29,4 +29,3 @@ pub struct ManifestEntry {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub target: Option<String>,
 }
-

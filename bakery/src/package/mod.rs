@@ -17,8 +17,8 @@ pub use source::{open_source, sidecar_sha256, PackageSource};
 
 use crate::rootfs::{self, RootDir};
 use nix::errno::Errno;
-use std::io;
 use snafu::{ensure, ResultExt, Snafu};
+use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::thread;
@@ -61,7 +61,10 @@ pub enum Error {
     #[snafu(display("package {package} has a corrupt tar header after entry '{after}': {source}"))]
     CorruptTar { package: String, after: String, source: io::Error },
 
-    #[snafu(display("package {package} has over {} bytes of tar headers after entry '{after}'", extract::HEADER_ALLOWANCE))]
+    #[snafu(display(
+        "package {package} has over {} bytes of tar headers after entry '{after}'",
+        extract::HEADER_ALLOWANCE
+    ))]
     OversizedHeaders { package: String, after: String },
 
     #[snafu(display("package {package} contains no entries"))]
@@ -187,7 +190,6 @@ pub fn install(
     Ok(InstallReport { package_sha256, compressed_bytes, expanded_bytes, entries })
 }
 
-
 fn is_sha256(text: &str) -> bool {
     text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit())
 }
@@ -196,16 +198,16 @@ fn is_sha256(text: &str) -> bool {
 mod tests {
     use super::source::CHUNK_SIZE;
     use super::*;
-    use sha2::{Digest, Sha256};
-    use std::io::{BufRead, Read, Write};
-    use tar::EntryType;
     use flate2::write::GzEncoder;
     use flate2::Compression;
+    use sha2::{Digest, Sha256};
     use std::fs;
     use std::io::BufReader;
+    use std::io::{BufRead, Read, Write};
     use std::net::TcpListener;
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     use std::path::{Path, PathBuf};
+    use tar::EntryType;
     use tar::Header;
 
     const MTIME: u64 = 1_600_000_000;

@@ -66,8 +66,11 @@ pub fn sidecar_sha256(spec: &str) -> Result<Option<String>> {
     };
     let mut text = String::new();
     reader.take(SIDECAR_LIMIT).read_to_string(&mut text).context(ReadSidecarSnafu { path: &path })?;
-    let digest =
-        text.split_whitespace().next().filter(|token| super::is_sha256(token)).context(BadSidecarSnafu { path: &path })?;
+    let digest = text
+        .split_whitespace()
+        .next()
+        .filter(|token| super::is_sha256(token))
+        .context(BadSidecarSnafu { path: &path })?;
     Ok(Some(digest.to_ascii_lowercase()))
 }
 
@@ -148,4 +151,3 @@ impl Read for Chunks<'_> {
         Ok(n)
     }
 }
-

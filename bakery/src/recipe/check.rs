@@ -7,7 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Component, Path};
 use toml::{Table, Value};
 
-pub(super) const TOP_KEYS: &[&str] = &["description", "extends", "package", "vars", "files", "commands", "services", "tags"];
+pub(super) const TOP_KEYS: &[&str] =
+    &["description", "extends", "package", "vars", "files", "commands", "services", "tags"];
 const PACKAGE_KEYS: &[&str] = &[
     "install_root",
     "owner",
@@ -467,4 +468,3 @@ pub(super) fn parse_size(text: &str) -> Option<u64> {
     let multiplier = if unit.is_empty() { 1 } else { SIZE_UNITS.iter().find(|(name, _)| *name == unit)?.1 };
     number.parse::<u64>().ok()?.checked_mul(multiplier)
 }
-

@@ -18,7 +18,6 @@ mod template;
 use check::{check_templates, Checker};
 use template::render;
 
-
 /// Template names whose values come from the bake rather than from `[vars]`.
 pub const BUILTIN_VARS: &[&str] =
     &["app", "version", "package_sha256", "build_job", "build_number", "commit", "base_image"];

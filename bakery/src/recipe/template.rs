@@ -52,4 +52,3 @@ pub(super) fn render(text: &str, values: &BTreeMap<&str, &str>) -> Result<String
     }
     Ok(out)
 }
-

@@ -64,7 +64,12 @@ impl AwsCloud {
 
     /// The group's check target group and the listener rule that makes ELB check it (see the
     /// module's doc); both found again when they exist.
-    pub(super) async fn ensure_check_group(&self, group: &str, cluster_group: &str, health_url: &str) -> Result<String> {
+    pub(super) async fn ensure_check_group(
+        &self,
+        group: &str,
+        cluster_group: &str,
+        health_url: &str,
+    ) -> Result<String> {
         let model =
             self.target_group(Some(cluster_group), None).await?.context(NoTargetGroupSnafu { arn: cluster_group })?;
         let protocol = model.protocol().cloned().unwrap_or(ProtocolEnum::Http);
@@ -157,13 +162,11 @@ impl AwsCloud {
     }
 
     // EC2: launch templates, their tags, subnets, addresses.
-
 }
 
 pub(super) fn check_name(group: &str) -> String {
     format!("bakery-{}", &hex::encode(Sha256::digest(group.as_bytes()))[..24])
 }
-
 
 #[cfg(test)]
 mod tests {

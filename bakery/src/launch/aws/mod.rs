@@ -25,7 +25,6 @@ mod gate;
 mod state;
 mod templates;
 
-
 use super::cloud::{self, Capacity, Cloud, DeployRecord, Group, GroupSpec, Health, LockHolder, Member};
 use crate::aws::ec2::{self as ec2_calls, wait_for};
 use crate::aws::retry::{retry, CallError, Policy};
@@ -472,7 +471,6 @@ impl AwsCloud {
     }
 }
 
-
 impl Cloud for AwsCloud {
     fn kind(&self) -> &'static str {
         "aws"
@@ -651,4 +649,3 @@ fn ignore_missing<T>(result: std::result::Result<T, CallError>) -> Result<()> {
         other => other.map(|_| ()).context(CallSnafu),
     }
 }
-

@@ -71,7 +71,6 @@ impl AwsCloud {
         let Some((id, _)) = self.template_id(&name).await? else { return Ok(None) };
         from_tags(RECORD_TAG, &self.template_tags(&id).await?, &name)
     }
-
 }
 
 pub(super) fn to_tags<T: Serialize>(prefix: &str, value: &T, what: &str) -> Result<Vec<(String, String)>> {
@@ -85,7 +84,11 @@ pub(super) fn to_tags<T: Serialize>(prefix: &str, value: &T, what: &str) -> Resu
     Ok(tags)
 }
 
-pub(super) fn from_tags<T: DeserializeOwned>(prefix: &str, tags: &BTreeMap<String, String>, resource: &str) -> Result<Option<T>> {
+pub(super) fn from_tags<T: DeserializeOwned>(
+    prefix: &str,
+    tags: &BTreeMap<String, String>,
+    resource: &str,
+) -> Result<Option<T>> {
     let Some(count) = tags.get(prefix) else { return Ok(None) };
     let corrupt = |reason: String| Error::Corrupt { what: prefix.to_string(), resource: resource.to_string(), reason };
     let count: usize = count.parse().map_err(|_| corrupt(format!("chunk count {count:?}")))?;
@@ -96,7 +99,6 @@ pub(super) fn from_tags<T: DeserializeOwned>(prefix: &str, tags: &BTreeMap<Strin
     let json = base64::engine::general_purpose::STANDARD.decode(encoded).map_err(|e| corrupt(e.to_string()))?;
     serde_json::from_slice(&json).map(Some).map_err(|e| corrupt(e.to_string()))
 }
-
 
 #[cfg(test)]
 mod tests {
