@@ -15,32 +15,32 @@ use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+/// Bakes the sample app built with `options` as `version`; returns the image id.
+fn bake_sample(version: &str, options: &[&str]) -> String {
+    base_image();
+    let dir = tempfile::tempdir().unwrap();
+    let package = sample_package_with(dir.path(), version, options).to_string_lossy().into_owned();
+    let (code, baked, stderr) = run_json(&[
+        "bake",
+        "--base",
+        BASE,
+        "--recipe",
+        "recipes/tomcat-webapp.toml",
+        "--package",
+        &package,
+        "--app",
+        "hello",
+        "--version",
+        version,
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    baked["image_id"].as_str().unwrap().to_string()
+}
+
 /// Two versions of the sample app, baked once per run.
 fn images() -> &'static (String, String) {
     static IMAGES: OnceLock<(String, String)> = OnceLock::new();
-    IMAGES.get_or_init(|| {
-        base_image();
-        let bake = |version: &str| {
-            let dir = tempfile::tempdir().unwrap();
-            let package = sample_package(dir.path(), version, 0).to_string_lossy().into_owned();
-            let (code, baked, stderr) = run_json(&[
-                "bake",
-                "--base",
-                BASE,
-                "--recipe",
-                "recipes/tomcat-webapp.toml",
-                "--package",
-                &package,
-                "--app",
-                "hello",
-                "--version",
-                version,
-            ]);
-            assert_eq!(code, 0, "{stderr}");
-            baked["image_id"].as_str().unwrap().to_string()
-        };
-        (bake("9.1.0"), bake("9.2.0"))
-    })
+    IMAGES.get_or_init(|| (bake_sample("9.1.0", &[]), bake_sample("9.2.0", &[])))
 }
 
 fn spec(cluster: &str, version: u32, image: &str, desired: u32) -> GroupSpec {
@@ -170,14 +170,15 @@ fn group_file(cluster: &str, group: &str) -> Value {
     serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
 }
 
-/// Processes whose command line names the state directory (instances, balancers).
+/// Processes whose command line names the state directory (instances, balancers), but for
+/// the state directory's service registry, which outlives clusters.
 fn processes_on_state_dir() -> Vec<String> {
     let needle = state_dir().to_string_lossy().into_owned();
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
             let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            if cmdline.contains(&needle) {
+            if cmdline.contains(&needle) && !cmdline.starts_with("etcd ") {
                 found.push(format!("{}: {cmdline}", entry.file_name().to_string_lossy()));
             }
         }
@@ -280,7 +281,9 @@ fn gc_spares_live_instances_and_reclaims_killed_ones() {
 
     let (code, report, stderr) = run_json(&["gc"]);
     assert_eq!(code, 0, "{stderr}");
-    assert_eq!(report["kept_live"].as_array().unwrap().len(), 2, "{report}");
+    let live = report["kept_live"].as_array().unwrap();
+    assert_eq!(live.iter().filter(|l| l.as_str().unwrap().contains("live instance of")).count(), 2, "{report}");
+    assert!(live.iter().any(|l| l.as_str().unwrap().contains("service registry")), "the registry runs: {report}");
     assert!(report["removed"].as_array().unwrap().is_empty(), "{report}");
     wait_healthy(&cloud, &cluster, &group.name, 2);
 
@@ -430,4 +433,127 @@ fn a_deploy_killed_in_its_gate_converges_when_run_again() {
     assert_eq!(groups, [(format!("{cluster}-v000"), false), (format!("{cluster}-v001"), true)], "{status}");
     let balancer = rerun["balancer_url"].as_str().unwrap();
     assert_eq!(versions_seen(balancer, 30), BTreeSet::from(["9.2.0".to_string()]));
+}
+
+/// The registry's view of a cluster (`launcher registry list`), by instance id.
+fn registered(cluster: &str) -> BTreeMap<String, Value> {
+    let (code, listed, stderr) = launcher_json(&["registry", "list", "--cluster", cluster]);
+    assert_eq!(code, 0, "{listed}\n{stderr}");
+    listed.as_array().unwrap().iter().map(|i| (i["instance_id"].as_str().unwrap().to_string(), i.clone())).collect()
+}
+
+/// Polls the registry until `done` holds, for at most `limit`; the last view otherwise.
+fn registry_until(
+    cluster: &str,
+    limit: Duration,
+    done: impl Fn(&BTreeMap<String, Value>) -> bool,
+) -> BTreeMap<String, Value> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let seen = registered(cluster);
+        if done(&seen) || Instant::now() > deadline {
+            return seen;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn statuses(seen: &BTreeMap<String, Value>, group: &str) -> Vec<String> {
+    seen.values().filter(|i| i["group"] == group).map(|i| i["status"].as_str().unwrap().to_string()).collect()
+}
+
+/// The pid of the registration agent running in `instance` (the user data it reads, seen
+/// through its own root, names the instance).
+fn agent_of(instance: &str) -> nix::unistd::Pid {
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let user_data = std::fs::read_to_string(entry.path().join("root/etc/bakery/instance.env")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains("bakery-agent") && user_data.contains(instance) {
+            return nix::unistd::Pid::from_raw(entry.file_name().to_string_lossy().parse().unwrap());
+        }
+    }
+    panic!("no bakery-agent runs in {instance}");
+}
+
+/// Instances register themselves (etcd, through the image's agent); a deploy flips only once
+/// every new instance is UP there; the group taken out of traffic is OUT_OF_SERVICE in the
+/// registry and comes back UP on rollback; an agent that stops beating drops out within its
+/// lease, and a destroyed group deregisters.
+#[test]
+fn instances_register_and_the_flip_waits_for_the_registry() {
+    let _serial = serial();
+    let (v1, _) = images();
+    // Healthy (and so UP) only 8 s after Tomcat starts it: registers late.
+    let late = bake_sample("9.3.0", &["--start-delay-ms", "8000"]);
+    let cluster = new_cluster();
+    let _cleanup = Cleanup(&cluster);
+    let deploy = |image: &str| {
+        launcher_json(&["deploy", "--cluster", &cluster, "--image", image, "--health-url", "/hello/health"])
+    };
+
+    let (code, first, stderr) = deploy(v1);
+    assert_eq!(code, 0, "{first}\n{stderr}");
+    let (old, balancer) = (format!("{cluster}-v000"), first["balancer_url"].as_str().unwrap().to_string());
+    let seen = registered(&cluster);
+    assert_eq!(statuses(&seen, &old), ["UP", "UP", "UP"], "{seen:#?}");
+    let instance = seen.values().next().unwrap();
+    // A cluster with neither stack nor detail is its app's name (Frigga).
+    assert_eq!(
+        (instance["app"].as_str(), instance["cluster"].as_str()),
+        (Some(cluster.as_str()), Some(cluster.as_str()))
+    );
+    assert_eq!(instance["version"], "9.1.0");
+    let zones: BTreeSet<&str> = seen.values().map(|i| i["zone"].as_str().unwrap()).collect();
+    assert_eq!(zones, BTreeSet::from(["local-a", "local-b", "local-c"]));
+    let (_, status, _) = launcher_json(&["status", "--cluster", &cluster]);
+    let members = status["groups"][0]["members"].as_array().unwrap();
+    assert!(members.iter().all(|m| m["registry_status"] == "UP"), "{status}");
+
+    // Watch the balancer for the first answer from the late version while it deploys.
+    let watcher = {
+        let url = format!("{balancer}/hello/version.txt");
+        std::thread::spawn(move || {
+            let agent = bakery::verify::http_agent();
+            let deadline = Instant::now() + Duration::from_secs(600);
+            while Instant::now() < deadline {
+                if get(&agent, &url).is_ok_and(|v| v == "9.3.0") {
+                    return std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            panic!("the balancer never answered 9.3.0");
+        })
+    };
+    let (code, second, stderr) = deploy(&late);
+    assert_eq!(code, 0, "{second}\n{stderr}");
+    let first_served = watcher.join().unwrap();
+    let new = format!("{cluster}-v001");
+    let seen = registered(&cluster);
+    assert_eq!(statuses(&seen, &new), ["UP", "UP", "UP"], "{seen:#?}");
+    assert_eq!(statuses(&seen, &old), ["OUT_OF_SERVICE"; 3], "the old group is held out of traffic: {seen:#?}");
+    let last_up = seen.values().filter(|i| i["group"] == new).map(|i| i["up_since"].as_u64().unwrap()).max().unwrap();
+    assert!(last_up > 0 && last_up <= first_served, "UP at {last_up}, yet served at {first_served}");
+    assert!(stderr.contains("UP in the registry"), "the gate shows what it waits for: {stderr}");
+
+    // An agent that stops beating: its registration expires with its 10 s lease.
+    let (frozen, _) = seen.iter().find(|(_, i)| i["group"] == new).unwrap();
+    let agent = agent_of(frozen);
+    nix::sys::signal::kill(agent, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let gone = registry_until(&cluster, Duration::from_secs(40), |seen| !seen.contains_key(frozen));
+    nix::sys::signal::kill(agent, nix::sys::signal::Signal::SIGCONT).unwrap();
+    assert!(!gone.contains_key(frozen), "still registered after its agent stopped: {gone:#?}");
+    let back =
+        registry_until(&cluster, Duration::from_secs(40), |seen| seen.get(frozen).is_some_and(|i| i["status"] == "UP"));
+    assert_eq!(back[frozen]["status"], "UP", "it registers again once its agent beats: {back:#?}");
+
+    let (code, rollback, stderr) = launcher_json(&["rollback", "--cluster", &cluster]);
+    assert_eq!(code, 0, "{rollback}\n{stderr}");
+    let seen = registered(&cluster);
+    assert_eq!(statuses(&seen, &old), ["UP", "UP", "UP"], "{seen:#?}");
+    assert_eq!(statuses(&seen, &new), ["OUT_OF_SERVICE"; 3], "{seen:#?}");
+
+    let (code, destroyed, stderr) = launcher_json(&["destroy", "--cluster", &cluster]);
+    assert_eq!(code, 0, "{destroyed}\n{stderr}");
+    assert!(registered(&cluster).is_empty(), "instances deregister as they stop");
+    assert_no_leftovers("after destroying a registered cluster");
 }

@@ -61,6 +61,8 @@ pub enum Event {
         healthy: u32,
         starting: u32,
         unhealthy: u32,
+        /// Instances `UP` in the service registry, where the cloud has one.
+        registered_up: Option<u32>,
         /// Instances not healthy yet.
         waiting_for: Vec<String>,
     },

@@ -144,7 +144,50 @@ fn require(program: &'static str) -> Result<()> {
     Ok(())
 }
 
-/// Boots `image_id` and returns at once; the caller waits for health.
+/// Where an instance registers itself and as what: the user data its registration agent
+/// (`bakery-agent` in the base image) reads from `/etc/bakery/instance.env`; the instance adds
+/// its own id, address and port.
+#[derive(Clone, Debug)]
+pub struct Registration {
+    pub registry_url: String,
+    pub app: String,
+    pub cluster: String,
+    pub group: String,
+    pub zone: String,
+    pub version: String,
+    pub health_path: String,
+}
+
+/// `KEY='value'` lines a POSIX shell can source, whatever the values hold.
+fn shell_env(pairs: &[(&str, &str)]) -> String {
+    pairs.iter().map(|(key, value)| format!("{key}='{}'\n", value.replace('\'', r"'\''"))).collect()
+}
+
+fn write_registration(
+    root: &RootDir,
+    id: &str,
+    endpoint: Endpoint,
+    registration: &Registration,
+) -> crate::provider::Result<()> {
+    let (address, port) = (endpoint.address.to_string(), endpoint.port.to_string());
+    let env = shell_env(&[
+        ("REGISTRY_URL", &registration.registry_url),
+        ("APP", &registration.app),
+        ("CLUSTER", &registration.cluster),
+        ("GROUP", &registration.group),
+        ("INSTANCE_ID", id),
+        ("ADDRESS", &address),
+        ("PORT", &port),
+        ("ZONE", &registration.zone),
+        ("VERSION", &registration.version),
+        ("HEALTH_PATH", &registration.health_path),
+    ]);
+    root.write_file("/etc/bakery/instance.env", env.as_bytes(), 0o644, 0, 0)?;
+    Ok(())
+}
+
+/// Boots `image_id` and returns at once; the caller waits for health. With a `registration`,
+/// the instance's agent registers it in that registry (container method only).
 pub fn start(
     provider: &LocalProvider,
     state_dir: &Path,
@@ -152,6 +195,7 @@ pub fn start(
     image_id: &str,
     method: Method,
     endpoint: Endpoint,
+    registration: Option<&Registration>,
 ) -> Result<Instance> {
     snafu::ensure!(endpoint.address.is_loopback(), NotLoopbackSnafu { address: endpoint.address });
     let image = provider
@@ -176,6 +220,10 @@ pub fn start(
             let root = mount_container_root(journal, &disk, &dir).map_err(prepare("mounting the instance's root"))?;
             let root_dir = RootDir::open(&root).map_err(|e| prepare("opening the instance's root")(e.into()))?;
             configure_tomcat(&root_dir, endpoint).map_err(prepare("writing the instance's user data"))?;
+            if let Some(registration) = registration {
+                write_registration(&root_dir, &id, endpoint, registration)
+                    .map_err(prepare("writing the registration agent's user data"))?;
+            }
             // nspawn runs as the init of a PID namespace of its own: when it dies, even by
             // SIGKILL, the kernel kills the container with it (which would otherwise live on,
             // reparented, serving on the instance's address).
@@ -275,4 +323,16 @@ fn mount_container_root(journal: &mut Journal, disk: &Path, dir: &Path) -> crate
     let options = format!("lowerdir={},upperdir={},workdir={}", lower.display(), upper.display(), work.display());
     nix::mount::mount(Some("overlay"), &root, Some("overlay"), nix::mount::MsFlags::empty(), Some(options.as_str()))?;
     Ok(root)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_data_survives_any_value_in_a_shell() {
+        let env = shell_env(&[("A", "plain"), ("B", "it's $(rm -rf /) `x`")]);
+        let out = Command::new("sh").arg("-c").arg(format!("{env}printf '%s|%s' \"$A\" \"$B\"")).output().unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "plain|it's $(rm -rf /) `x`");
+    }
 }

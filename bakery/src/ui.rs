@@ -101,14 +101,15 @@ impl Sink for Ui {
                 let took = seconds(*duration_ms);
                 self.line(&mut state, format!("{cluster}   {outcome} in {took}: {operation}{why}"));
             }
-            Event::Gate { group, desired, healthy, starting, unhealthy, waiting_for, .. } => {
+            Event::Gate { group, desired, healthy, starting, unhealthy, registered_up, waiting_for, .. } => {
                 let waiting = match waiting_for.len() {
                     0 => String::new(),
                     n if n <= 3 => format!("; waiting for {}", waiting_for.join(", ")),
                     n => format!("; waiting for {}, … ({n} in all)", waiting_for[..3].join(", ")),
                 };
+                let registered = registered_up.map(|up| format!(", {up} UP in the registry")).unwrap_or_default();
                 let text = format!(
-                    "{group}: {healthy} of {desired} healthy, {starting} starting, {unhealthy} unhealthy{waiting}"
+                    "{group}: {healthy} of {desired} healthy, {starting} starting, {unhealthy} unhealthy{registered}{waiting}"
                 );
                 if state.gate.as_deref() == Some(text.as_str()) {
                     return;

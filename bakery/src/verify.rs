@@ -120,7 +120,8 @@ pub fn verify(
     let endpoint = Endpoint::free(address).context(PortSnafu { address })?;
     let id = crate::ids::new_id("verify");
     let mut journal = Journal::begin(state_dir, &id, &format!("verify {image_id}"), "local").context(JournalSnafu)?;
-    let result = instance::start(provider, state_dir, &mut journal, image_id, method, endpoint).context(BootSnafu);
+    let result =
+        instance::start(provider, state_dir, &mut journal, image_id, method, endpoint, None).context(BootSnafu);
     let outcome = result.map(|instance| {
         let agent = http_agent();
         let deadline = Instant::now() + timeout;

@@ -64,8 +64,15 @@ pub fn base_image() -> String {
 
 /// The sample app package for `version`, built by the project's script into `dir`.
 pub fn sample_package(dir: &Path, version: &str, payload_mib: u32) -> PathBuf {
+    sample_package_with(dir, version, &["--payload-mib", &payload_mib.to_string()])
+}
+
+/// The sample app package with more of the script's options (`--start-delay-ms`, faults…).
+pub fn sample_package_with(dir: &Path, version: &str, options: &[&str]) -> PathBuf {
     let status = Command::new(workspace().join("scripts/build-sample-app"))
-        .args(["--version", version, "--payload-mib", &payload_mib.to_string(), "--out"])
+        .args(["--version", version])
+        .args(options)
+        .arg("--out")
         .arg(dir)
         .stdout(std::process::Stdio::null())
         .status()
@@ -123,13 +130,20 @@ pub fn leftovers() -> Vec<String> {
         if let Ok(entries) = std::fs::read_dir(state.join(&dir)) {
             for entry in entries.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
-                if !name.ends_with(".lock") {
+                if !name.ends_with(".lock") && !is_registry_journal(&entry.path()) {
                     found.push(format!("{dir}/{name}"));
                 }
             }
         }
     }
     found
+}
+
+/// The service registry (etcd) runs for the whole state directory, like the copy-on-write pool:
+/// its journal is not a leftover of any one test.
+fn is_registry_journal(path: &Path) -> bool {
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    name.starts_with("registry-") && path.parent().is_some_and(|p| p.ends_with("journal"))
 }
 
 pub fn assert_no_leftovers(context: &str) {

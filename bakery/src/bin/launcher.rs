@@ -3,7 +3,8 @@
 
 use bakery::launch::cloud::{Cloud, DeployRecord, Outcome};
 use bakery::launch::engine::{self, Engine, Identity, Status, SystemClock};
-use bakery::launch::plan::{self, DeployRequest, StrategyKind};
+use bakery::launch::plan::{DeployRequest, StrategyKind};
+use bakery::launch::registry::{self, Registry};
 use bakery::ui::OutputFormat;
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
@@ -94,6 +95,29 @@ enum Commands {
     },
     /// List the clusters that have groups.
     Clusters,
+    /// The service registry instances register themselves in (local: etcd on this host, started
+    /// by the first deploy).
+    #[command(subcommand)]
+    Registry(RegistryCommand),
+}
+
+#[derive(Subcommand)]
+enum RegistryCommand {
+    /// Every registered instance: app, cluster, group, id, address, zone, status (`UP`,
+    /// `STARTING`, `DOWN`, or `OUT_OF_SERVICE` while its group is out of traffic), version and
+    /// last heartbeat (Unix seconds). An instance whose agent stopped beating is gone within 10 s.
+    ///
+    /// Example:
+    ///   launcher registry list --cluster hello-prod --output json
+    #[command(verbatim_doc_comment)]
+    List {
+        #[arg(long)]
+        app: Option<String>,
+        #[arg(long)]
+        cluster: Option<String>,
+    },
+    /// Stop the registry (its data stays; the next deploy starts it again).
+    Stop,
 }
 
 #[derive(clap::Args)]
@@ -136,21 +160,6 @@ struct DeployArgs {
 struct Failure {
     code: u8,
     message: String,
-}
-
-fn exit_code(error: &engine::Error) -> u8 {
-    use engine::Error as E;
-    match error {
-        E::BadCluster { .. } => 3,
-        E::Plan { source } => match source {
-            plan::Error::NothingServing { .. } | plan::Error::NothingToRollBackTo { .. } => 4,
-            _ => 3,
-        },
-        E::Locked { .. } => 5,
-        E::Gate { .. } => 6,
-        E::Cancelled { .. } => 130,
-        _ => 1,
-    }
 }
 
 fn open_cloud(cli: &Cli) -> Result<Box<dyn Cloud>, Failure> {
@@ -259,7 +268,46 @@ fn main() -> ExitCode {
     }
 }
 
+/// `launcher registry`: the local registry needs no cloud.
+fn registry(cli: &Cli, command: &RegistryCommand, ui: &bakery::ui::Ui) -> Result<(), Failure> {
+    if cli.provider != CloudKind::Local {
+        let message = "the aws provider has no service registry yet (Cloud Map is planned); use --provider local";
+        return Err(Failure { code: 2, message: message.into() });
+    }
+    let registry = Registry::new(&cli.state_dir);
+    let failed = |e: registry::Error| Failure { code: 1, message: e.to_string() };
+    match command {
+        RegistryCommand::List { app, cluster } => {
+            let mut instances = registry.instances(cluster.as_deref()).map_err(failed)?;
+            instances.retain(|i| app.as_ref().is_none_or(|app| &i.registration.app == app));
+            ui.print(&instances, |instances| {
+                let rows = instances.iter().map(|i| {
+                    let r = &i.registration;
+                    format!(
+                        "{:<16} {:<24} {:<14} {:>15}:{:<5} {:<8} {:<15} {}",
+                        r.status, r.group, r.instance_id, r.address, r.port, r.zone, r.version, r.last_heartbeat
+                    )
+                });
+                let rows: Vec<String> = rows.collect();
+                if rows.is_empty() {
+                    "no registered instances".into()
+                } else {
+                    rows.join("\n")
+                }
+            });
+        }
+        RegistryCommand::Stop => {
+            registry.stop().map_err(failed)?;
+            ui.print(&serde_json::json!({ "stopped": true }), |_| "registry stopped".into());
+        }
+    }
+    Ok(())
+}
+
 fn run(cli: &Cli) -> Result<(), Failure> {
+    if let Commands::Registry(command) = &cli.command {
+        return registry(cli, command, &bakery::ui::Ui::new(cli.output));
+    }
     let cloud = open_cloud(cli)?;
     let cancel = bakery::ui::cancellation();
     let start_time = bakery::process::start_time(std::process::id() as i32).unwrap_or_default();
@@ -285,7 +333,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         match result {
             Ok(_) => Ok(()),
             Err(error) => {
-                let code = exit_code(&error);
+                let code = error.exit_code();
                 if ui.format == OutputFormat::Json && !printed {
                     println!("{}", serde_json::json!({ "error": error.to_string(), "exit_code": code }));
                 }
@@ -315,12 +363,13 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         Commands::Finish { cluster, soak } => finished(engine.finish(cluster, *soak), cluster),
         Commands::Destroy { cluster } => finished(engine.destroy(cluster), cluster),
         Commands::Status { cluster } => {
-            let status = engine.status(cluster).map_err(|e| Failure { code: exit_code(&e), message: e.to_string() })?;
+            let status = engine.status(cluster).map_err(|e| Failure { code: e.exit_code(), message: e.to_string() })?;
             ui.print(&status, describe_status);
             Ok(())
         }
+        Commands::Registry(_) => unreachable!("handled before the cloud is opened"),
         Commands::Clusters => {
-            let clusters = engine.clusters().map_err(|e| Failure { code: exit_code(&e), message: e.to_string() })?;
+            let clusters = engine.clusters().map_err(|e| Failure { code: e.exit_code(), message: e.to_string() })?;
             ui.print(&clusters, |c| if c.is_empty() { "no clusters".into() } else { c.join("\n") });
             Ok(())
         }

@@ -28,6 +28,10 @@ pub struct Member {
     pub zone: String,
     pub health: Health,
     pub address: Option<String>,
+    /// As clients of the service registry see it (`UP`, `OUT_OF_SERVICE`, …); None where the
+    /// cloud has no registry or the instance has not registered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry_status: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -54,6 +54,22 @@ pub enum Error {
 }
 
 impl Error {
+    /// Exit status: 3 bad input, 4 nothing to act on, 5 locked, 6 health gate failed, 130
+    /// cancelled, 1 anything else.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::BadCluster { .. } => 3,
+            Error::Plan { source } => match source {
+                plan::Error::NothingServing { .. } | plan::Error::NothingToRollBackTo { .. } => 4,
+                _ => 3,
+            },
+            Error::Locked { .. } => 5,
+            Error::Gate { .. } => 6,
+            Error::Cancelled { .. } => 130,
+            _ => 1,
+        }
+    }
+
     /// The record of a run that got as far as executing its plan (for the JSON result).
     pub fn record(&self) -> Option<&DeployRecord> {
         match self {
@@ -452,6 +468,9 @@ impl Run<'_, '_> {
                         healthy: healthy as u32,
                         starting: starting as u32,
                         unhealthy: unhealthy as u32,
+                        registered_up: g.members.iter().any(|m| m.registry_status.is_some()).then(|| {
+                            g.members.iter().filter(|m| m.registry_status.as_deref() == Some("UP")).count() as u32
+                        }),
                         waiting_for: g
                             .members
                             .iter()

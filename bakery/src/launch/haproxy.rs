@@ -7,11 +7,12 @@
 //! Which slot holds which instance is persisted (`balancer.json`) before HAProxy changes, so a
 //! HAProxy that restarted (and lost its runtime state) gets the slots re-applied.
 //!
-//! HAProxy's life is a handed-over journal (journal.rs): `bakery gc` sees it live while the
-//! process runs, and reclaims its socket and pid file once the process is gone.
+//! HAProxy is a helper process that outlives the launcher ([`super::daemon`]): `bakery gc` sees it
+//! live while it runs, and reclaims its socket and pid file once it is gone.
 
+use super::daemon;
 use crate::instance::Endpoint;
-use crate::journal::{self, Journal, Resource};
+use crate::journal;
 use crate::process::Identity;
 use serde::{Deserialize, Serialize};
 use snafu::{OptionExt, ResultExt, Snafu};
@@ -39,6 +40,9 @@ pub enum Error {
 
     #[snafu(display("balancer journal: {source}"))]
     Journal { source: journal::Error },
+
+    #[snafu(display("{source}"))]
+    Daemon { source: daemon::Error },
 
     #[snafu(display("no free port on 127.0.0.1: {source}"))]
     Port { source: std::io::Error },
@@ -169,35 +173,19 @@ impl Balancer {
         snafu::ensure!(socket.as_os_str().len() <= MAX_SOCKET_PATH, SocketPathSnafu { path: socket });
         let (config, pid_file) = (self.dir.join("haproxy.cfg"), self.dir.join("haproxy.pid"));
         crate::atomic::write(&config, render_config(port, &socket).as_bytes()).context(IoSnafu { path: &config })?;
-        let id = crate::ids::new_id("balancer");
-        let what = format!("balancer {}", self.dir.display());
-        let mut journal = Journal::begin(&self.state_dir, &id, &what, "local").context(JournalSnafu)?;
-        let mut state = State { port, journal: id, process: None, slots };
+        let starting = daemon::begin(&self.state_dir, "balancer", &format!("balancer {}", self.dir.display()))
+            .context(DaemonSnafu)?;
+        let mut state = State { port, journal: starting.id().to_string(), process: None, slots };
         self.save(&state)?;
-        let started = (|| {
-            for path in [&socket, &pid_file] {
-                journal.push(Resource::File { path: path.clone() }).context(JournalSnafu)?;
-            }
-            // -D: HAProxy binds, detaches into its own session and exits 0, or reports the error.
-            let args = ["-D".as_ref(), "-p".as_ref(), pid_file.as_os_str(), "-f".as_ref(), config.as_os_str()];
-            crate::command::run("haproxy", args).context(StartSnafu)?;
-            let pid = std::fs::read_to_string(&pid_file).context(IoSnafu { path: &pid_file })?;
-            let process = pid.trim().parse().ok().and_then(Identity::of).context(NoProcessSnafu { path: &pid_file })?;
-            journal
-                .push(Resource::Process { pid: process.pid, start_time: process.start_time })
-                .context(JournalSnafu)?;
-            Ok(process)
-        })();
-        let process = match started {
-            Ok(process) => process,
-            Err(error) => {
-                if let Err(undo) = journal.unwind_all(&journal::HostOnly) {
-                    tracing::error!(%undo, "could not undo a failed balancer start; `bakery gc` will");
-                }
-                return Err(error);
-            }
-        };
-        journal.hand_over(process).context(JournalSnafu)?;
+        let process = starting
+            .launch(&[socket.clone(), pid_file.clone()], || {
+                // -D: HAProxy binds, detaches into its own session and exits 0, or reports the error.
+                let args = ["-D".as_ref(), "-p".as_ref(), pid_file.as_os_str(), "-f".as_ref(), config.as_os_str()];
+                crate::command::run("haproxy", args).context(StartSnafu)?;
+                let pid = std::fs::read_to_string(&pid_file).context(IoSnafu { path: &pid_file })?;
+                pid.trim().parse().ok().and_then(Identity::of).context(NoProcessSnafu { path: &pid_file })
+            })
+            .context(DaemonSnafu)?;
         state.process = Some(process);
         self.save(&state)?;
         tracing::info!(port, pid = process.pid, "balancer started");
@@ -205,10 +193,7 @@ impl Balancer {
     }
 
     fn unwind(&self, journal: &str) -> Result<()> {
-        match Journal::adopt(&self.state_dir, journal).context(JournalSnafu)? {
-            Some(journal) => journal.unwind_all(&journal::HostOnly).context(JournalSnafu),
-            None => Ok(()),
-        }
+        daemon::stop(&self.state_dir, journal).context(JournalSnafu)
     }
 
     /// Puts `servers` in service: each gets a slot (if it has none) and is made ready; returns

@@ -1,6 +1,12 @@
 //! The launcher's `local` provider: a group's instances are images booted on this host
-//! (`instance::start`, container method), each on its own loopback address and port, and a
-//! cluster's balancer is a HAProxy (haproxy.rs).
+//! (`instance::start`, container method), each on its own loopback address and port, a
+//! cluster's balancer is a HAProxy (haproxy.rs), and instances register themselves in the
+//! state directory's service registry (registry.rs).
+//!
+//! A member is healthy when its health URL answers 200 *and* its agent reports it `UP` in the
+//! registry: a group whose instances never register never passes its gate. Taking a group out
+//! of service also holds its instances `OUT_OF_SERVICE` in the registry (clients that discover
+//! through it stop calling them, as Asgard did through Eureka); putting it back releases them.
 //!
 //! Instances outlive the launcher: each one's journal is handed over to its systemd-nspawn
 //! process, so `bakery gc` spares it while that process runs and reclaims it once the process
@@ -13,10 +19,12 @@
 
 use super::cloud::{self, Capacity, Cloud, DeployRecord, Group, GroupSpec, Health, LockHolder, Member};
 use super::haproxy::{self, Balancer, Server};
+use super::registry::{self, Registry};
 use crate::instance::{self, Endpoint, Method};
 use crate::journal::{self, Journal};
 use crate::local::LocalProvider;
 use crate::process::Identity;
+use crate::provider::Provider as _;
 use nix::fcntl::{Flock, FlockArg};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -68,6 +76,15 @@ pub enum Error {
     #[snafu(display("balancer of cluster {cluster}: {source}"))]
     Balancer { cluster: String, source: haproxy::Error },
 
+    #[snafu(display("service registry: {source}"))]
+    Registry { source: registry::Error },
+
+    #[snafu(display("cluster {cluster:?}: {source}"))]
+    Cluster { cluster: String, source: super::names::Error },
+
+    #[snafu(display("looking up image {image}: {source}"))]
+    Image { image: String, source: crate::provider::Error },
+
     #[snafu(display("cluster {cluster} still has groups: {}", groups.join(", ")))]
     NotEmpty { cluster: String, groups: Vec<String> },
 }
@@ -105,13 +122,35 @@ impl MemberState {
 
 pub struct LocalCloud {
     provider: LocalProvider,
+    registry: Registry,
     state_dir: PathBuf,
 }
 
 impl LocalCloud {
     pub fn open(state_dir: &Path) -> Result<LocalCloud> {
         let provider = LocalProvider::open(state_dir).context(OpenSnafu)?;
-        Ok(LocalCloud { provider, state_dir: state_dir.to_path_buf() })
+        Ok(LocalCloud { provider, registry: Registry::new(state_dir), state_dir: state_dir.to_path_buf() })
+    }
+
+    /// The state directory's service registry.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// What the group's instances register as: the cluster's app, the image's version.
+    fn registration(&self, spec: &GroupSpec) -> Result<instance::Registration> {
+        let app = super::names::Cluster::parse(&spec.cluster).context(ClusterSnafu { cluster: &spec.cluster })?.app;
+        let image = self.provider.images().find_image(&spec.image_id).context(ImageSnafu { image: &spec.image_id })?;
+        let version = image.and_then(|i| i.tags.get("version").cloned()).unwrap_or_else(|| spec.image_id.clone());
+        Ok(instance::Registration {
+            registry_url: self.registry.ensure().context(RegistrySnafu)?,
+            app,
+            cluster: spec.cluster.clone(),
+            group: spec.name.clone(),
+            zone: String::new(),
+            version,
+            health_path: spec.health_url.clone(),
+        })
     }
 
     /// Stops the cluster's balancer (its URL goes away) once it has no groups left; the deploy
@@ -192,6 +231,10 @@ impl LocalCloud {
             }
         }
         used.extend(state.members.iter().map(|m| m.address));
+        let registration = match state.members.len() < count {
+            true => Some(self.registration(&state.spec)?),
+            false => None,
+        };
         while state.members.len() < count {
             // 127.0.0.x is left to `bakery verify` and tests; 127.0.1.1 is Debian's host name.
             let address = (10..=254u8)
@@ -205,8 +248,18 @@ impl LocalCloud {
             let what = format!("instance of {group} in {zone}");
             let mut journal = Journal::begin(&self.state_dir, &id, &what, "local").context(JournalSnafu)?;
             let image = &state.spec.image_id;
-            let started =
-                instance::start(&self.provider, &self.state_dir, &mut journal, image, Method::Container, endpoint);
+            let registration =
+                registration.as_ref().map(|r| instance::Registration { zone: zone.to_string(), ..r.clone() });
+            let (provider, state_dir) = (&self.provider, &self.state_dir);
+            let started = instance::start(
+                provider,
+                state_dir,
+                &mut journal,
+                image,
+                Method::Container,
+                endpoint,
+                registration.as_ref(),
+            );
             let instance = match started {
                 Ok(instance) => instance,
                 Err(source) => {
@@ -240,6 +293,8 @@ impl LocalCloud {
         let cluster = state.spec.cluster.clone();
         let ids: Vec<String> = members.iter().map(|m| m.id.clone()).collect();
         self.balancer(&cluster).disable(&ids).context(BalancerSnafu { cluster })?;
+        // Gone instances deregister themselves; their overrides go with them.
+        self.registry.set_override(&ids, None).context(RegistrySnafu)?;
         let results: Vec<(String, Result<()>)> = std::thread::scope(|scope| {
             let stopping: Vec<_> =
                 members.iter().map(|member| (member.id.clone(), scope.spawn(|| self.stop_member(member)))).collect();
@@ -266,13 +321,14 @@ impl LocalCloud {
         }
     }
 
-    fn health(&self, agent: &ureq::Agent, state: &GroupState, member: &MemberState) -> Health {
+    /// Healthy: running, answering its health URL, and reported `UP` by its agent.
+    fn health(&self, agent: &ureq::Agent, state: &GroupState, member: &MemberState, reported: Option<&str>) -> Health {
         if !member.process.is_running() {
             return Health::Unhealthy;
         }
         let url = format!("http://{}:{}{}", member.address, member.port, state.spec.health_url);
-        match crate::verify::probe(agent, &url, "").status {
-            Some(200) => Health::Healthy,
+        match (crate::verify::probe(agent, &url, "").status, reported) {
+            (Some(200), Some(registry::UP)) => Health::Healthy,
             _ => Health::Starting,
         }
     }
@@ -298,6 +354,8 @@ impl Cloud for LocalCloud {
             .timeout_connect(Duration::from_millis(500))
             .timeout(Duration::from_secs(2))
             .build();
+        let registered = self.registry.instances(Some(cluster)).context(RegistrySnafu)?;
+        let entry = |id: &str| registered.iter().find(|i| i.registration.instance_id == id);
         let groups = self.group_states(cluster)?.into_iter().map(|state| Group {
             members: state
                 .members
@@ -305,8 +363,9 @@ impl Cloud for LocalCloud {
                 .map(|m| Member {
                     id: m.id.clone(),
                     zone: m.zone.clone(),
-                    health: self.health(&agent, &state, m),
+                    health: self.health(&agent, &state, m, entry(&m.id).map(|i| i.reported_status.as_str())),
                     address: Some(format!("{}:{}", m.address, m.port)),
+                    registry_status: entry(&m.id).map(|i| i.registration.status.clone()),
                 })
                 .collect(),
             name: state.spec.name.clone(),
@@ -372,6 +431,8 @@ impl Cloud for LocalCloud {
         let (_lock, mut state) = self.locked_group(group)?.context(NoGroupSnafu { group })?;
         let cluster = &state.spec.cluster;
         let servers: Vec<Server> = state.members.iter().map(MemberState::server).collect();
+        let ids: Vec<String> = state.members.iter().map(|m| m.id.clone()).collect();
+        self.registry.set_override(&ids, None).context(RegistrySnafu)?;
         self.balancer(cluster).enable(&servers).context(BalancerSnafu { cluster })?;
         state.in_service = true;
         state.suspended = false;
@@ -383,6 +444,7 @@ impl Cloud for LocalCloud {
         let Some((_lock, mut state)) = self.locked_group(group)? else { return Ok(()) };
         let cluster = &state.spec.cluster;
         let ids: Vec<String> = state.members.iter().map(|m| m.id.clone()).collect();
+        self.registry.set_override(&ids, Some(registry::OUT_OF_SERVICE)).context(RegistrySnafu)?;
         self.balancer(cluster).disable(&ids).context(BalancerSnafu { cluster })?;
         state.in_service = false;
         state.suspended = true;

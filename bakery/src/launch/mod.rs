@@ -4,10 +4,12 @@
 #[cfg(feature = "aws")]
 pub mod aws;
 pub mod cloud;
+mod daemon;
 pub mod engine;
 pub mod haproxy;
 pub mod local;
 pub mod names;
 pub mod plan;
+pub mod registry;
 #[cfg(test)]
 mod sim;

@@ -142,7 +142,7 @@ impl State {
             let id = format!("i-{launched:017x}");
             let zone = ["zone-a", "zone-b", "zone-c"][g.members.len() % 3].to_string();
             sim.born.insert(id.clone(), polls);
-            g.members.push(Member { id, zone, health: Health::Starting, address: None });
+            g.members.push(Member { id, zone, health: Health::Starting, address: None, registry_status: None });
         }
         g.members.truncate(desired);
     }

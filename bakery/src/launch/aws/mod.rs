@@ -614,7 +614,8 @@ fn to_group(
                 Health::Starting
             };
             let address = addresses.get(&id).cloned();
-            Some(Member { id, zone: i.availability_zone().unwrap_or_default().to_string(), health, address })
+            let zone = i.availability_zone().unwrap_or_default().to_string();
+            Some(Member { id, zone, health, address, registry_status: None })
         })
         .collect();
     let wanted = cluster_target_groups(asg);
