@@ -557,3 +557,97 @@ fn instances_register_and_the_flip_waits_for_the_registry() {
     assert!(registered(&cluster).is_empty(), "instances deregister as they stop");
     assert_no_leftovers("after destroying a registered cluster");
 }
+
+/// The deploy record as `launcher status` shows it.
+fn deploy_record(cluster: &str) -> Value {
+    let (code, status, stderr) = launcher_json(&["status", "--cluster", cluster]);
+    assert_eq!(code, 0, "{status}\n{stderr}");
+    status["deploy"].clone()
+}
+
+fn watcher() -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_launcher"))
+        .env("BAKERY_STATE_DIR", state_dir())
+        .args(["watch", "--interval", "1s"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// The watched soak, under clients: a bad version (30 % of requests fail, its health check
+/// passes) is switched back by the soak, with the reason on record and no failed request once
+/// back; a watcher killed mid-soak and started again still switches back; a good version's soak
+/// runs its course and destroys the old groups.
+#[test]
+fn the_soak_switches_a_bad_version_back_by_itself_and_a_clean_one_finishes() {
+    let _serial = serial();
+    let (v1, good) = images();
+    let bad = bake_sample("9.4.0", &["--error-ratio", "0.3"]);
+    let cluster = new_cluster();
+    let _cleanup = Cleanup(&cluster);
+    let deploy = |image: &str, soak: &[&str]| {
+        let mut args = vec!["deploy", "--cluster", &cluster, "--image", image, "--health-url", "/hello/health"];
+        args.extend(soak);
+        launcher_json(&args)
+    };
+    let judged_fast = ["--window", "5s", "--min-requests", "20"];
+
+    let (code, first, stderr) = deploy(v1, &[]);
+    assert_eq!(code, 0, "{first}\n{stderr}");
+    let balancer = first["balancer_url"].as_str().unwrap().to_string();
+
+    let hammer = Hammer::start(&balancer);
+    let (code, switched, stderr) = deploy(&bad, &[&["--soak", "3m", "--watch"][..], &judged_fast].concat());
+    let during = hammer.finish();
+    assert_eq!(code, 6, "a breached soak exits 6: {switched}\n{stderr}");
+    assert_eq!(switched["action"], "rollback", "{switched}");
+    assert!(switched["message"].as_str().unwrap().starts_with("automatic rollback: breach in"), "{switched}");
+    assert!(switched["soak"]["verdict"].as_str().unwrap().contains("requests failed"), "{switched}");
+    eprintln!("bad version soak: {} failed of {:?}", during.failures.len(), during.seen);
+    let after = Hammer::start(&balancer);
+    std::thread::sleep(Duration::from_secs(3));
+    let Tally { seen, failures } = after.finish();
+    assert!(failures.is_empty(), "{} requests failed after the switch-back: {failures:?}", failures.len());
+    assert_eq!(seen.keys().collect::<Vec<_>>(), ["9.1.0"], "{seen:?}");
+    assert_eq!(deploy_record(&cluster)["soak"], switched["soak"], "status shows the soak and its verdict");
+
+    // Soaking with no watcher; a watcher that dies mid-soak and starts again still acts.
+    let (code, soaking, stderr) = deploy(&bad, &[&["--soak", "3m"][..], &judged_fast].concat());
+    assert_eq!((code, soaking["phase"].as_str()), (0, Some("soaking")), "{soaking}\n{stderr}");
+    let mut killed = watcher();
+    std::thread::sleep(Duration::from_millis(1500));
+    killed.kill().unwrap();
+    killed.wait().unwrap();
+    let hammer = Hammer::start(&balancer);
+    let mut restarted = watcher();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let record = loop {
+        let record = deploy_record(&cluster);
+        if record["action"] == "rollback" && record["phase"] == "succeeded" || Instant::now() > deadline {
+            break record;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    restarted.kill().unwrap();
+    restarted.wait().unwrap();
+    hammer.finish();
+    assert_eq!(record["action"], "rollback", "the restarted watcher switched back: {record}");
+    assert_eq!(versions_seen(&balancer, 30), BTreeSet::from(["9.1.0".to_string()]));
+
+    // A good version: the soak runs its course, then the old groups go.
+    let hammer = Hammer::start(&balancer);
+    let (code, passed, stderr) = deploy(good, &[&["--soak", "8s", "--watch"][..], &judged_fast].concat());
+    let Tally { failures, .. } = hammer.finish();
+    assert_eq!(code, 0, "{passed}\n{stderr}");
+    assert!(failures.is_empty(), "{failures:?}");
+    assert_eq!((passed["action"].as_str(), passed["phase"].as_str()), (Some("finish"), Some("succeeded")), "{passed}");
+    let (_, status, _) = launcher_json(&["status", "--cluster", &cluster]);
+    let groups: Vec<&str> = status["groups"].as_array().unwrap().iter().map(|g| g["name"].as_str().unwrap()).collect();
+    assert_eq!(groups, [format!("{cluster}-v003")], "only the soaked group is left");
+    assert_eq!(versions_seen(&balancer, 30), BTreeSet::from(["9.2.0".to_string()]));
+
+    let (code, destroyed, stderr) = launcher_json(&["destroy", "--cluster", &cluster]);
+    assert_eq!(code, 0, "{destroyed}\n{stderr}");
+    assert_no_leftovers("after the soaks");
+}

@@ -90,7 +90,7 @@ fn a_bake_installs_every_package_file_and_says_what_is_inside() {
     assert_eq!(manifest["package"]["sha256"], out["package_sha256"]);
     assert_eq!(manifest["base_image_id"], base.as_str());
     let files: Vec<&Value> = manifest["files"].as_array().unwrap().iter().filter(|f| f["kind"] == "file").collect();
-    assert_eq!(files.len(), 5, "version.txt, two servlet classes, build and fault properties: {manifest}");
+    assert_eq!(files.len(), 6, "version.txt, three servlet classes, build and fault properties: {manifest}");
     let tomcat_uid = passwd_uid(&mounted.path("/etc/passwd"), "tomcat");
     for file in files {
         let path = mounted.path(file["path"].as_str().unwrap());

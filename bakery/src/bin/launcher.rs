@@ -1,10 +1,11 @@
 //! The `launcher` command line: red/black deploys of baked images, a thin layer over
 //! `bakery::launch`.
 
-use bakery::launch::cloud::{Cloud, DeployRecord, Outcome};
+use bakery::launch::cloud::{Action, Cloud, DeployRecord, Outcome, Phase};
 use bakery::launch::engine::{self, Engine, Identity, Status, SystemClock};
 use bakery::launch::plan::{DeployRequest, StrategyKind};
 use bakery::launch::registry::{self, Registry};
+use bakery::launch::soak::{Soak, Thresholds, Traffic};
 use bakery::ui::OutputFormat;
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
@@ -95,6 +96,17 @@ enum Commands {
     },
     /// List the clusters that have groups.
     Clusters,
+    /// Watch every soaking cluster until stopped: sample the new group's traffic, switch back on
+    /// a breach, destroy the old group when a soak passes. Safe to run as a service and to
+    /// restart (its state is the deploy records); two watchers never act on one cluster at once.
+    Watch {
+        /// Between two looks at each cluster.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        interval: Duration,
+        /// Look once at every cluster and exit.
+        #[arg(long)]
+        once: bool,
+    },
     /// The service registry instances register themselves in (local: etcd on this host, started
     /// by the first deploy).
     #[command(subcommand)]
@@ -155,12 +167,35 @@ struct DeployArgs {
     /// Disabled groups kept for rollback after the flip.
     #[arg(long, default_value_t = 2)]
     keep: usize,
+    /// Watch the new group's traffic for this long after the flip (phase `soaking`): a breach
+    /// switches back to the old group by itself; a clean soak destroys it. Watching is
+    /// `launcher watch` (or --watch). Local clusters only report traffic for now.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    soak: Option<Duration>,
+    /// Stay and watch until the soak ends; exit 6 if it switched back.
+    #[arg(long, requires = "soak")]
+    watch: bool,
+    /// Largest share of 5xx answers in a window before switching back, in percent.
+    #[arg(long, default_value_t = 1.0, value_name = "PERCENT")]
+    max_error_rate: f64,
+    /// Largest p99 latency in a window (default: twice the old group's, at least 500ms).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    max_p99: Option<Duration>,
+    /// The window figures are judged over.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    window: Duration,
+    /// Fewer requests than this in a window say nothing either way.
+    #[arg(long, default_value_t = 20)]
+    min_requests: u64,
 }
 
 struct Failure {
     code: u8,
     message: String,
 }
+
+/// How often `deploy --watch` looks at its soaking cluster.
+const WATCH_INTERVAL: Duration = Duration::from_secs(2);
 
 fn open_cloud(cli: &Cli) -> Result<Box<dyn Cloud>, Failure> {
     let opened: Result<Box<dyn Cloud>, bakery::launch::cloud::Error> = match cli.provider {
@@ -247,8 +282,34 @@ fn describe_status(status: &Status) -> String {
     }
     if let Some(record) = &status.deploy {
         lines.push(describe_record(record, None).lines().map(|l| format!("  {l}")).collect::<Vec<_>>().join("\n"));
+        if let Some(soak) = &record.soak {
+            lines.push(describe_soak(soak));
+        }
     }
     lines.join("\n")
+}
+
+/// The soak: time left, the figures against the thresholds, and the verdict.
+fn describe_soak(soak: &Soak) -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+    let left = humantime::format_duration(Duration::from_secs(soak.until.saturating_sub(now)));
+    let figures = |t: &Option<Traffic>| match t {
+        Some(t) => format!("{} requests, {:.2}% 5xx, p99 {} ms", t.requests, t.error_rate() * 100.0, t.p99_ms),
+        None => "none".into(),
+    };
+    let limits = &soak.thresholds;
+    [
+        format!("  soak: {} ({left} left)", soak.verdict),
+        format!("    new group, last {}s: {}", limits.window_secs, figures(&soak.latest)),
+        format!("    old group before the flip: {}", figures(&soak.baseline)),
+        format!(
+            "    limits: {:.2}% 5xx, p99 {} ms, at least {} requests a window",
+            limits.max_error_rate * 100.0,
+            limits.p99_limit(soak.baseline.as_ref()),
+            limits.min_requests
+        ),
+    ]
+    .join("\n")
 }
 
 fn main() -> ExitCode {
@@ -356,9 +417,59 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                 health_url: args.health_url.clone(),
                 health_timeout: args.health_timeout,
                 keep: args.keep,
+                soak: args.soak.map(|soak| {
+                    let thresholds = Thresholds {
+                        max_error_rate: args.max_error_rate / 100.0,
+                        max_p99_ms: args.max_p99.map(|p| p.as_millis() as u64),
+                        window_secs: args.window.as_secs().max(1),
+                        min_requests: args.min_requests,
+                    };
+                    (soak, thresholds)
+                }),
             };
-            finished(engine.deploy(&request), &args.cluster)
+            let deployed = engine.deploy(&request);
+            if !args.watch || deployed.as_ref().map_or(true, |r| r.phase != Phase::Soaking) {
+                return finished(deployed, &args.cluster);
+            }
+            // Stay until the soak ends: the last record is the finish or the switch-back.
+            let mut last = deployed;
+            while let Ok(record) = &last {
+                if record.phase != Phase::Soaking || cancel.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                std::thread::sleep(WATCH_INTERVAL);
+                match engine.watch(&args.cluster) {
+                    Ok(Some(record)) => last = Ok(record),
+                    Ok(None) => {}
+                    Err(error) => last = Err(error),
+                }
+            }
+            let rolled_back = last.as_ref().is_ok_and(|r| r.action == Action::Rollback);
+            finished(last, &args.cluster)?;
+            match rolled_back {
+                true => {
+                    Err(Failure { code: 6, message: "the soak breached; switched back to the previous group".into() })
+                }
+                false => Ok(()),
+            }
         }
+        Commands::Watch { interval, once } => loop {
+            let clusters = engine.clusters().map_err(|e| Failure { code: e.exit_code(), message: e.to_string() })?;
+            for cluster in clusters {
+                match engine.watch(&cluster) {
+                    Ok(Some(record)) if record.phase != Phase::Soaking => {
+                        ui.print(&record, |r| describe_record(r, None));
+                    }
+                    Ok(_) => {}
+                    // One cluster's trouble must not stop the others being watched.
+                    Err(error) => eprintln!("watch {cluster}: {error}"),
+                }
+            }
+            if *once || cancel.load(std::sync::atomic::Ordering::Relaxed) {
+                return Ok(());
+            }
+            std::thread::sleep(*interval);
+        },
         Commands::Rollback { cluster, health_timeout } => finished(engine.rollback(cluster, *health_timeout), cluster),
         Commands::Finish { cluster, soak } => finished(engine.finish(cluster, *soak), cluster),
         Commands::Destroy { cluster } => finished(engine.destroy(cluster), cluster),

@@ -2,7 +2,9 @@
 //! in and out of service, a per-cluster lock and a place to keep the current deploy's record.
 //! Every operation is idempotent so that a deploy interrupted anywhere can simply be rerun.
 
+use super::soak::{Soak, Traffic};
 use serde::{Deserialize, Serialize};
+use std::time::Duration;
 
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
 pub type Result<T> = std::result::Result<T, Error>;
@@ -113,6 +115,8 @@ pub enum Action {
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
     Running,
+    /// Flipped, and watched until the soak ends (or switched back on a breach).
+    Soaking,
     Succeeded,
     Failed,
     /// Stopped on request between steps; a rerun converges.
@@ -157,12 +161,17 @@ pub struct DeployRecord {
     /// Unix seconds.
     pub started: u64,
     pub updated: u64,
+    /// The watched soak after the flip, when the deploy asked for one (and kept on the record
+    /// of the rollback or finish that ended it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub soak: Option<Soak>,
 }
 
 impl DeployRecord {
     /// A deploy that did not reach its end: a rerun for the same image continues it.
     pub fn is_unfinished_deploy_of(&self, image_id: &str) -> bool {
-        self.action == Action::Deploy && self.phase != Phase::Succeeded && self.image_id.as_deref() == Some(image_id)
+        let ended = matches!(self.phase, Phase::Succeeded | Phase::Soaking);
+        self.action == Action::Deploy && !ended && self.image_id.as_deref() == Some(image_id)
     }
 }
 
@@ -198,6 +207,11 @@ pub trait Cloud: Send + Sync {
     /// Stops what the provider runs for a cluster that has no groups left (local: its balancer;
     /// on AWS the load balancer is the user's, so nothing). Refused while groups remain.
     fn retire_cluster(&self, cluster: &str) -> Result<()>;
+    /// The group's traffic over the last `window` (requests, 5xx, p99), for the watched soak;
+    /// None where the cloud cannot tell.
+    fn traffic(&self, _cluster: &str, _group: &str, _window: Duration) -> Result<Option<Traffic>> {
+        Ok(None)
+    }
 }
 
 #[cfg(test)]
@@ -235,6 +249,7 @@ mod tests {
             steps: vec![],
             started: 1,
             updated: 2,
+            soak: None,
         };
         assert!(record.is_unfinished_deploy_of("ami-1"));
         assert!(!record.is_unfinished_deploy_of("ami-2"));

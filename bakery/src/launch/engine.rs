@@ -5,6 +5,7 @@
 use super::cloud::{self, Action, Cloud, DeployRecord, Group, Health, LockHolder, Outcome, Phase, StepRecord};
 use super::names::{self, Cluster};
 use super::plan::{self, ClusterState, DeployRequest, Operation, Plan};
+use super::soak::{self, Judgement, Soak};
 use crate::events::{Discard, Event, Sink};
 use serde::Serialize;
 use snafu::{ResultExt, Snafu};
@@ -80,6 +81,9 @@ impl Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// How long the old group may take to be healthy again when a soak switches back by itself.
+const AUTOMATIC_ROLLBACK_TIMEOUT: Duration = Duration::from_secs(600);
 
 fn rfc3339(unix: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(unix)).to_string()
@@ -201,13 +205,86 @@ impl<'a> Engine<'a> {
             let mut record = run.record(Action::Deploy, &plan);
             record.image_id = Some(request.image_id.clone());
             record.strategy = Some(strategy.name().to_string());
-            run.execute(&plan, record)
+            // The old group's figures, taken while it still serves: the soak's baseline.
+            let soaked = match (&request.soak, &plan.previous_group, plan.steps.is_empty()) {
+                (Some((duration, thresholds)), Some(previous), false) => {
+                    let window = Duration::from_secs(thresholds.window_secs);
+                    let baseline = self
+                        .cloud
+                        .traffic(&request.cluster, previous, window)
+                        .context(ReadSnafu { cluster: &request.cluster })?;
+                    Some((*duration, thresholds.clone(), baseline))
+                }
+                _ => None,
+            };
+            let mut record = run.execute(&plan, record)?;
+            if let Some((duration, thresholds, baseline)) = soaked {
+                let until = self.now() + duration.as_secs();
+                record.soak = Some(Soak { until, thresholds, baseline, latest: None, verdict: "watching".into() });
+                run.save_phase(&mut record, Phase::Soaking)?;
+            }
+            Ok(record)
         })
+    }
+
+    /// One look at a soaking cluster, under its lock (so two watchers never act on one cluster
+    /// at once): a breach rolls back, a soak that ran its course destroys the old group,
+    /// otherwise the figures are recorded. None when the cluster is not soaking, or when
+    /// another run holds it (try again later).
+    pub fn watch(&self, cluster: &str) -> Result<Option<DeployRecord>> {
+        let soaking = |record: &Option<DeployRecord>| record.as_ref().is_some_and(|r| r.phase == Phase::Soaking);
+        if !soaking(&self.cloud.load_deploy(cluster).context(ReadSnafu { cluster })?) {
+            return Ok(None);
+        }
+        let watched = self.locked(cluster, |run, state| {
+            // Read again under the lock: another watcher may have ended it meanwhile.
+            let Some(mut record) = state.record.clone().filter(|r| r.phase == Phase::Soaking) else { return Ok(None) };
+            let mut soak = record.soak.clone().expect("a soaking record has its soak");
+            let new_group = record.new_group.clone().unwrap_or_default();
+            if self.now() >= soak.until {
+                soak.verdict = format!("passed: {new_group} soaked without a breach");
+                let plan = plan::plan_finish(state, Duration::ZERO, self.now());
+                let mut finish = run.record(Action::Finish, &plan);
+                finish.message = Some(soak.verdict.clone());
+                finish.soak = Some(soak);
+                return run.execute(&plan, finish).map(Some);
+            }
+            let window = Duration::from_secs(soak.thresholds.window_secs);
+            let latest = self.cloud.traffic(cluster, &new_group, window).context(ReadSnafu { cluster })?;
+            let judged = latest.as_ref().map(|l| soak::judge(l, soak.baseline.as_ref(), &soak.thresholds));
+            soak.latest = latest;
+            match judged {
+                Some(Judgement::Breach(reason)) => {
+                    soak.verdict = format!("breach in {new_group}: {reason}; switched back");
+                    // Back to the group this deploy replaced, whatever else is disabled.
+                    let previous = record.previous_group.as_deref();
+                    let plan = plan::plan_rollback(state, AUTOMATIC_ROLLBACK_TIMEOUT, previous).context(PlanSnafu)?;
+                    let mut rollback = run.record(Action::Rollback, &plan);
+                    rollback.message = Some(format!("automatic rollback: {}", soak.verdict));
+                    rollback.soak = Some(soak);
+                    run.execute(&plan, rollback).map(Some)
+                }
+                judgement => {
+                    soak.verdict = match judgement {
+                        Some(Judgement::Quiet) => "watching (too few requests to judge)".into(),
+                        None => "watching (this cloud reports no traffic figures)".into(),
+                        _ => "watching (healthy)".into(),
+                    };
+                    record.soak = Some(soak);
+                    run.save(&mut record)?;
+                    Ok(Some(record))
+                }
+            }
+        });
+        match watched {
+            Err(Error::Locked { .. }) => Ok(None),
+            other => other,
+        }
     }
 
     pub fn rollback(&self, cluster: &str, health_timeout: Duration) -> Result<DeployRecord> {
         self.locked(cluster, |run, state| {
-            let plan = plan::plan_rollback(state, health_timeout).context(PlanSnafu)?;
+            let plan = plan::plan_rollback(state, health_timeout, None).context(PlanSnafu)?;
             run.execute(&plan, run.record(Action::Rollback, &plan))
         })
     }
@@ -307,6 +384,7 @@ impl Run<'_, '_> {
             steps: plan.steps.iter().map(|op| pending(op.to_string())).collect(),
             started: now,
             updated: now,
+            soak: None,
         }
     }
 
@@ -610,6 +688,57 @@ mod tests {
             .collect();
         assert_eq!(started, finished.len());
         assert!(finished.iter().all(|o| *o == "ok"), "{finished:?}");
+    }
+
+    fn soaked(image: &str, minutes: u64) -> DeployRequest {
+        let thresholds = soak::Thresholds { max_error_rate: 0.01, max_p99_ms: None, window_secs: 60, min_requests: 20 };
+        DeployRequest { soak: Some((Duration::from_secs(minutes * 60), thresholds)), ..request(image) }
+    }
+
+    fn traffic(requests: u64, errors: u64) -> soak::Traffic {
+        soak::Traffic { requests, errors, p99_ms: 100, window_secs: 60 }
+    }
+
+    #[test]
+    fn a_soak_that_breaches_switches_back_by_itself_and_says_why() {
+        let stand = Stand::new();
+        let engine = stand.engine(10);
+        engine.deploy(&request("ami-1")).unwrap();
+        stand.sim.set_traffic("hello-prod-v000", traffic(1000, 1));
+        let deployed = engine.deploy(&soaked("ami-2", 30)).unwrap();
+        assert_eq!(deployed.phase, Phase::Soaking);
+        assert_eq!(deployed.soak.as_ref().unwrap().baseline, Some(traffic(1000, 1)), "taken before the flip");
+        assert_eq!(stand.serving(), ["hello-prod-v001"]);
+
+        stand.sim.set_traffic("hello-prod-v001", traffic(1000, 3));
+        let healthy = engine.watch("hello-prod").unwrap().unwrap();
+        assert_eq!((healthy.phase, healthy.soak.unwrap().verdict.as_str()), (Phase::Soaking, "watching (healthy)"));
+        stand.sim.set_traffic("hello-prod-v001", traffic(1000, 50));
+        let back = engine.watch("hello-prod").unwrap().unwrap();
+        assert_eq!((back.action, back.phase), (Action::Rollback, Phase::Succeeded));
+        assert!(back.message.as_deref().unwrap().contains("5.0% of 1000 requests failed"), "{back:?}");
+        assert_eq!(stand.serving(), ["hello-prod-v000"]);
+        assert_eq!(
+            engine.status("hello-prod").unwrap().deploy.unwrap().soak.unwrap().verdict,
+            back.soak.unwrap().verdict
+        );
+        assert_eq!(engine.watch("hello-prod").unwrap(), None, "nothing soaks any more");
+    }
+
+    #[test]
+    fn a_clean_soak_destroys_the_old_group_when_it_ends() {
+        let stand = Stand::new();
+        let engine = stand.engine(10);
+        engine.deploy(&request("ami-1")).unwrap();
+        engine.deploy(&soaked("ami-2", 30)).unwrap();
+        stand.sim.set_traffic("hello-prod-v001", traffic(5, 5));
+        let quiet = engine.watch("hello-prod").unwrap().unwrap();
+        assert!(quiet.soak.unwrap().verdict.contains("too few requests"), "five failures say nothing yet");
+        stand.clock.advance(Duration::from_secs(31 * 60));
+        let finished = engine.watch("hello-prod").unwrap().unwrap();
+        assert_eq!((finished.action, finished.phase), (Action::Finish, Phase::Succeeded));
+        assert!(stand.group("hello-prod-v000").is_none(), "the old group is destroyed");
+        assert_eq!(stand.serving(), ["hello-prod-v001"]);
     }
 
     #[test]

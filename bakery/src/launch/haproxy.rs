@@ -30,6 +30,9 @@ const BACKEND: &str = "be";
 const UP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long in-flight requests get to finish on a draining slot (as `timeout server`).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// The ring buffer of request log lines; about 100k requests at ~40 bytes each.
+const RING: &str = "requests";
+const RING_BYTES: usize = 4 << 20;
 /// sun_path is 108 bytes with its terminating NUL.
 const MAX_SOCKET_PATH: usize = 107;
 
@@ -263,6 +266,26 @@ impl Balancer {
         Ok(())
     }
 
+    /// Requests answered since `since` (Unix seconds), as (server `address:port`, status,
+    /// total milliseconds), from HAProxy's request ring; empty without a balancer.
+    pub fn requests(&self, since: u64) -> Result<Vec<(String, u16, u64)>> {
+        if self.load()?.is_none() {
+            return Ok(Vec::new());
+        }
+        let events = self.runtime(&format!("show events {RING}"))?;
+        Ok(events
+            .lines()
+            .filter_map(|line| {
+                let mut fields = line.split_whitespace();
+                let at: u64 = fields.next()?.parse().ok()?;
+                let server = fields.next()?.to_string();
+                let status = fields.next()?.parse().ok()?;
+                let ms = fields.next()?.parse().ok()?;
+                (at >= since).then_some((server, status, ms))
+            })
+            .collect())
+    }
+
     /// Writes `server` into `slot` and makes it ready, then checks HAProxy took both.
     fn apply(&self, slot: usize, server: &Server) -> Result<()> {
         let address = format!("set server {BACKEND}/slot{slot} addr {} port {}", server.address, server.port);
@@ -357,6 +380,13 @@ global
     stats socket {socket} mode 600 level admin
     stats timeout 10s
 
+# The last requests (time, server, status, total ms), read through the runtime API
+# (`show events {RING}`) to judge a group's traffic during a soak.
+ring {RING}
+    format raw
+    maxlen 128
+    size {RING_BYTES}
+
 defaults
     mode http
     timeout connect 2s
@@ -372,6 +402,8 @@ defaults
     retries 3
     option redispatch 1
     retry-on conn-failure empty-response junk-response 503
+    log ring@{RING} local0
+    log-format \"%Ts %si:%sp %ST %Ta\"
 
 frontend fe
     bind 127.0.0.1:{port}

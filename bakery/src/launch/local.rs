@@ -20,6 +20,7 @@
 use super::cloud::{self, Capacity, Cloud, DeployRecord, Group, GroupSpec, Health, LockHolder, Member};
 use super::haproxy::{self, Balancer, Server};
 use super::registry::{self, Registry};
+use super::soak::Traffic;
 use crate::instance::{self, Endpoint, Method};
 use crate::journal::{self, Journal};
 use crate::local::LocalProvider;
@@ -490,6 +491,18 @@ impl Cloud for LocalCloud {
     fn load_deploy(&self, cluster: &str) -> cloud::Result<Option<DeployRecord>> {
         check_name("cluster", cluster)?;
         Ok(read_json(&self.cluster_dir(cluster).join("deploy.json"))?)
+    }
+
+    /// From the balancer's request ring: the requests its members answered in the window.
+    fn traffic(&self, cluster: &str, group: &str, window: Duration) -> cloud::Result<Option<Traffic>> {
+        check_name("cluster", cluster)?;
+        let Some(state) = read_json::<GroupState>(&self.group_path(cluster, group))? else { return Ok(None) };
+        let servers: BTreeSet<String> = state.members.iter().map(|m| format!("{}:{}", m.address, m.port)).collect();
+        let since = now().saturating_sub(window.as_secs());
+        let requests = self.balancer(cluster).requests(since).context(BalancerSnafu { cluster })?;
+        let answered: Vec<(u16, u64)> =
+            requests.into_iter().filter(|(server, _, _)| servers.contains(server)).map(|(_, s, ms)| (s, ms)).collect();
+        Ok(Some(Traffic::of(&answered, window)))
     }
 
     fn retire_cluster(&self, cluster: &str) -> cloud::Result<()> {

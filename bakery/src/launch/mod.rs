@@ -13,3 +13,4 @@ pub mod plan;
 pub mod registry;
 #[cfg(test)]
 mod sim;
+pub mod soak;

@@ -4,6 +4,7 @@
 
 use super::cloud::{Capacity, DeployRecord, Group, GroupSpec};
 use super::names::{self, Cluster};
+use super::soak::Thresholds;
 use snafu::{ensure, OptionExt, ResultExt, Snafu};
 use std::fmt;
 use std::str::FromStr;
@@ -185,6 +186,8 @@ pub struct DeployRequest {
     pub health_timeout: Duration,
     /// Disabled groups kept after the flip (red/black only).
     pub keep: usize,
+    /// Watch the new group for this long after the flip, with these thresholds.
+    pub soak: Option<(Duration, Thresholds)>,
 }
 
 /// A way to replace the serving group. Strategies only plan; the engine executes.
@@ -327,14 +330,15 @@ fn plan_flip(state: &ClusterState, request: &DeployRequest, deploy_id: &str, kee
     })
 }
 
-/// Put the group before the serving one back in service at no less than its capacity, then
-/// disable the serving one.
-pub fn plan_rollback(state: &ClusterState, health_timeout: Duration) -> Result<Plan> {
+/// Put the group before the serving one (or the group `to`, such as the one a soaking deploy
+/// replaced) back in service at no less than its capacity, then disable the serving one.
+pub fn plan_rollback(state: &ClusterState, health_timeout: Duration, to: Option<&str>) -> Result<Plan> {
     let cluster = &state.cluster;
     let newest = state.groups.iter().filter(|g| g.in_service).max_by_key(|g| age(g));
     let newest = newest.context(NothingServingSnafu { cluster })?;
     // Groups newer than the serving one are unfinished deploys, never a rollback target.
-    let previous = state.groups.iter().filter(|g| age(g) < age(newest)).max_by_key(|g| age(g));
+    let older = state.groups.iter().filter(|g| age(g) < age(newest) && to.is_none_or(|to| g.name == to));
+    let previous = older.max_by_key(|g| age(g));
     let previous = previous.context(NothingToRollBackToSnafu { cluster, newest: &newest.name })?;
     let (old, new) = (previous.capacity, newest.capacity);
     let capacity =
@@ -410,6 +414,7 @@ pub(crate) mod tests {
             health_url: "/hello/health".into(),
             health_timeout: Duration::from_secs(600),
             keep: 2,
+            soak: None,
         }
     }
 
@@ -566,6 +571,7 @@ pub(crate) mod tests {
             steps: vec![],
             started: 1,
             updated: 2,
+            soak: None,
         };
         // Crashed after the old group was disabled: the new one serves alone, but the rest of the
         // deploy (restoring min, pruning) has not run.
@@ -591,7 +597,7 @@ pub(crate) mod tests {
         old.capacity = Capacity { min: 3, max: 12, desired: 3 };
         let newest = group("hello-prod-v002", "ami-2", 200, true, 5);
         let orphan = group("hello-prod-v003", "ami-3", 300, false, 3);
-        let plan = plan_rollback(&state(vec![old, newest, orphan]), Duration::from_secs(60)).unwrap();
+        let plan = plan_rollback(&state(vec![old, newest, orphan]), Duration::from_secs(60), None).unwrap();
         assert_eq!(
             (plan.new_group.as_deref(), plan.previous_group.as_deref()),
             (Some("hello-prod-v001"), Some("hello-prod-v002"))
@@ -614,11 +620,22 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_rollback_to_a_named_group_skips_newer_disabled_ones() {
+        let good = group("hello-prod-v001", "ami-1", 100, false, 3);
+        let failed = group("hello-prod-v002", "ami-2", 200, false, 3);
+        let serving = group("hello-prod-v003", "ami-3", 300, true, 3);
+        let groups = state(vec![good, failed, serving]);
+        let plan = plan_rollback(&groups, Duration::ZERO, Some("hello-prod-v001")).unwrap();
+        assert_eq!(plan.new_group.as_deref(), Some("hello-prod-v001"));
+        assert_eq!(plan_rollback(&groups, Duration::ZERO, None).unwrap().new_group.as_deref(), Some("hello-prod-v002"));
+    }
+
+    #[test]
     fn rollback_needs_a_serving_group_and_an_older_one() {
-        let err = plan_rollback(&state(vec![]), Duration::ZERO).unwrap_err();
+        let err = plan_rollback(&state(vec![]), Duration::ZERO, None).unwrap_err();
         assert!(matches!(err, Error::NothingServing { .. }));
         let only = state(vec![group("hello-prod-v001", "ami-1", 100, true, 3)]);
-        assert!(plan_rollback(&only, Duration::ZERO).unwrap_err().to_string().contains("no group older than"));
+        assert!(plan_rollback(&only, Duration::ZERO, None).unwrap_err().to_string().contains("no group older than"));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 use super::cloud::{Capacity, Cloud, DeployRecord, Group, GroupSpec, Health, LockHolder, Member, Result};
 use super::engine::Clock;
+use super::soak::Traffic;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -59,6 +60,8 @@ struct State {
     launched: u64,
     crash_after: Option<String>,
     calls: Vec<String>,
+    /// What `traffic` reports, by group.
+    traffic: BTreeMap<String, Traffic>,
 }
 
 pub struct SimCloud {
@@ -89,6 +92,11 @@ impl SimCloud {
     /// The process no longer exists: its locks on this host are stale.
     pub fn kill(&self, pid: u32) {
         self.state().dead_pids.insert(pid);
+    }
+
+    /// What the group's traffic looks like from now on.
+    pub fn set_traffic(&self, group: &str, traffic: Traffic) {
+        self.state().traffic.insert(group.to_string(), traffic);
     }
 
     /// Every call so far as `name argument`.
@@ -287,6 +295,10 @@ impl Cloud for SimCloud {
             Some(json) => Ok(Some(serde_json::from_str(json)?)),
             None => Ok(None),
         })
+    }
+
+    fn traffic(&self, _cluster: &str, group: &str, _window: std::time::Duration) -> Result<Option<Traffic>> {
+        Ok(self.state().traffic.get(group).cloned())
     }
 
     fn retire_cluster(&self, cluster: &str) -> Result<()> {

@@ -13,14 +13,12 @@ import java.util.Properties;
 
 /**
  * The sample service: `/hello/` (a page), `/hello/version` (the version, as text) and
- * `/hello/health` (200 "ok" once started; 503 before). Every request but the health check goes
- * through the fault switch ({@link Faults}).
+ * `/hello/health` (200 "ok" once started; 503 before). Faults are {@link FaultFilter}'s.
  */
 @WebServlet(urlPatterns = {"", "/version", "/health"}, loadOnStartup = 1)
 public final class HelloServlet extends HttpServlet {
     private String version;
     private long readyAt;
-    private Faults faults;
 
     @Override
     public void init(ServletConfig config) throws ServletException {
@@ -30,7 +28,6 @@ public final class HelloServlet extends HttpServlet {
             if (in != null) {
                 build.load(in);
             }
-            faults = new Faults(config.getServletContext().getResourceAsStream("/WEB-INF/fault.properties"));
         } catch (IOException | RuntimeException e) {
             throw new ServletException("reading the build's properties", e);
         }
@@ -45,16 +42,6 @@ public final class HelloServlet extends HttpServlet {
         if (path.equals("/health")) {
             boolean ready = System.currentTimeMillis() >= readyAt;
             send(response, ready ? 200 : 503, "text/plain", ready ? "ok\n" : "starting\n");
-            return;
-        }
-        try {
-            if (faults.apply()) {
-                send(response, 500, "text/plain", "injected failure\n");
-                return;
-            }
-        } catch (InterruptedException e) {
-            Thread.currentThread().interrupt();
-            send(response, 503, "text/plain", "interrupted\n");
             return;
         }
         if (path.equals("/version")) {
