@@ -140,7 +140,12 @@ pub fn run<C>(
     for resource in kept(context) {
         journal.keep(&resource).map_err(|source| Error::Journal { source })?;
     }
-    journal.unwind_all(provider).map_err(|source| Error::Journal { source })
+    // What is kept is done: a scratch resource that will not go is gc's, not a failure (a
+    // retry would make the image again).
+    if let Err(cleanup) = journal.unwind_all(provider) {
+        tracing::warn!(%cleanup, "{what} succeeded but cleaning up after it failed; `bakery gc` will finish it");
+    }
+    Ok(())
 }
 
 fn run_steps<C>(tx: &mut Tx, context: &mut C, steps: &[Step<C>]) -> Result<()> {

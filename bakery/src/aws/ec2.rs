@@ -121,7 +121,9 @@ impl Ec2 {
             Err(e) if e.is_not_found() || e.code.as_deref() == Some("InvalidAMIID.Malformed") => return Ok(vec![]),
             other => other.context(CallSnafu)?,
         };
-        let mut images: Vec<Image> = output.images().iter().map(to_image).collect();
+        // DescribeImages shows a deregistered image for a while after: it is gone.
+        let live = output.images().iter().filter(|i| i.state() != Some(&aws_sdk_ec2::types::ImageState::Deregistered));
+        let mut images: Vec<Image> = live.map(to_image).collect();
         images.sort_by(|a, b| b.created.cmp(&a.created));
         Ok(images)
     }

@@ -445,7 +445,12 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                 }
             }
             let rolled_back = last.as_ref().is_ok_and(|r| r.action == Action::Rollback);
+            let interrupted = last.as_ref().is_ok_and(|r| r.phase == Phase::Soaking);
             finished(last, &args.cluster)?;
+            if interrupted {
+                let message = "stopped watching; the cluster soaks on (`launcher watch` takes over)";
+                return Err(Failure { code: 130, message: message.into() });
+            }
             match rolled_back {
                 true => {
                     Err(Failure { code: 6, message: "the soak breached; switched back to the previous group".into() })
@@ -454,7 +459,11 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             }
         }
         Commands::Watch { interval, once } => loop {
-            let clusters = engine.clusters().map_err(|e| Failure { code: e.exit_code(), message: e.to_string() })?;
+            // A passing failure to list clusters must not end a long-running watcher.
+            let clusters = engine.clusters().unwrap_or_else(|error| {
+                eprintln!("watch: listing clusters: {error}");
+                Vec::new()
+            });
             for cluster in clusters {
                 match engine.watch(&cluster) {
                     Ok(Some(record)) if record.phase != Phase::Soaking => {

@@ -19,8 +19,11 @@ pub const POOL_NAME: &str = "cow";
 
 /// Whether files in `dir` can be reflinked.
 pub fn reflinks(dir: &Path) -> bool {
-    let source = dir.join(".reflink-probe");
-    let clone = dir.join(".reflink-probe.clone");
+    // Names of this probe alone: processes opening the state directory at once must not
+    // truncate each other's probe.
+    let probe = format!(".reflink-probe-{}-{:x}", std::process::id(), rand::random::<u64>());
+    let source = dir.join(&probe);
+    let clone = dir.join(format!("{probe}.clone"));
     let probe = (|| {
         // FICLONE reads its source: open it for reading too.
         let source_file =

@@ -57,7 +57,11 @@ impl Starting {
             }
             let process = spawn().map_err(|e| Error::Spawn { what: what.clone(), source: Box::new(e) })?;
             let resource = Resource::Process { pid: process.pid, start_time: process.start_time };
-            self.journal.push(resource).context(JournalSnafu { what: &what })?;
+            if let Err(source) = self.journal.push(resource) {
+                // Not journaled, so nothing else would ever stop it.
+                crate::process::stop(process.pid, process.start_time);
+                return Err(Error::Journal { what: what.clone(), source });
+            }
             Ok(process)
         })();
         match started {

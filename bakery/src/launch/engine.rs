@@ -202,6 +202,11 @@ impl<'a> Engine<'a> {
         let strategy = request.strategy.strategy();
         self.locked(&request.cluster, |run, state| {
             let plan = strategy.plan_deploy(state, request, &run.deploy_id).context(PlanSnafu)?;
+            // The same image again while it soaks: nothing to do, and the soak goes on.
+            if let Some(soaking) = state.record.as_ref().filter(|r| plan.steps.is_empty() && r.phase == Phase::Soaking)
+            {
+                return Ok(soaking.clone());
+            }
             let mut record = run.record(Action::Deploy, &plan);
             record.image_id = Some(request.image_id.clone());
             record.strategy = Some(strategy.name().to_string());
@@ -723,6 +728,20 @@ mod tests {
             back.soak.unwrap().verdict
         );
         assert_eq!(engine.watch("hello-prod").unwrap(), None, "nothing soaks any more");
+    }
+
+    #[test]
+    fn the_same_deploy_again_while_it_soaks_leaves_the_soak_alone() {
+        let stand = Stand::new();
+        let engine = stand.engine(10);
+        engine.deploy(&request("ami-1")).unwrap();
+        let soaking = engine.deploy(&soaked("ami-2", 30)).unwrap();
+        let again = engine.deploy(&soaked("ami-2", 30)).unwrap();
+        assert_eq!(again, soaking, "the soaking record is returned untouched");
+        assert_eq!(engine.status("hello-prod").unwrap().deploy.unwrap().phase, Phase::Soaking);
+        let highlander = DeployRequest { strategy: StrategyKind::Highlander, ..soaked("ami-3", 30) };
+        let refused = engine.deploy(&highlander).unwrap_err().to_string();
+        assert!(refused.contains("--soak needs the old group"), "{refused}");
     }
 
     #[test]

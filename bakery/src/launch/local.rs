@@ -355,9 +355,14 @@ impl Cloud for LocalCloud {
             .timeout_connect(Duration::from_millis(500))
             .timeout(Duration::from_secs(2))
             .build();
+        let states = self.group_states(cluster)?;
+        if !states.is_empty() {
+            // Health needs the registry: a dead one is restarted on its data, as the balancer is.
+            self.registry.ensure().context(RegistrySnafu)?;
+        }
         let registered = self.registry.instances(Some(cluster)).context(RegistrySnafu)?;
         let entry = |id: &str| registered.iter().find(|i| i.registration.instance_id == id);
-        let groups = self.group_states(cluster)?.into_iter().map(|state| Group {
+        let groups = states.into_iter().map(|state| Group {
             members: state
                 .members
                 .iter()
@@ -500,8 +505,11 @@ impl Cloud for LocalCloud {
         let servers: BTreeSet<String> = state.members.iter().map(|m| format!("{}:{}", m.address, m.port)).collect();
         let since = now().saturating_sub(window.as_secs());
         let requests = self.balancer(cluster).requests(since).context(BalancerSnafu { cluster })?;
+        // With no server up, HAProxy answers 503 itself (no server address): an outage of the
+        // group in service.
+        let ours = |server: &str| servers.contains(server) || (state.in_service && server.starts_with('-'));
         let answered: Vec<(u16, u64)> =
-            requests.into_iter().filter(|(server, _, _)| servers.contains(server)).map(|(_, s, ms)| (s, ms)).collect();
+            requests.into_iter().filter(|(server, _, _)| ours(server)).map(|(_, s, ms)| (s, ms)).collect();
         Ok(Some(Traffic::of(&answered, window)))
     }
 

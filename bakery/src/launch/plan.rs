@@ -38,6 +38,9 @@ pub enum Error {
     #[snafu(display("{count} subnet(s) given: give at least 3 (one per zone), or none for the default ones"))]
     TooFewSubnets { count: usize },
 
+    #[snafu(display("--soak needs the old group kept to switch back to: use red-black with --keep 1 or more"))]
+    SoakWithoutRollback,
+
     #[snafu(display("unknown strategy {given:?}: use red-black or highlander"))]
     UnknownStrategy { given: String },
 
@@ -258,6 +261,7 @@ fn plan_flip(state: &ClusterState, request: &DeployRequest, deploy_id: &str, kee
     ensure!(!request.image_id.is_empty(), NoImageSnafu);
     let count = request.subnets.len();
     ensure!(count == 0 || count >= 3, TooFewSubnetsSnafu { count });
+    ensure!(request.soak.is_none() || keep > 0, SoakWithoutRollbackSnafu);
 
     // A rerun after a crash continues the unfinished deploy of this image instead of starting a
     // second group; every step of the plan is idempotent, so re-planning all of it is safe.

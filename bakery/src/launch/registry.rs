@@ -203,7 +203,11 @@ impl Registry {
             let body = agent.get(&format!("{url}/health")).call().ok()?.into_string().ok()?;
             body.contains("\"true\"").then_some(())
         });
-        healthy.context(NotHealthySnafu { log })?;
+        if healthy.is_none() {
+            // Leave no half-started registry that the next call would take for a running one.
+            daemon::stop(&self.state_dir, &state.journal).context(StopSnafu)?;
+            return NotHealthySnafu { log }.fail();
+        }
         tracing::info!(%url, pid = process.pid, "registry started");
         Ok(url)
     }
