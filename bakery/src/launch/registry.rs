@@ -136,9 +136,13 @@ impl Registry {
         crate::atomic::write_json(&path, state).context(IoSnafu { path })
     }
 
-    /// `http://127.0.0.1:PORT` while the registry runs.
-    pub fn url(&self) -> Result<Option<String>> {
-        Ok(self.load()?.filter(|s| s.process.is_some_and(|p| p.is_running())).map(|s| client_url(s.client_port)))
+    /// The URL of a registry that was started here before (restarted on its data if it died
+    /// since, so that its overrides survive); None when none ever was.
+    fn started_url(&self) -> Result<Option<String>> {
+        match self.load()? {
+            Some(_) => self.ensure().map(Some),
+            None => Ok(None),
+        }
     }
 
     /// The registry's URL, starting etcd first if it is not running (on its data, if any).
@@ -224,9 +228,9 @@ impl Registry {
     }
 
     /// Every registered instance of `cluster` (all when None), with overrides applied. Empty
-    /// when the registry does not run.
+    /// when no registry was ever started here.
     pub fn instances(&self, cluster: Option<&str>) -> Result<Vec<Instance>> {
-        let Some(url) = self.url()? else { return Ok(Vec::new()) };
+        let Some(url) = self.started_url()? else { return Ok(Vec::new()) };
         let prefix = match cluster {
             Some(cluster) => format!("{INSTANCES}{cluster}/"),
             None => INSTANCES.to_string(),
@@ -254,7 +258,7 @@ impl Registry {
         }
         let url = match status {
             Some(_) => self.ensure()?,
-            None => match self.url()? {
+            None => match self.started_url()? {
                 Some(url) => url,
                 None => return Ok(()),
             },
