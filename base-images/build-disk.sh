@@ -298,56 +298,18 @@ EOF
 # mmdebstrap copied the host's resolv.conf in; use resolved's stub instead.
 ln -sfn ../run/systemd/resolve/stub-resolv.conf "$root/etc/resolv.conf"
 
-# The registration agent: keeps the instance in the service registry (etcd's v3 JSON API) as
-# Eureka's client does, once the launcher has written the instance's user data. STARTING until
-# the app's health URL answers, then UP, DOWN when it stops answering; every beat renews a
-# 10 s lease, so a dead instance disappears by itself; a clean stop revokes the lease.
+# The registration agent (bakery-agent, next to this script; what it does is said there).
 install -d "$root/usr/local/sbin" "$root/etc/bakery"
-cat >"$root/usr/local/sbin/bakery-agent" <<'EOF'
-#!/bin/sh
-set -u
-. /etc/bakery/instance.env
-key="bakery/instances/$CLUSTER/$GROUP/$INSTANCE_ID"
-b64() { printf '%s' "$1" | base64 -w0; }
-post() { curl -fsS --max-time 3 -H 'Content-Type: application/json' -d "$2" "$REGISTRY_URL$1"; }
-lease=''
-status=STARTING
-up_since=0
-deregister() {
-    [ -z "$lease" ] || post /v3/lease/revoke "{\"ID\":\"$lease\"}" >/dev/null 2>&1
-    exit 0
-}
-trap deregister TERM INT
-while :; do
-    if curl -fsS --max-time 2 -o /dev/null "http://$ADDRESS:$PORT$HEALTH_PATH"; then
-        [ "$status" = UP ] || up_since=$(date +%s)
-        status=UP
-    elif [ "$status" = UP ]; then
-        status=DOWN
-    fi
-    if [ -n "$lease" ]; then
-        # An expired lease comes back without a TTL: take a new one.
-        post /v3/lease/keepalive "{\"ID\":\"$lease\"}" 2>/dev/null | grep -q '"TTL"' || lease=''
-    fi
-    [ -n "$lease" ] || lease=$(post /v3/lease/grant '{"TTL":10}' 2>/dev/null | sed -n 's/.*"ID":"\([0-9]*\)".*/\1/p')
-    value=$(printf '{"app":"%s","cluster":"%s","group":"%s","instance_id":"%s","address":"%s","port":%s,"zone":"%s","version":"%s","status":"%s","up_since":%s,"last_heartbeat":%s}' \
-        "$APP" "$CLUSTER" "$GROUP" "$INSTANCE_ID" "$ADDRESS" "$PORT" "$ZONE" "$VERSION" "$status" "$up_since" "$(date +%s)")
-    [ -z "$lease" ] || post /v3/kv/put "{\"key\":\"$(b64 "$key")\",\"value\":\"$(b64 "$value")\",\"lease\":\"$lease\"}" \
-        >/dev/null 2>&1 || lease=''
-    sleep 2 &
-    wait $!
-done
-EOF
-chmod 0755 "$root/usr/local/sbin/bakery-agent"
+install -m 0755 "$(dirname "$0")/bakery-agent" "$root/usr/local/sbin/bakery-agent"
 cat >"$root/etc/systemd/system/bakery-agent.service" <<'EOF'
 [Unit]
 Description=Registers this instance in the service registry (bakery-agent)
 After=network-online.target
-ConditionPathExists=/etc/bakery/instance.env
 
 [Service]
 ExecStart=/usr/local/sbin/bakery-agent
-Restart=always
+# It exits 0 on an instance no launcher started: nothing to register.
+Restart=on-failure
 RestartSec=2
 
 [Install]

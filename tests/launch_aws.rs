@@ -1,14 +1,21 @@
 //! The launcher's `aws` provider through the real `launcher` binary, against moto behind the
 //! project's proxy (which injects what moto cannot do: unhealthy targets and throttling).
 //! Everything the launcher does is checked from the outside with boto3: ASGs, their target
-//! groups and suspended processes, launch templates, target registrations, listener rules.
+//! groups and suspended processes, launch templates, target registrations, listener rules,
+//! Cloud Map registrations. The instances' part in Cloud Map is played by the image's real agent
+//! (`base-images/bakery-agent`), run on this host with each group's user data; the load
+//! balancer's CloudWatch figures are put by the test.
 
 mod common;
 
 use common::aws::{boto, moto, proxy_get, proxy_post, recorded, reset};
 use common::serial;
 use serde_json::{json, Value};
+use std::io::{Read, Write};
+use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const CLUSTER: &str = "hello-prod";
@@ -82,7 +89,21 @@ fn deploy(stand: &Stand, image: usize, extra: &[&str]) -> Value {
 }
 
 fn start_deploy(stand: &Stand, image: usize) -> Child {
-    launcher(&deploy_args(stand, image, "10m")).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+    start_deploy_with(stand, image, &[])
+}
+
+fn start_deploy_with(stand: &Stand, image: usize, extra: &[&str]) -> Child {
+    let mut args = deploy_args(stand, image, "10m");
+    args.extend_from_slice(extra);
+    launcher(&args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+}
+
+/// What a finished background launcher printed, and its exit code.
+fn finished(child: Child) -> (i32, Value) {
+    let output = child.wait_with_output().unwrap();
+    let value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stderr)));
+    (output.status.code().unwrap_or(-1), value)
 }
 
 /// What exists in the account, as AWS reports it.
@@ -333,6 +354,266 @@ fn throttled_autoscaling_and_elbv2_calls_still_complete() {
     let w = world(&stand);
     assert_eq!(w["groups"].as_object().unwrap().keys().collect::<Vec<_>>(), ["hello-prod-v000"]);
     assert_serving(&w, "hello-prod-v000", &stand.target_group);
+}
+
+/// The app's health URL as the agents see it: 200 while `up`, 503 otherwise.
+struct App {
+    port: u16,
+    up: Arc<AtomicBool>,
+}
+
+fn app() -> App {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let up = Arc::new(AtomicBool::new(true));
+    let serving = up.clone();
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let mut request = [0u8; 1024];
+            let _ = stream.read(&mut request);
+            let status = if serving.load(Ordering::Relaxed) { "200 OK" } else { "503 Service Unavailable" };
+            let _ = write!(stream, "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        }
+    });
+    App { port, up }
+}
+
+/// The image's agent, one per instance of a group, run here with the group's user data.
+struct Agents {
+    children: Vec<Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl Agents {
+    /// A clean stop, as systemd gives it when the instance shuts down: the agent deregisters.
+    fn stop(&mut self) {
+        for child in &mut self.children {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let _ = child.wait();
+        }
+        self.children.clear();
+    }
+}
+
+impl Drop for Agents {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Starts the agents of `group` once its instances exist: the user data comes from the group's
+/// launch template; what an instance would take from its metadata comes from the ASG.
+fn start_agents(group: &str, app: &App) -> Agents {
+    let mut found = Value::Null;
+    wait_until(&format!("the instances of {group}"), || {
+        found = boto(&format!(
+            "asg = boto3.client('autoscaling')\n\
+             groups = asg.describe_auto_scaling_groups(AutoScalingGroupNames=['{group}'])['AutoScalingGroups']\n\
+             data = [v['LaunchTemplateData'].get('UserData') for v in ec2.describe_launch_template_versions(LaunchTemplateName='{group}')['LaunchTemplateVersions']] if groups else []\n\
+             print(json.dumps({{'instances': [[i['InstanceId'], i['AvailabilityZone']] for g in groups for i in g['Instances']], 'user_data': data[0] if data else None}}))"
+        ));
+        found["instances"].as_array().is_some_and(|i| i.len() >= 3) && found["user_data"].is_string()
+    });
+    let user_data =
+        base64::Engine::decode(&base64::engine::general_purpose::STANDARD, found["user_data"].as_str().unwrap())
+            .unwrap();
+    let user_data = String::from_utf8(user_data).unwrap();
+    assert!(user_data.contains("REGISTRY_URL='cloudmap:srv-"), "{user_data}");
+    assert!(user_data.contains(&format!("GROUP='{group}'")), "{user_data}");
+    let dir = tempfile::tempdir().unwrap();
+    let mut children = Vec::new();
+    for instance in found["instances"].as_array().unwrap() {
+        let (id, zone) = (instance[0].as_str().unwrap(), instance[1].as_str().unwrap());
+        let env = dir.path().join(format!("{id}.env"));
+        let instance_data =
+            format!("{user_data}INSTANCE_ID='{id}'\nADDRESS='127.0.0.1'\nZONE='{zone}'\nPORT='{}'\n", app.port);
+        std::fs::write(&env, instance_data).unwrap();
+        let mut agent = Command::new(common::workspace().join("base-images/bakery-agent"));
+        common::aws::aws_env(&mut agent);
+        let child = agent
+            .env("BAKERY_INSTANCE_ENV", &env)
+            .env("CLOUDMAP_ENDPOINT", &moto().endpoint)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("the agent runs");
+        children.push(child);
+    }
+    Agents { children, _dir: dir }
+}
+
+/// `launcher registry list`: (group, status) of every registered instance, sorted.
+fn registered() -> Vec<(String, String)> {
+    let (code, list, stderr) = run(&["registry", "list", "--cluster", CLUSTER]);
+    assert_eq!(code, 0, "{list}\n{stderr}");
+    let mut seen: Vec<(String, String)> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| (i["group"].as_str().unwrap().to_string(), i["status"].as_str().unwrap().to_string()))
+        .collect();
+    seen.sort();
+    seen
+}
+
+fn statuses(entries: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut expected = Vec::new();
+    for (group, status) in entries {
+        expected.extend(std::iter::repeat_n((group.to_string(), status.to_string()), 3));
+    }
+    expected
+}
+
+/// What clients that discover healthy instances find in the app's service.
+fn discovered() -> usize {
+    boto(
+        "from botocore.config import Config\n\
+         # DiscoverInstances goes to data-<endpoint>; the proxy's address takes no prefix.\n\
+         sd = boto3.client('servicediscovery', config=Config(inject_host_prefix=False))\n\
+         print(len(sd.discover_instances(NamespaceName='bakery', ServiceName='hello', HealthStatus='HEALTHY')['Instances']))",
+    )
+    .as_u64()
+    .unwrap() as usize
+}
+
+#[test]
+fn instances_register_in_cloud_map_and_the_flip_waits_for_them() {
+    let _serial = serial();
+    let stand = stand();
+    let app = app();
+    let registry = ["--registry-namespace", "bakery"];
+    let first = start_deploy_with(&stand, 0, &registry);
+    // Healthy at the balancer from the start, but not registered: the gate holds.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(world(&stand)["groups"]["hello-prod-v000"]["target_groups"]
+        .as_array()
+        .is_some_and(|t| !t.iter().any(|a| a == stand.target_group.as_str())));
+    let mut v000 = start_agents("hello-prod-v000", &app);
+    let (code, deployed) = finished(first);
+    assert_eq!((code, &deployed["phase"]), (0, &json!("succeeded")), "{deployed}");
+    assert_eq!(registered(), statuses(&[("hello-prod-v000", "UP")]));
+    let (_, status, _) = run(&["status", "--cluster", CLUSTER]);
+    assert_eq!(status["groups"][0]["members"][0]["registry_status"], "UP", "{status}");
+
+    let second = start_deploy_with(&stand, 1, &registry);
+    let _v001 = start_agents("hello-prod-v001", &app);
+    let (code, flipped) = finished(second);
+    assert_eq!(code, 0, "{flipped}");
+    // The old group is held out of service in the registry: discovering clients see the new one.
+    assert_eq!(registered(), statuses(&[("hello-prod-v000", "OUT_OF_SERVICE"), ("hello-prod-v001", "UP")]));
+    assert_eq!(discovered(), 3);
+
+    let (code, back, stderr) = run(&["rollback", "--cluster", CLUSTER, "--health-timeout", "60s"]);
+    assert_eq!(code, 0, "{back}\n{stderr}");
+    assert_eq!(registered(), statuses(&[("hello-prod-v000", "UP"), ("hello-prod-v001", "OUT_OF_SERVICE")]));
+
+    // An app that stops answering is reported DOWN; a clean stop deregisters.
+    app.up.store(false, Ordering::Relaxed);
+    wait_until("the agents report DOWN", || registered().iter().filter(|(_, s)| s == "DOWN").count() == 3);
+    v000.stop();
+    assert_eq!(registered(), statuses(&[("hello-prod-v001", "OUT_OF_SERVICE")]));
+    // Destroying a group deregisters what its instances left behind.
+    let (code, destroyed, stderr) = run(&["destroy", "--cluster", CLUSTER]);
+    assert_eq!(code, 0, "{destroyed}\n{stderr}");
+    assert_eq!(registered(), []);
+}
+
+#[test]
+fn a_group_that_never_registers_fails_its_gate() {
+    let _serial = serial();
+    let stand = stand();
+    let app = app();
+    let first = start_deploy_with(&stand, 0, &["--registry-namespace", "bakery"]);
+    let _v000 = start_agents("hello-prod-v000", &app);
+    assert_eq!(finished(first).0, 0);
+    let mut args = deploy_args(&stand, 1, "5s");
+    args.extend_from_slice(&["--registry-namespace", "bakery"]);
+    let (code, failed, stderr) = run(&args);
+    assert_eq!(code, 6, "{failed}\n{stderr}");
+    assert!(stderr.contains("0 of 3 instances healthy, 3 starting, 0 unhealthy, 0 UP in the registry"), "{stderr}");
+    let w = world(&stand);
+    assert_serving(&w, "hello-prod-v000", &stand.target_group);
+    assert_eq!(w["groups"].as_object().unwrap().len(), 1, "{w:#}");
+    assert_eq!(registered(), statuses(&[("hello-prod-v000", "UP")]));
+}
+
+/// Puts one minute of the balancer's figures for the cluster's target group, as ALB would.
+fn put_traffic(stand: &Stand, requests: u32, errors: u32, slow_ms: u32) {
+    boto(&format!(
+        "elb = boto3.client('elbv2'); cw = boto3.client('cloudwatch')\n\
+         tg = elb.describe_target_groups(TargetGroupArns=['{tg}'])['TargetGroups'][0]\n\
+         dims = [{{'Name': 'TargetGroup', 'Value': tg['TargetGroupArn'].split(':', 5)[5]}},\n\
+                 {{'Name': 'LoadBalancer', 'Value': tg['LoadBalancerArns'][0].split(':', 5)[5][len('loadbalancer/'):]}}]\n\
+         cw.put_metric_data(Namespace='AWS/ApplicationELB', MetricData=[\n\
+             {{'MetricName': 'RequestCount', 'Dimensions': dims, 'Value': {requests}, 'Unit': 'Count'}},\n\
+             {{'MetricName': 'HTTPCode_Target_5XX_Count', 'Dimensions': dims, 'Value': {errors}, 'Unit': 'Count'}},\n\
+             {{'MetricName': 'TargetResponseTime', 'Dimensions': dims, 'Values': [0.02, {slow}], 'Counts': [{fast_count}, 20], 'Unit': 'Seconds'}}])\n\
+         print('null')",
+        tg = stand.target_group,
+        slow = f64::from(slow_ms) / 1000.0,
+        fast_count = requests.saturating_sub(20),
+    ));
+}
+
+/// `launcher watch --once` until the cluster's record is no longer soaking.
+fn watch_until_settled() -> Value {
+    let mut record = Value::Null;
+    wait_until("the watcher ends the soak", || {
+        let (code, _, stderr) = run(&["watch", "--once"]);
+        assert!(code == 0 && !stderr.contains("watch "), "{stderr}");
+        record = run(&["status", "--cluster", CLUSTER]).1["deploy"].clone();
+        record["phase"] != "soaking"
+    });
+    record
+}
+
+#[test]
+fn a_watched_soak_switches_back_on_cloudwatch_figures_even_when_throttled() {
+    let _serial = serial();
+    let stand = stand();
+    let actions = ["GetMetricData", "ListInstances", "GetInstancesHealthStatus", "UpdateInstanceCustomHealthStatus"];
+    proxy_post("/_proxy/faults", &json!({"throttle": 0.2, "seed": 5, "actions": actions}));
+    let app = app();
+    let registry = ["--registry-namespace", "bakery"];
+    let first = start_deploy_with(&stand, 0, &registry);
+    let _v000 = start_agents("hello-prod-v000", &app);
+    assert_eq!(finished(first).0, 0);
+    put_traffic(&stand, 1000, 0, 100);
+
+    let soak = ["--registry-namespace", "bakery", "--soak", "10m", "--window", "60s", "--max-error-rate", "1"];
+    let bad = start_deploy_with(&stand, 1, &soak);
+    let _v001 = start_agents("hello-prod-v001", &app);
+    let (code, soaking) = finished(bad);
+    assert_eq!((code, &soaking["phase"]), (0, &json!("soaking")), "{soaking}");
+    let baseline = &soaking["soak"]["baseline"];
+    assert_eq!((&baseline["requests"], &baseline["p99_ms"]), (&json!(1000), &json!(100)), "{soaking}");
+    // The new group's first figures: 30 % of requests fail.
+    std::thread::sleep(Duration::from_secs(1));
+    put_traffic(&stand, 1000, 300, 100);
+    let record = watch_until_settled();
+    assert_eq!(record["action"], "rollback", "{record}");
+    let verdict = record["soak"]["verdict"].as_str().unwrap();
+    assert!(verdict.contains("30.0% of 1000 requests failed"), "{verdict}");
+    assert_eq!(serving(), ["hello-prod-v000"]);
+    assert_eq!(registered(), statuses(&[("hello-prod-v000", "UP"), ("hello-prod-v001", "OUT_OF_SERVICE")]));
+
+    // A good version soaks quietly and the old groups go at the end.
+    let good = start_deploy_with(&stand, 2, &["--registry-namespace", "bakery", "--soak", "3s", "--keep", "1"]);
+    let _v002 = start_agents("hello-prod-v002", &app);
+    let (code, soaking) = finished(good);
+    assert_eq!((code, &soaking["phase"]), (0, &json!("soaking")), "{soaking}");
+    std::thread::sleep(Duration::from_secs(1));
+    put_traffic(&stand, 1000, 0, 120);
+    let record = watch_until_settled();
+    let throttled = proxy_get("/_proxy/stats")["faults"]["throttle"].as_u64().unwrap_or(0);
+    proxy_post("/_proxy/faults", &json!({}));
+    assert_eq!((&record["action"], &record["phase"]), (&json!("finish"), &json!("succeeded")), "{record}");
+    let w = world(&stand);
+    assert_eq!(w["groups"].as_object().unwrap().keys().collect::<Vec<_>>(), ["hello-prod-v002"]);
+    assert!(throttled >= 3, "only {throttled} calls throttled");
 }
 
 fn wait_until(what: &str, mut done: impl FnMut() -> bool) {

@@ -53,6 +53,7 @@ fn spec(cluster: &str, version: u32, image: &str, desired: u32) -> GroupSpec {
         subnets: Vec::new(),
         target_groups: Vec::new(),
         health_url: "/hello/health".into(),
+        registry_namespace: None,
         deploy_id: bakery::ids::new_id("deploy"),
     }
 }

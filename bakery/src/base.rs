@@ -18,6 +18,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 const BUILDER_SCRIPT: &str = "build-disk.sh";
+/// Next to the recipe, with the script: what the base is built from besides the recipe (the
+/// script installs the registration agent from its own directory).
+const BUILDER_FILES: [&str; 2] = [BUILDER_SCRIPT, "bakery-agent"];
 
 #[derive(Debug, Snafu)]
 pub enum Error {
@@ -91,16 +94,17 @@ fn load(path: &Path) -> Result<(BaseRecipe, String)> {
         invalid("disk_size_mib must be an even number ≥ 512")
     );
     ensure!(!recipe.packages.is_empty(), invalid("packages is empty"));
-    let script = builder_script(path);
-    let script_text = std::fs::read(&script).context(ReadSnafu { path: &script })?;
     let mut hasher = Sha256::new();
     hasher.update(text.as_bytes());
-    hasher.update(&script_text);
+    for file in BUILDER_FILES {
+        let builder = builder_file(path, file);
+        hasher.update(std::fs::read(&builder).context(ReadSnafu { path: &builder })?);
+    }
     Ok((recipe, hex::encode(hasher.finalize())))
 }
 
-fn builder_script(recipe_path: &Path) -> PathBuf {
-    recipe_path.parent().unwrap_or(Path::new(".")).join(BUILDER_SCRIPT)
+fn builder_file(recipe_path: &Path, name: &str) -> PathBuf {
+    recipe_path.parent().unwrap_or(Path::new(".")).join(name)
 }
 
 /// What the build's steps share.
@@ -184,8 +188,11 @@ fn build_disk(build: &mut Build, tx: &mut Tx) -> StepResult {
     std::fs::create_dir_all(work).context(ReadSnafu { path: work })?;
     tx.created(Resource::File { path: build.disk.clone() })?;
     // Run a copy: bash reads a script as it goes, so editing the original mid-build would bite.
+    for file in BUILDER_FILES {
+        let copy = work.join(file);
+        std::fs::copy(builder_file(&build.path, file), &copy).context(ReadSnafu { path: &copy })?;
+    }
     let script = work.join(BUILDER_SCRIPT);
-    std::fs::copy(builder_script(&build.path), &script).context(ReadSnafu { path: &script })?;
     let recipe = &build.recipe;
     let mut child = Command::new("bash")
         .arg(&script)

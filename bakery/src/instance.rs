@@ -159,7 +159,7 @@ pub struct Registration {
 }
 
 /// `KEY='value'` lines a POSIX shell can source, whatever the values hold.
-fn shell_env(pairs: &[(&str, &str)]) -> String {
+pub(crate) fn shell_env(pairs: &[(&str, &str)]) -> String {
     pairs.iter().map(|(key, value)| format!("{key}='{}'\n", value.replace('\'', r"'\''"))).collect()
 }
 

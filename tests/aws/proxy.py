@@ -11,8 +11,13 @@ unchanged except where this proxy has to step in:
 * Parent snapshots: moto ignores StartSnapshot's ParentSnapshotId. The proxy records it and
   answers ListSnapshotBlocks, ListChangedBlocks and GetSnapshotBlock of a child through its
   ancestors.
-* Query APIs (EC2, Auto Scaling, ELBv2): every request is recorded, so tests can check what was
-  asked for even where moto drops parameters (RegisterImage keeps only a name and description).
+* Query APIs (EC2, Auto Scaling, ELBv2, CloudWatch) and JSON APIs (Cloud Map, CloudWatch as boto3
+  speaks it): every request is recorded, so tests can check what was asked for even where moto
+  drops parameters (RegisterImage keeps only a name and description).
+* Cloud Map: moto's RegisterInstance appends a second entry for an instance id it already has;
+  AWS updates the one entry. The proxy deregisters the old entry first.
+* CloudWatch: moto computes no percentile statistics. The proxy answers GetMetricData's `pNN`
+  queries from the PutMetricData requests it recorded.
 * Faults: throttling, server errors, dropped connections, corrupted blocks and unhealthy targets,
   in the error formats the AWS SDKs parse.
 
@@ -21,6 +26,7 @@ The control API lives under /_proxy/ (see `Control`). Stdlib only.
 
 import argparse
 import base64
+from datetime import datetime
 import hashlib
 import http.client
 import http.server
@@ -73,7 +79,16 @@ EBS_ROUTES = [
 # The SigV4 credential scope names the service: Credential=AKID/DATE/REGION/SERVICE/aws4_request.
 CREDENTIAL_SCOPE = re.compile(r"Credential=[^/]*/[^/]*/[^/]*/([^/]+)/aws4_request")
 # Query API versions, for a request that carries no Authorization header.
-QUERY_VERSIONS = {"2016-11-15": "ec2", "2011-01-01": "autoscaling", "2015-12-01": "elasticloadbalancing"}
+QUERY_VERSIONS = {
+    "2016-11-15": "ec2",
+    "2011-01-01": "autoscaling",
+    "2015-12-01": "elasticloadbalancing",
+    "2010-08-01": "monitoring",
+}
+# JSON APIs: the X-Amz-Target prefix names the service.
+JSON_TARGETS = {"Route53AutoNaming_v20170314": "servicediscovery", "GraniteServiceVersion20100801": "monitoring"}
+CLOUDWATCH_NAMESPACE = "http://monitoring.amazonaws.com/doc/2010-08-01/"
+PERCENTILE = re.compile(r"p(\d+(?:\.\d+)?)")
 
 ELBV2_NAMESPACE = "http://elasticloadbalancing.amazonaws.com/doc/2015-12-01/"
 ET.register_namespace("", ELBV2_NAMESPACE)
@@ -102,8 +117,9 @@ class Request:
         self.path = url.path
         self.query = dict(parse_qsl(url.query, keep_blank_values=True))
         self.service = None
-        self.action = None  # EBS API name or query Action
-        self.params = {}  # query API parameters
+        self.protocol = None  # "ebs", "query" or "json"
+        self.action = None  # EBS API name, query Action or JSON target operation
+        self.params = {}  # query API parameters, or a JSON API's request body
         self.ebs = {}  # EBS path parameters: snapshot, index
 
     def header(self, name):
@@ -124,12 +140,25 @@ class Request:
                 match = pattern.fullmatch(self.path)
                 if match and method == self.method:
                     self.service, self.action, self.ebs = "ebs", action, match.groupdict()
+                    self.protocol = "ebs"
                     return
+        target = self.header("X-Amz-Target")
+        if target and "." in target:
+            prefix, action = target.split(".", 1)
+            try:
+                params = json.loads(self.body or b"{}")
+            except ValueError:
+                params = {}
+            self.params = params if isinstance(params, dict) else {}
+            self.action, self.protocol = action, "json"
+            self.service = scoped_service or JSON_TARGETS.get(prefix, "unknown")
+            return
         params = dict(self.query)
         if (self.header("Content-Type") or "").startswith("application/x-www-form-urlencoded"):
             params.update(parse_qsl(self.body.decode("utf-8", "replace"), keep_blank_values=True))
         if "Action" in params:
             self.params = params
+            self.protocol = "query"
             self.action = params["Action"]
             self.service = scoped_service or QUERY_VERSIONS.get(params.get("Version"), "unknown")
 
@@ -162,6 +191,12 @@ def ebs_error(status, code, message, reason=None):
     return Response(status, headers, json.dumps(body).encode())
 
 
+def json_error(status, code, message):
+    """An awsJson error: the type in `__type` and x-amzn-ErrorType."""
+    headers = [("Content-Type", "application/x-amz-json-1.1"), ("x-amzn-ErrorType", code)]
+    return Response(status, headers, json.dumps({"__type": code, "message": message}).encode())
+
+
 def query_error(service, status, code, message):
     """An XML error: EC2's <Response><Errors><Error> or the awsQuery <ErrorResponse><Error>."""
     if service == "ec2":
@@ -188,6 +223,10 @@ def fault_response(request, kind):
             # EBS models its throttling error as RequestThrottledException, HTTP 400.
             return ebs_error(400, "RequestThrottledException", "Rate exceeded (injected)", "ACCOUNT_THROTTLED")
         return ebs_error(500, "InternalServerException", "Internal error (injected)")
+    if request.protocol == "json":
+        if kind == "throttle":
+            return json_error(400, "ThrottlingException", "Rate exceeded (injected)")
+        return json_error(500, "InternalFailure", "Internal failure (injected)")
     if request.service == "ec2":
         if kind == "throttle":
             return query_error("ec2", 503, "RequestLimitExceeded", "Request limit exceeded. (injected)")
@@ -195,6 +234,60 @@ def fault_response(request, kind):
     if kind == "throttle":
         return query_error(request.service, 400, "Throttling", "Rate exceeded (injected)")
     return query_error(request.service, 500, "InternalFailure", "Internal failure (injected)")
+
+
+def metric_of(params, prefix):
+    """(namespace, name, dimensions) and period of a query-protocol MetricStat."""
+    dimensions = set()
+    index = 1
+    while f"{prefix}.Metric.Dimensions.member.{index}.Name" in params:
+        dimension = f"{prefix}.Metric.Dimensions.member.{index}"
+        dimensions.add((params[f"{dimension}.Name"], params.get(f"{dimension}.Value", "")))
+        index += 1
+    metric = (params.get(f"{prefix}.Metric.Namespace"), params.get(f"{prefix}.Metric.MetricName"), frozenset(dimensions))
+    return metric, float(params.get(f"{prefix}.Period", "60"))
+
+
+def parse_time(text):
+    """Epoch seconds of a JSON number or an ISO 8601 time (as moto and boto3 write them)."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def metric_values(recorded, metric, start, end):
+    """The (value, count) samples of `metric` that JSON PutMetricData requests put in [start, end)."""
+    namespace, name, dimensions = metric
+    found = []
+    for entry in recorded:
+        if entry["params"].get("Namespace") != namespace:
+            continue
+        for datum in entry["params"].get("MetricData", []):
+            datum_dimensions = frozenset((d["Name"], d["Value"]) for d in datum.get("Dimensions", []))
+            if datum.get("MetricName") != name or datum_dimensions != dimensions:
+                continue
+            stamp = parse_time(datum.get("Timestamp", entry["time"]))
+            if not start <= stamp < end:
+                continue
+            if "Value" in datum:
+                found.append((datum["Value"], 1))
+            values = datum.get("Values", [])
+            found.extend(zip(values, datum.get("Counts", [1] * len(values))))
+    return found
+
+
+def percentile(samples, rank):
+    """Nearest-rank percentile of weighted samples (0 when there are none)."""
+    total = sum(count for _, count in samples)
+    if total == 0:
+        return 0.0
+    wanted = max(1, -(-total * rank // 100))
+    seen = 0
+    for value, count in sorted(samples):
+        seen += count
+        if seen >= wanted:
+            return float(value)
+    return float(sorted(samples)[-1][0])
 
 
 def flip_byte(data):
@@ -391,6 +484,7 @@ class Proxy:
                             "params": request.params,
                             "account": request.header("x-moto-account-id"),
                             "fault": fault,
+                            "time": time.time(),
                         }
                     )
             if fault:
@@ -411,7 +505,56 @@ class Proxy:
             return self.register_image(request)
         if request.action == "DescribeImages":
             return self.describe_images(request)
+        if request.service == "servicediscovery" and request.action == "RegisterInstance":
+            return self.register_instance(request)
+        if request.service == "monitoring" and request.action == "GetMetricData":
+            return self.get_metric_data(request)
         return self.forward(request)
+
+    def register_instance(self, request):
+        """AWS updates an instance registered again; moto would list it twice."""
+        deregister = {key: request.params.get(key) for key in ("ServiceId", "InstanceId")}
+        headers = [
+            (name, "Route53AutoNaming_v20170314.DeregisterInstance" if name.lower() == "x-amz-target" else value)
+            for name, value in request.headers
+        ]
+        self.forward(Request("POST", request.target, headers, json.dumps(deregister).encode()))
+        return self.forward(request)
+
+    def get_metric_data(self, request):
+        """Percentile queries (`pNN`) asked as SampleCount of moto, then answered from the recorded
+        PutMetricData samples for each datapoint moto returns."""
+        if request.protocol != "query":
+            return self.forward(request)
+        params = dict(request.params)
+        percentiles = {}
+        for key, stat in request.params.items():
+            match = PERCENTILE.fullmatch(stat) if key.endswith(".MetricStat.Stat") else None
+            if match:
+                prefix = key[: -len(".MetricStat.Stat")]
+                percentiles[params[f"{prefix}.Id"]] = (float(match.group(1)), metric_of(params, f"{prefix}.MetricStat"))
+                params[key] = "SampleCount"
+        if not percentiles:
+            return self.forward(request)
+        body = urlencode(params).encode()
+        response = self.forward(Request(request.method, request.target, request.headers, body))
+        if response.status != 200:
+            return response
+        with self.state.lock:
+            samples = [entry for entry in self.state.recorded if entry["action"] == "PutMetricData"]
+        ns = f"{{{CLOUDWATCH_NAMESPACE}}}"
+        root = ET.fromstring(response.body)
+        for result in root.iter(f"{ns}member"):
+            wanted = percentiles.get(result.findtext(f"{ns}Id"))
+            values = result.find(f"{ns}Values")
+            if wanted is None or values is None:
+                continue
+            rank, (metric, period) = wanted
+            stamps = [parse_time(t.text) for t in result.iterfind(f"{ns}Timestamps/{ns}member")]
+            for stamp, value in zip(stamps, values.iterfind(f"{ns}member")):
+                value.text = repr(percentile(metric_values(samples, metric, stamp, stamp + period), rank))
+        body = ET.tostring(root, default_namespace=CLOUDWATCH_NAMESPACE)
+        return Response(200, response.headers, body, response.reason)
 
     # moto's RegisterImage keeps only the name and description and invents a root device and
     # snapshot; these two make DescribeImages show what was registered, as EC2 would.

@@ -9,6 +9,7 @@ import http.client
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -16,7 +17,7 @@ import threading
 import time
 import unittest
 from concurrent.futures import ThreadPoolExecutor
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import boto3
 import botocore.exceptions
@@ -26,6 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 BLOCK_SIZE = 524288
 ACCOUNT = "111122223333"
 # What moto needs to route a hand-made request to EBS (it checks no signature).
+MONITORING_AUTHORIZATION = "AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/monitoring/aws4_request, SignedHeaders=host, Signature=0"
 EBS_AUTHORIZATION = "AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/ebs/aws4_request, SignedHeaders=host, Signature=0"
 
 server = None  # the `scripts/moto-server run` process
@@ -315,12 +317,13 @@ class FaultTest(ProxyTest):
             ("throttle", "DescribeAutoScalingGroups", lambda: client("autoscaling").describe_auto_scaling_groups(), "Throttling", 400),
             ("throttle", "DescribeTargetGroups", lambda: client("elbv2").describe_target_groups(), "Throttling", 400),
             ("server_error", "DescribeTargetGroups", lambda: client("elbv2").describe_target_groups(), "InternalFailure", 500),
+            ("throttle", "ListNamespaces", lambda: client("servicediscovery").list_namespaces(), "ThrottlingException", 400),
         ]
         for kind, action, call, code, status in cases:
             with self.subTest(f"{kind} {action}"):
                 control("POST", "/_proxy/faults", {kind: 1.0, "actions": [action]})
                 self.assertError(call, code, status)
-        self.assertEqual(control("GET", "/_proxy/stats")["faults"], {"throttle": 4, "server_error": 3})
+        self.assertEqual(control("GET", "/_proxy/stats")["faults"], {"throttle": 5, "server_error": 3})
 
     def test_drop(self):
         control("POST", "/_proxy/faults", {"drop": 1.0})
@@ -436,6 +439,53 @@ class QueryTest(ProxyTest):
         control("POST", "/_proxy/target-health", {"state": "unhealthy"})
         unused = elbv2.describe_target_health(TargetGroupArn=group, Targets=[{"Id": "i-0000000000000000f"}])
         self.assertEqual(unused["TargetHealthDescriptions"][0]["TargetHealth"]["State"], "unused")
+
+    def test_registering_again_updates_the_one_entry(self):
+        discovery = client("servicediscovery")
+        discovery.create_http_namespace(Name="bakery")
+        namespace = discovery.list_namespaces()["Namespaces"][0]["Id"]
+        service = discovery.create_service(Name="hello", NamespaceId=namespace, HealthCheckCustomConfig={})["Service"]["Id"]
+        for status in ("STARTING", "UP"):
+            discovery.register_instance(ServiceId=service, InstanceId="i-1", Attributes={"status": status})
+        instances = discovery.list_instances(ServiceId=service)["Instances"]
+        self.assertEqual([(i["Id"], i["Attributes"]["status"]) for i in instances], [("i-1", "UP")])
+        recorded = control("GET", "/_proxy/requests?action=RegisterInstance")
+        self.assertEqual([r["params"]["Attributes"]["status"] for r in recorded], ["STARTING", "UP"])
+
+    def test_percentiles_come_from_the_recorded_samples(self):
+        dimensions = [{"Name": "TargetGroup", "Value": "targetgroup/web/1"}]
+        now = time.time()
+        client("cloudwatch").put_metric_data(
+            Namespace="AWS/ApplicationELB",
+            MetricData=[
+                {"MetricName": "TargetResponseTime", "Dimensions": dimensions, "Timestamp": now, "Values": [0.1, 0.2, 3.0], "Counts": [90, 9, 1]},
+                {"MetricName": "TargetResponseTime", "Dimensions": [], "Timestamp": now, "Value": 9.0},
+            ],
+        )
+
+        def query(stat):
+            form = {
+                "Action": "GetMetricData",
+                "Version": "2010-08-01",
+                "StartTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now - 30)),
+                "EndTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now + 30)),
+                "MetricDataQueries.member.1.Id": "q",
+                "MetricDataQueries.member.1.MetricStat.Stat": stat,
+                "MetricDataQueries.member.1.MetricStat.Period": "60",
+                "MetricDataQueries.member.1.MetricStat.Metric.Namespace": "AWS/ApplicationELB",
+                "MetricDataQueries.member.1.MetricStat.Metric.MetricName": "TargetResponseTime",
+                "MetricDataQueries.member.1.MetricStat.Metric.Dimensions.member.1.Name": "TargetGroup",
+                "MetricDataQueries.member.1.MetricStat.Metric.Dimensions.member.1.Value": "targetgroup/web/1",
+            }
+            headers = {"Content-Type": "application/x-www-form-urlencoded", "Authorization": MONITORING_AUTHORIZATION}
+            status, _, body = raw("POST", "/", urlencode(form), headers)
+            self.assertEqual(status, 200, body)
+            return [float(v) for v in re.findall(rb"<Values>\s*<member>([^<]*)</member>", body)]
+
+        # Nearest rank over 100 weighted samples of this dimension only.
+        self.assertEqual(query("p99"), [0.2])
+        self.assertEqual(query("p100"), [3.0])
+        self.assertEqual(query("p50"), [0.1])
 
     def test_reset(self):
         client("ec2").create_vpc(CidrBlock="10.1.0.0/16")

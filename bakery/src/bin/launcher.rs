@@ -4,7 +4,7 @@
 use bakery::launch::cloud::{Action, Cloud, DeployRecord, Outcome, Phase};
 use bakery::launch::engine::{self, Engine, Identity, Status, SystemClock};
 use bakery::launch::plan::{DeployRequest, StrategyKind};
-use bakery::launch::registry::{self, Registry};
+use bakery::launch::registry::Registry;
 use bakery::launch::soak::{Soak, Thresholds, Traffic};
 use bakery::ui::OutputFormat;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -103,12 +103,13 @@ enum Commands {
         /// Between two looks at each cluster.
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         interval: Duration,
-        /// Look once at every cluster and exit.
+        /// Look once at every soaking cluster and exit, printing what each look found (with
+        /// --output json, an array of the clusters' records).
         #[arg(long)]
         once: bool,
     },
     /// The service registry instances register themselves in (local: etcd on this host, started
-    /// by the first deploy).
+    /// by the first deploy; aws: Cloud Map, with `deploy --registry-namespace`).
     #[command(subcommand)]
     Registry(RegistryCommand),
 }
@@ -117,7 +118,8 @@ enum Commands {
 enum RegistryCommand {
     /// Every registered instance: app, cluster, group, id, address, zone, status (`UP`,
     /// `STARTING`, `DOWN`, or `OUT_OF_SERVICE` while its group is out of traffic), version and
-    /// last heartbeat (Unix seconds). An instance whose agent stopped beating is gone within 10 s.
+    /// last heartbeat (Unix seconds). Locally an instance whose agent stopped beating is gone
+    /// within 10 s; Cloud Map keeps it until it deregisters or its group is destroyed.
     ///
     /// Example:
     ///   launcher registry list --cluster hello-prod --output json
@@ -128,7 +130,7 @@ enum RegistryCommand {
         #[arg(long)]
         cluster: Option<String>,
     },
-    /// Stop the registry (its data stays; the next deploy starts it again).
+    /// Stop the local registry (its data stays; the next deploy starts it again).
     Stop,
 }
 
@@ -161,6 +163,12 @@ struct DeployArgs {
     /// Path every instance must answer 200 on before the group takes traffic.
     #[arg(long, default_value = "/")]
     health_url: String,
+    /// aws: the Cloud Map HTTP namespace the instances register in (created if missing; one
+    /// service per app). The gate then also waits for every instance to report UP there, and a
+    /// disabled group's instances are held OUT_OF_SERVICE. Local instances always register in
+    /// this host's registry.
+    #[arg(long, value_name = "NAMESPACE")]
+    registry_namespace: Option<String>,
     /// How long the new group may take to be healthy before the deploy is undone.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     health_timeout: Duration,
@@ -329,23 +337,20 @@ fn main() -> ExitCode {
     }
 }
 
-/// `launcher registry`: the local registry needs no cloud.
+/// `launcher registry`.
 fn registry(cli: &Cli, command: &RegistryCommand, ui: &bakery::ui::Ui) -> Result<(), Failure> {
-    if cli.provider != CloudKind::Local {
-        let message = "the aws provider has no service registry yet (Cloud Map is planned); use --provider local";
-        return Err(Failure { code: 2, message: message.into() });
-    }
-    let registry = Registry::new(&cli.state_dir);
-    let failed = |e: registry::Error| Failure { code: 1, message: e.to_string() };
     match command {
         RegistryCommand::List { app, cluster } => {
-            let mut instances = registry.instances(cluster.as_deref()).map_err(failed)?;
+            let cloud = open_cloud(cli)?;
+            let mut instances = cloud
+                .registrations(cluster.as_deref())
+                .map_err(|e| Failure { code: 1, message: format!("service registry: {e}") })?;
             instances.retain(|i| app.as_ref().is_none_or(|app| &i.registration.app == app));
             ui.print(&instances, |instances| {
                 let rows = instances.iter().map(|i| {
                     let r = &i.registration;
                     format!(
-                        "{:<16} {:<24} {:<14} {:>15}:{:<5} {:<8} {:<15} {}",
+                        "{:<16} {:<24} {:<19} {:>15}:{:<5} {:<10} {:<15} {}",
                         r.status, r.group, r.instance_id, r.address, r.port, r.zone, r.version, r.last_heartbeat
                     )
                 });
@@ -358,7 +363,11 @@ fn registry(cli: &Cli, command: &RegistryCommand, ui: &bakery::ui::Ui) -> Result
             });
         }
         RegistryCommand::Stop => {
-            registry.stop().map_err(failed)?;
+            if cli.provider != CloudKind::Local {
+                let message = "Cloud Map is a managed service: there is nothing to stop on aws";
+                return Err(Failure { code: 2, message: message.into() });
+            }
+            Registry::new(&cli.state_dir).stop().map_err(|e| Failure { code: 1, message: e.to_string() })?;
             ui.print(&serde_json::json!({ "stopped": true }), |_| "registry stopped".into());
         }
     }
@@ -415,6 +424,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                 subnets: args.subnets.clone(),
                 target_groups: args.target_groups.clone(),
                 health_url: args.health_url.clone(),
+                registry_namespace: args.registry_namespace.clone(),
                 health_timeout: args.health_timeout,
                 keep: args.keep,
                 soak: args.soak.map(|soak| {
@@ -464,17 +474,31 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                 eprintln!("watch: listing clusters: {error}");
                 Vec::new()
             });
+            let mut looked_at = Vec::new();
             for cluster in clusters {
                 match engine.watch(&cluster) {
-                    Ok(Some(record)) if record.phase != Phase::Soaking => {
+                    // A soak that ended is news on every look; one going on, only for --once.
+                    Ok(Some(record)) if record.phase != Phase::Soaking && !*once => {
                         ui.print(&record, |r| describe_record(r, None));
                     }
-                    Ok(_) => {}
+                    Ok(Some(record)) => looked_at.push(record),
+                    Ok(None) => {}
                     // One cluster's trouble must not stop the others being watched.
                     Err(error) => eprintln!("watch {cluster}: {error}"),
                 }
             }
-            if *once || cancel.load(std::sync::atomic::Ordering::Relaxed) {
+            if *once {
+                ui.print(&looked_at, |records| {
+                    let lines: Vec<String> = records.iter().map(|r| describe_record(r, None)).collect();
+                    if lines.is_empty() {
+                        "no cluster is soaking".into()
+                    } else {
+                        lines.join("\n")
+                    }
+                });
+                return Ok(());
+            }
+            if cancel.load(std::sync::atomic::Ordering::Relaxed) {
                 return Ok(());
             }
             std::thread::sleep(*interval);

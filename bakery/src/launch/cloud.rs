@@ -2,6 +2,7 @@
 //! in and out of service, a per-cluster lock and a place to keep the current deploy's record.
 //! Every operation is idempotent so that a deploy interrupted anywhere can simply be rerun.
 
+use super::registry::Instance;
 use super::soak::{Soak, Traffic};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -51,6 +52,9 @@ pub struct Group {
     /// Unix seconds, from a tag; what `finish --soak` measures from.
     pub disabled_at: Option<u64>,
     pub deploy_id: Option<String>,
+    /// Its instances register in the service registry, and count as healthy only once `UP` there.
+    #[serde(default)]
+    pub registers: bool,
     /// Health already includes the provider's health-URL / target-health check.
     pub members: Vec<Member>,
 }
@@ -65,6 +69,10 @@ pub struct GroupSpec {
     pub subnets: Vec<String>,
     pub target_groups: Vec<String>,
     pub health_url: String,
+    /// aws: the Cloud Map namespace the instances register in (local instances always register
+    /// in the state directory's registry).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry_namespace: Option<String>,
     pub deploy_id: String,
 }
 
@@ -211,6 +219,11 @@ pub trait Cloud: Send + Sync {
     /// None where the cloud cannot tell.
     fn traffic(&self, _cluster: &str, _group: &str, _window: Duration) -> Result<Option<Traffic>> {
         Ok(None)
+    }
+    /// The instances registered in the service registry for `cluster` (all when None), as
+    /// clients see them; empty where the cloud has no registry.
+    fn registrations(&self, _cluster: Option<&str>) -> Result<Vec<Instance>> {
+        Ok(Vec::new())
     }
 }
 

@@ -5,6 +5,7 @@
 use super::cloud::{self, Action, Cloud, DeployRecord, Group, Health, LockHolder, Outcome, Phase, StepRecord};
 use super::names::{self, Cluster};
 use super::plan::{self, ClusterState, DeployRequest, Operation, Plan};
+use super::registry;
 use super::soak::{self, Judgement, Soak};
 use crate::events::{Discard, Event, Sink};
 use serde::Serialize;
@@ -544,6 +545,9 @@ impl Run<'_, '_> {
                     let healthy = g.members.iter().filter(|m| m.health == Health::Healthy).count();
                     let unhealthy = g.members.iter().filter(|m| m.health == Health::Unhealthy).count();
                     let starting = g.members.len() - healthy - unhealthy;
+                    let registered_up = g.registers.then(|| {
+                        g.members.iter().filter(|m| m.registry_status.as_deref() == Some(registry::UP)).count() as u32
+                    });
                     self.engine.events.emit(&Event::Gate {
                         cluster: self.cluster.clone(),
                         group: group.to_string(),
@@ -551,9 +555,7 @@ impl Run<'_, '_> {
                         healthy: healthy as u32,
                         starting: starting as u32,
                         unhealthy: unhealthy as u32,
-                        registered_up: g.members.iter().any(|m| m.registry_status.is_some()).then(|| {
-                            g.members.iter().filter(|m| m.registry_status.as_deref() == Some("UP")).count() as u32
-                        }),
+                        registered_up,
                         waiting_for: g
                             .members
                             .iter()
@@ -564,7 +566,8 @@ impl Run<'_, '_> {
                     if healthy >= desired as usize && healthy == g.members.len() {
                         return Ok(());
                     }
-                    format!("{healthy} of {desired} instances healthy, {starting} starting, {unhealthy} unhealthy")
+                    let registry = registered_up.map(|up| format!(", {up} UP in the registry")).unwrap_or_default();
+                    format!("{healthy} of {desired} instances healthy, {starting} starting, {unhealthy} unhealthy{registry}")
                 }
                 // One failed poll is not a failed gate: the next may succeed.
                 Err(e) => format!("reading the group failed: {e}"),

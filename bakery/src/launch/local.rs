@@ -19,7 +19,7 @@
 
 use super::cloud::{self, Capacity, Cloud, DeployRecord, Group, GroupSpec, Health, LockHolder, Member};
 use super::haproxy::{self, Balancer, Server};
-use super::registry::{self, Registry};
+use super::registry::{self, Instance, Registry};
 use super::soak::Traffic;
 use crate::instance::{self, Endpoint, Method};
 use crate::journal::{self, Journal};
@@ -382,6 +382,7 @@ impl Cloud for LocalCloud {
             suspended: state.suspended,
             disabled_at: state.disabled_at,
             deploy_id: Some(state.spec.deploy_id),
+            registers: true,
         });
         Ok(groups.collect())
     }
@@ -511,6 +512,10 @@ impl Cloud for LocalCloud {
         let answered: Vec<(u16, u64)> =
             requests.into_iter().filter(|(server, _, _)| ours(server)).map(|(_, s, ms)| (s, ms)).collect();
         Ok(Some(Traffic::of(&answered, window)))
+    }
+
+    fn registrations(&self, cluster: Option<&str>) -> cloud::Result<Vec<Instance>> {
+        Ok(self.registry.instances(cluster).context(RegistrySnafu)?)
     }
 
     fn retire_cluster(&self, cluster: &str) -> cloud::Result<()> {

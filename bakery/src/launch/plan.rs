@@ -186,6 +186,8 @@ pub struct DeployRequest {
     pub subnets: Vec<String>,
     pub target_groups: Vec<String>,
     pub health_url: String,
+    /// aws: register the instances in this Cloud Map namespace and gate on it.
+    pub registry_namespace: Option<String>,
     pub health_timeout: Duration,
     /// Disabled groups kept after the flip (red/black only).
     pub keep: usize,
@@ -301,6 +303,7 @@ fn plan_flip(state: &ClusterState, request: &DeployRequest, deploy_id: &str, kee
         subnets: request.subnets.clone(),
         target_groups: request.target_groups.clone(),
         health_url: request.health_url.clone(),
+        registry_namespace: request.registry_namespace.clone(),
         deploy_id: deploy_id.to_string(),
     };
     let mut steps = vec![
@@ -400,6 +403,7 @@ pub(crate) mod tests {
             suspended: !in_service,
             disabled_at: (!in_service).then_some(created + 10),
             deploy_id: None,
+            registers: false,
             members: vec![],
         }
     }
@@ -416,6 +420,7 @@ pub(crate) mod tests {
             subnets: vec![],
             target_groups: vec!["arn:tg".into()],
             health_url: "/hello/health".into(),
+            registry_namespace: None,
             health_timeout: Duration::from_secs(600),
             keep: 2,
             soak: None,

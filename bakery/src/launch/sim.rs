@@ -205,6 +205,7 @@ impl Cloud for SimCloud {
                 suspended: false,
                 disabled_at: None,
                 deploy_id: Some(spec.deploy_id.clone()),
+                registers: false,
                 members: vec![],
             };
             s.templates.insert(spec.name.clone());
@@ -331,6 +332,7 @@ mod tests {
             subnets: vec![],
             target_groups: vec![],
             health_url: "/health".into(),
+            registry_namespace: None,
             deploy_id: "d1".into(),
         }
     }

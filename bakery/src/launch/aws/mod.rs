@@ -16,16 +16,23 @@
 //! stays attached while a group is disabled, so a rollback is gated the same way. Without
 //! target groups the gate is the ASG's own (EC2 status) health.
 //!
-//! The health gate lives in [`gate`], launch templates in [`templates`], and the deploy lock and
-//! record in [`state`].
+//! **Registry.** With `--registry-namespace`, the group's instances register in Cloud Map
+//! ([`cloudmap`]) and a member is Healthy only once its agent reports it `UP` there as well.
+//!
+//! The health gate lives in [`gate`], launch templates in [`templates`], the deploy lock and
+//! record in [`state`], the registry in [`cloudmap`] and the soak's figures in [`metrics`].
 //!
 //! Every call goes through [`crate::aws::retry`]; the SDK's own retries are off.
 
+mod cloudmap;
 mod gate;
+mod metrics;
 mod state;
 mod templates;
 
 use super::cloud::{self, Capacity, Cloud, DeployRecord, Group, GroupSpec, Health, LockHolder, Member};
+use super::registry::{self, Instance};
+use super::soak::Traffic;
 use crate::aws::ec2::{self as ec2_calls, wait_for};
 use crate::aws::retry::{retry, CallError, Policy};
 use aws_sdk_autoscaling::types::{
@@ -41,6 +48,7 @@ use aws_sdk_elasticloadbalancingv2::types::{
     TargetGroup, TargetTypeEnum,
 };
 use base64::Engine;
+use cloudmap::SERVICE_TAG;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -52,7 +60,8 @@ const CLUSTER_TAG: &str = "bakery:cluster";
 const IMAGE_TAG: &str = "bakery:image";
 const DEPLOY_ID_TAG: &str = "bakery:deploy-id";
 const DISABLED_AT_TAG: &str = "bakery:disabled-at";
-/// Set by `add_to_service`: with no target groups, attachment cannot say whether it serves.
+/// Set by `add_to_service` to the Unix seconds it went into service: with no target groups,
+/// attachment cannot say whether it serves, and the soak's figures count from then.
 const IN_SERVICE_TAG: &str = "bakery:in-service";
 /// `bakery:target-group-1`, `-2`…: the cluster's target groups, remembered while detached.
 const TARGET_GROUP_TAG: &str = "bakery:target-group-";
@@ -78,6 +87,9 @@ pub enum Error {
 
     #[snafu(display("the default VPC has default subnets in {} zone(s) ({}): pass --subnets in at least 3", zones.len(), zones.join(", ")))]
     TooFewZones { zones: Vec<String> },
+
+    #[snafu(display("cluster {cluster}: {source}"))]
+    ClusterName { cluster: String, source: crate::launch::names::Error },
 
     #[snafu(display("group {group} already exists with image {image}"))]
     Exists { group: String, image: String },
@@ -118,6 +130,9 @@ pub struct AwsCloud {
     asg: aws_sdk_autoscaling::Client,
     elb: aws_sdk_elasticloadbalancingv2::Client,
     ec2: aws_sdk_ec2::Client,
+    discovery: aws_sdk_servicediscovery::Client,
+    metrics: aws_sdk_cloudwatch::Client,
+    region: String,
     policy: Policy,
 }
 
@@ -128,6 +143,9 @@ impl AwsCloud {
             asg: aws_sdk_autoscaling::Client::new(&config),
             elb: aws_sdk_elasticloadbalancingv2::Client::new(&config),
             ec2: aws_sdk_ec2::Client::new(&config),
+            discovery: aws_sdk_servicediscovery::Client::new(&config),
+            metrics: aws_sdk_cloudwatch::Client::new(&config),
+            region: config.region().map(|r| r.to_string()).unwrap_or_default(),
             policy: Policy::from_env(),
             runtime,
         })
@@ -250,9 +268,53 @@ impl AwsCloud {
         let ids: Vec<String> =
             asgs.iter().flat_map(|g| g.instances()).filter_map(|i| i.instance_id().map(str::to_string)).collect();
         let addresses = self.addresses(&ids).await?;
-        let mut groups: Vec<Group> = asgs.iter().map(|g| to_group(g, &health, &addresses)).collect();
+        let registered = self.registered_in(&asgs).await?;
+        let mut groups: Vec<Group> = asgs.iter().map(|g| to_group(g, &health, &addresses, &registered)).collect();
         groups.sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));
         Ok(groups)
+    }
+
+    /// The instances registered in the services these groups name, by instance id. A disabled
+    /// group's instance found not held out of service (registering again may reset Cloud Map's
+    /// custom health) is held again here: every read keeps the hold.
+    async fn registered_in(&self, asgs: &[AutoScalingGroup]) -> Result<BTreeMap<String, Instance>> {
+        let services: BTreeSet<&str> = asgs.iter().filter_map(|g| tag(g, SERVICE_TAG)).collect();
+        let mut registered = BTreeMap::new();
+        for service in services {
+            for instance in self.registered(service).await? {
+                registered.insert(instance.registration.instance_id.clone(), instance);
+            }
+        }
+        for asg in asgs.iter().filter(|g| tag(g, DISABLED_AT_TAG).is_some()) {
+            let Some(service) = tag(asg, SERVICE_TAG) else { continue };
+            let loose: Vec<String> = member_ids(asg)
+                .into_iter()
+                .filter(|id| registered.get(id).is_some_and(|i| i.registration.status != registry::OUT_OF_SERVICE))
+                .collect();
+            self.hold_out_of_service(service, &loose, true).await?;
+            for id in loose {
+                if let Some(instance) = registered.remove(&id) {
+                    registered.insert(id, Instance::new(instance.registration, true));
+                }
+            }
+        }
+        Ok(registered)
+    }
+
+    /// The group's user data when its instances register: what their agent reads (the
+    /// instance's own id, address and zone it takes from the instance metadata).
+    fn registration_user_data(&self, spec: &GroupSpec, app: &str, service: &str, port: Option<i32>) -> String {
+        let env = crate::instance::shell_env(&[
+            ("REGISTRY_URL", &format!("cloudmap:{service}")),
+            ("REGION", &self.region),
+            ("APP", app),
+            ("CLUSTER", &spec.cluster),
+            ("GROUP", &spec.name),
+            ("PORT", &port.unwrap_or(8080).to_string()),
+            ("VERSION", &spec.image_id),
+            ("HEALTH_PATH", &spec.health_url),
+        ]);
+        base64::engine::general_purpose::STANDARD.encode(env)
     }
 
     async fn create(&self, spec: &GroupSpec) -> Result<()> {
@@ -260,7 +322,21 @@ impl AwsCloud {
             return same_image(&spec.name, &existing, &spec.image_id);
         }
         let subnets = if spec.subnets.is_empty() { self.default_subnets().await? } else { spec.subnets.clone() };
+        let (mut service, mut user_data) = (None, None);
+        if let Some(namespace) = &spec.registry_namespace {
+            let app = crate::launch::names::Cluster::parse(&spec.cluster)
+                .context(ClusterNameSnafu { cluster: &spec.cluster })?
+                .app;
+            let id = self.ensure_service(namespace, &app).await?;
+            let port = match spec.target_groups.first() {
+                Some(arn) => self.target_group(Some(arn), None).await?.and_then(|t| t.port()),
+                None => None,
+            };
+            user_data = Some(self.registration_user_data(spec, &app, &id, port));
+            service = Some(id);
+        }
         let data = RequestLaunchTemplateData::builder()
+            .set_user_data(user_data)
             .image_id(&spec.image_id)
             .instance_type(InstanceType::from(spec.instance_type.as_str()))
             .metadata_options(
@@ -293,6 +369,9 @@ impl AwsCloud {
         ];
         for (i, arn) in spec.target_groups.iter().enumerate() {
             tags.push(asg_tag(&spec.name, &format!("{TARGET_GROUP_TAG}{}", i + 1), arn, false));
+        }
+        if let Some(service) = &service {
+            tags.push(asg_tag(&spec.name, SERVICE_TAG, service, false));
         }
         let Capacity { min, max, desired } = spec.capacity;
         let created = retry(self.policy, "CreateAutoScalingGroup", || {
@@ -359,9 +438,15 @@ impl AwsCloud {
         })
         .await
         .context(WaitSnafu)?;
-        self.set_group_tags(group, &[(IN_SERVICE_TAG, "true")]).await?;
+        if tag(&asg, IN_SERVICE_TAG).is_none() {
+            self.set_group_tags(group, &[(IN_SERVICE_TAG, &now().to_string())]).await?;
+        }
         if tag(&asg, DISABLED_AT_TAG).is_some() {
             self.delete_group_tag(group, DISABLED_AT_TAG).await?;
+        }
+        // Released once no longer tagged disabled, or a read in between would hold it again.
+        if let Some(service) = tag(&asg, SERVICE_TAG) {
+            self.hold_out_of_service(service, &member_ids(&asg), false).await?;
         }
         Ok(())
     }
@@ -393,6 +478,9 @@ impl AwsCloud {
             .await
             .context(CallSnafu)?;
         }
+        if let Some(service) = tag(&asg, SERVICE_TAG) {
+            self.hold_out_of_service(service, &member_ids(&asg), true).await?;
+        }
         if tag(&asg, IN_SERVICE_TAG).is_some() {
             self.delete_group_tag(group, IN_SERVICE_TAG).await?;
         }
@@ -404,7 +492,11 @@ impl AwsCloud {
     }
 
     async fn destroy(&self, group: &str) -> Result<()> {
-        if self.describe_group(group).await.context(CallSnafu)?.is_some() {
+        if let Some(asg) = self.describe_group(group).await.context(CallSnafu)? {
+            // Instances that die without a clean stop would stay listed: the group takes them along.
+            if let Some(service) = tag(&asg, SERVICE_TAG) {
+                self.deregister(service, &member_ids(&asg)).await?;
+            }
             let deleted = retry(self.policy, "DeleteAutoScalingGroup", || {
                 self.asg.delete_auto_scaling_group().auto_scaling_group_name(group).force_delete(true).send()
             })
@@ -551,6 +643,31 @@ impl Cloud for AwsCloud {
     fn balancer_url(&self, cluster: &str) -> Option<String> {
         self.runtime.block_on(self.balancer(cluster)).ok().flatten()
     }
+
+    fn traffic(&self, _cluster: &str, group: &str, window: Duration) -> cloud::Result<Option<Traffic>> {
+        Ok(self.runtime.block_on(self.traffic_of(group, window))?)
+    }
+
+    fn registrations(&self, cluster: Option<&str>) -> cloud::Result<Vec<Instance>> {
+        let found = self.runtime.block_on(async {
+            let asgs = match cluster {
+                Some(cluster) => self.describe_groups(&[], Some(cluster)).await.context(CallSnafu)?,
+                None => {
+                    let mut asgs = Vec::new();
+                    for cluster in self.clusters_async().await? {
+                        asgs.extend(self.describe_groups(&[], Some(&cluster)).await.context(CallSnafu)?);
+                    }
+                    asgs
+                }
+            };
+            self.registered_in(&asgs).await
+        })?;
+        Ok(found.into_values().filter(|i| cluster.is_none_or(|c| i.registration.cluster == c)).collect())
+    }
+}
+
+fn member_ids(asg: &AutoScalingGroup) -> Vec<String> {
+    asg.instances().iter().filter_map(|i| i.instance_id().map(str::to_string)).collect()
 }
 
 fn now() -> u64 {
@@ -593,7 +710,9 @@ fn to_group(
     asg: &AutoScalingGroup,
     health: &BTreeMap<String, BTreeMap<String, String>>,
     addresses: &BTreeMap<String, String>,
+    registered: &BTreeMap<String, Instance>,
 ) -> Group {
+    let registers = tag(asg, SERVICE_TAG).is_some();
     let attached: Vec<&BTreeMap<String, String>> =
         asg.target_group_arns().iter().filter_map(|arn| health.get(arn)).collect();
     let members = asg
@@ -603,19 +722,24 @@ fn to_group(
             let id = i.instance_id()?.to_string();
             let lifecycle = i.lifecycle_state().map(|s| s.as_str()).unwrap_or_default();
             let states: Vec<Option<&str>> = attached.iter().map(|h| h.get(&id).map(String::as_str)).collect();
+            let entry = registered.get(&id);
+            // What the agent reports, not the launcher's hold: a disabled group passes its
+            // rollback gate while still held out of service.
+            let reported_up = !registers || entry.is_some_and(|e| e.reported_status == registry::UP);
             let health = if i.health_status() == Some("Unhealthy")
                 || lifecycle.starts_with("Terminat")
                 || states.contains(&Some("unhealthy"))
             {
                 Health::Unhealthy
-            } else if lifecycle == "InService" && states.iter().all(|s| *s == Some("healthy")) {
+            } else if lifecycle == "InService" && states.iter().all(|s| *s == Some("healthy")) && reported_up {
                 Health::Healthy
             } else {
                 Health::Starting
             };
             let address = addresses.get(&id).cloned();
             let zone = i.availability_zone().unwrap_or_default().to_string();
-            Some(Member { id, zone, health, address, registry_status: None })
+            let registry_status = entry.map(|e| e.registration.status.clone());
+            Some(Member { id, zone, health, address, registry_status })
         })
         .collect();
     let wanted = cluster_target_groups(asg);
@@ -629,11 +753,12 @@ fn to_group(
             max: asg.max_size().unwrap_or_default().max(0) as u32,
             desired: asg.desired_capacity().unwrap_or_default().max(0) as u32,
         },
-        in_service: tag(asg, IN_SERVICE_TAG) == Some("true")
+        in_service: tag(asg, IN_SERVICE_TAG).is_some()
             && wanted.iter().all(|arn| asg.target_group_arns().contains(arn)),
         suspended: DISABLED_PROCESSES.iter().any(|p| suspended.contains(p)),
         disabled_at: tag(asg, DISABLED_AT_TAG).and_then(|t| t.parse().ok()),
         deploy_id: tag(asg, DEPLOY_ID_TAG).map(str::to_string),
+        registers,
         members,
     }
 }

@@ -1,18 +1,16 @@
-//! The local service registry, in Eureka's role: etcd from Debian, one per state directory on a
-//! loopback port, its data under `STATE/registry/`, started on first use like a balancer (a
-//! helper process that outlives the launcher, [`super::daemon`]) and restarted on its data if it
-//! died. Stopped by `launcher registry stop`.
+//! The local service registry: etcd from Debian, one per state directory on a loopback port,
+//! its data under `STATE/registry/`, started on first use like a balancer (a helper process that
+//! outlives the launcher, [`crate::launch::daemon`]) and restarted on its data if it died.
+//! Stopped by `launcher registry stop`.
 //!
-//! Instances register themselves: the image's agent (`bakery-agent`, a systemd unit in every
-//! base image) reads the instance's user data and keeps `bakery/instances/<cluster>/<group>/<id>`
-//! up to date under a 10 s lease it renews every 2 s — `STARTING` until the app's health URL
-//! answers, then `UP`, `DOWN` when it stops answering — so an instance that dies disappears by
-//! itself, and a clean stop deregisters. The launcher never writes an instance's own status: it
-//! sets an override (`bakery/overrides/<id>` = `OUT_OF_SERVICE`) when it takes a group out of
-//! traffic and clears it when it puts it back, as Asgard did through Eureka.
+//! The image's agent keeps `bakery/instances/<cluster>/<group>/<id>` up to date under a 10 s
+//! lease it renews every 2 s, so an instance that dies disappears by itself, and a clean stop
+//! deregisters. The launcher's override is a key of its own, `bakery/overrides/<id>` =
+//! `OUT_OF_SERVICE`, so the agent's writes never undo it.
 
-use super::daemon;
+use super::{Instance, Registration, OUT_OF_SERVICE};
 use crate::instance::Endpoint;
+use crate::launch::daemon;
 use crate::process::Identity;
 use base64::Engine;
 use nix::fcntl::{Flock, FlockArg};
@@ -24,9 +22,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-/// Eureka's words for an instance's state.
-pub const UP: &str = "UP";
-pub const OUT_OF_SERVICE: &str = "OUT_OF_SERVICE";
 const INSTANCES: &str = "bakery/instances/";
 const OVERRIDES: &str = "bakery/overrides/";
 /// How long etcd may take to answer its health check after it starts.
@@ -66,34 +61,6 @@ struct State {
     /// The handed-over journal that etcd's process keeps live.
     journal: String,
     process: Option<Identity>,
-}
-
-/// What an instance's agent registers.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Registration {
-    pub app: String,
-    pub cluster: String,
-    pub group: String,
-    pub instance_id: String,
-    pub address: String,
-    pub port: u16,
-    pub zone: String,
-    pub version: String,
-    /// As the agent reports it: `STARTING`, `UP` or `DOWN`.
-    pub status: String,
-    /// Unix seconds the instance last turned `UP` (0: never).
-    pub up_since: u64,
-    /// Unix seconds of the agent's last beat.
-    pub last_heartbeat: u64,
-}
-
-/// One instance as the registry presents it: what it reports, and the status clients see
-/// (`OUT_OF_SERVICE` while the launcher holds its group out of traffic).
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct Instance {
-    #[serde(flatten)]
-    pub registration: Registration,
-    pub reported_status: String,
 }
 
 pub struct Registry {
@@ -239,13 +206,10 @@ impl Registry {
         let mut instances = Vec::new();
         for (key, value) in range(&url, &prefix)? {
             let registration: Registration = serde_json::from_str(&value).context(EntrySnafu { key })?;
-            let overridden = overrides.iter().find(|(k, _)| k[OVERRIDES.len()..] == registration.instance_id);
-            let reported_status = registration.status.clone();
-            let mut registration = registration;
-            if let Some((_, status)) = overridden {
-                registration.status = status.clone();
-            }
-            instances.push(Instance { registration, reported_status });
+            let held = overrides
+                .iter()
+                .any(|(k, status)| k[OVERRIDES.len()..] == registration.instance_id && status == OUT_OF_SERVICE);
+            instances.push(Instance::new(registration, held));
         }
         Ok(instances)
     }
