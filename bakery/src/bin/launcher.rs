@@ -468,41 +468,56 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                 false => Ok(()),
             }
         }
-        Commands::Watch { interval, once } => loop {
-            // A passing failure to list clusters must not end a long-running watcher.
-            let clusters = engine.clusters().unwrap_or_else(|error| {
-                eprintln!("watch: listing clusters: {error}");
-                Vec::new()
-            });
-            let mut looked_at = Vec::new();
-            for cluster in clusters {
-                match engine.watch(&cluster) {
-                    // A soak that ended is news on every look; one going on, only for --once.
-                    Ok(Some(record)) if record.phase != Phase::Soaking && !*once => {
-                        ui.print(&record, |r| describe_record(r, None));
-                    }
-                    Ok(Some(record)) => looked_at.push(record),
-                    Ok(None) => {}
-                    // One cluster's trouble must not stop the others being watched.
-                    Err(error) => eprintln!("watch {cluster}: {error}"),
-                }
-            }
-            if *once {
-                ui.print(&looked_at, |records| {
-                    let lines: Vec<String> = records.iter().map(|r| describe_record(r, None)).collect();
-                    if lines.is_empty() {
-                        "no cluster is soaking".into()
-                    } else {
-                        lines.join("\n")
-                    }
+        Commands::Watch { interval, once } => std::thread::scope(|scope| {
+            // Each cluster is looked at in a thread of its own, one look at a time: a cluster
+            // switching back (which waits for its old group's gate) holds up no other.
+            let mut looking = std::collections::BTreeMap::new();
+            loop {
+                looking.retain(|_, look: &mut std::thread::ScopedJoinHandle<_>| !look.is_finished());
+                // A passing failure to list clusters must not end a long-running watcher.
+                let clusters = engine.clusters().unwrap_or_else(|error| {
+                    eprintln!("watch: listing clusters: {error}");
+                    Vec::new()
                 });
-                return Ok(());
+                for cluster in clusters {
+                    if looking.contains_key(&cluster) {
+                        continue;
+                    }
+                    let (engine, ui, once, name) = (&engine, &ui, *once, cluster.clone());
+                    let look = scope.spawn(move || match engine.watch(&cluster) {
+                        // A soak that ended is news on every look; one going on, only for --once.
+                        Ok(Some(record)) if record.phase != Phase::Soaking && !once => {
+                            ui.print(&record, |r| describe_record(r, None));
+                            None
+                        }
+                        Ok(record) => record,
+                        // One cluster's trouble must not stop the others being watched.
+                        Err(error) => {
+                            eprintln!("watch {cluster}: {error}");
+                            None
+                        }
+                    });
+                    looking.insert(name, look);
+                }
+                if *once {
+                    let looked_at: Vec<DeployRecord> =
+                        std::mem::take(&mut looking).into_values().filter_map(|l| l.join().ok().flatten()).collect();
+                    ui.print(&looked_at, |records| {
+                        let lines: Vec<String> = records.iter().map(|r| describe_record(r, None)).collect();
+                        if lines.is_empty() {
+                            "no cluster is soaking".into()
+                        } else {
+                            lines.join("\n")
+                        }
+                    });
+                    return Ok(());
+                }
+                if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+                    return Ok(());
+                }
+                std::thread::sleep(*interval);
             }
-            if cancel.load(std::sync::atomic::Ordering::Relaxed) {
-                return Ok(());
-            }
-            std::thread::sleep(*interval);
-        },
+        }),
         Commands::Rollback { cluster, health_timeout } => finished(engine.rollback(cluster, *health_timeout), cluster),
         Commands::Finish { cluster, soak } => finished(engine.finish(cluster, *soak), cluster),
         Commands::Destroy { cluster } => finished(engine.destroy(cluster), cluster),

@@ -220,6 +220,11 @@ pub trait Cloud: Send + Sync {
     fn traffic(&self, _cluster: &str, _group: &str, _window: Duration) -> Result<Option<Traffic>> {
         Ok(None)
     }
+    /// How often the engine looks at a group it waits for: the flip follows the last instance
+    /// `UP` within this, so as often as reading the groups is cheap enough.
+    fn poll_interval(&self) -> Duration {
+        Duration::from_secs(5)
+    }
     /// The instances registered in the service registry for `cluster` (all when None), as
     /// clients see them; empty where the cloud has no registry.
     fn registrations(&self, _cluster: Option<&str>) -> Result<Vec<Instance>> {

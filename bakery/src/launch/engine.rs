@@ -178,7 +178,7 @@ impl<'a> Engine<'a> {
             clock,
             cancel,
             identity,
-            poll_interval: Duration::from_secs(10),
+            poll_interval: cloud.poll_interval(),
             lock_ttl: Duration::from_secs(15 * 60),
             events: &Discard,
         }

@@ -514,6 +514,11 @@ impl Cloud for LocalCloud {
         Ok(Some(Traffic::of(&answered, window)))
     }
 
+    /// Reading a group here costs local files, HAProxy's socket, etcd and a health probe each.
+    fn poll_interval(&self) -> Duration {
+        Duration::from_millis(500)
+    }
+
     fn registrations(&self, cluster: Option<&str>) -> cloud::Result<Vec<Instance>> {
         Ok(self.registry.instances(cluster).context(RegistrySnafu)?)
     }
