@@ -616,6 +616,48 @@ fn a_watched_soak_switches_back_on_cloudwatch_figures_even_when_throttled() {
     assert!(throttled >= 3, "only {throttled} calls throttled");
 }
 
+#[test]
+fn chaos_kill_terminates_through_the_group_which_keeps_its_capacity() {
+    let _serial = serial();
+    let stand = stand();
+    deploy(&stand, 0, &[]);
+    // The consent and the audit log live in the state directory, for aws as for local.
+    let state = tempfile::tempdir().unwrap();
+    let chaos = |args: &[&str]| {
+        let output = launcher(&[&["chaos"][..], args, &["--state-dir", state.path().to_str().unwrap()]].concat())
+            .output()
+            .unwrap();
+        let value = serde_json::from_slice(&output.stdout).unwrap_or(Value::Null);
+        (output.status.code().unwrap_or(-1), value, String::from_utf8_lossy(&output.stderr).into_owned())
+    };
+    let (code, _, stderr) = chaos(&["kill", "--cluster", CLUSTER]);
+    assert_eq!(code, 3, "a cluster that did not opt in: {stderr}");
+    assert!(recorded("TerminateInstanceInAutoScalingGroup").is_empty());
+    assert_eq!(chaos(&["enable", "--cluster", CLUSTER]).0, 0);
+    let before = strings(&group(&world(&stand), "hello-prod-v000")["instances"]);
+    proxy_post(
+        "/_proxy/faults",
+        &json!({"throttle": 0.5, "seed": 3, "actions": ["TerminateInstanceInAutoScalingGroup", "DescribeAutoScalingGroups"]}),
+    );
+    let (code, killed, stderr) = chaos(&["kill", "--cluster", CLUSTER, "--count", "1"]);
+    proxy_post("/_proxy/faults", &json!({}));
+    assert_eq!(code, 0, "{killed}\n{stderr}");
+    assert_eq!(killed[0]["result"], "done", "{killed}");
+    let victim = killed[0]["instance"].as_str().unwrap().to_string();
+    assert!(before.contains(&victim));
+    let calls = recorded("TerminateInstanceInAutoScalingGroup");
+    let call = &calls.iter().rfind(|c| c["fault"].is_null()).expect("a call that went through")["params"];
+    assert_eq!((&call["InstanceId"], &call["ShouldDecrementDesiredCapacity"]), (&json!(victim), &json!("false")));
+    let g = group(&world(&stand), "hello-prod-v000").clone();
+    assert_eq!(g["capacity"], json!([3, 3, 3]), "the desired capacity stays: {g}");
+    let after = strings(&g["instances"]);
+    assert!(!after.contains(&victim) && after.len() == 3, "replaced by the group: {after:?}");
+    let (code, log, _) = chaos(&["log"]);
+    assert_eq!(code, 0);
+    assert_eq!(log.as_array().map(Vec::len), Some(1), "{log}");
+    assert_eq!((&log[0]["cluster"], &log[0]["instance"]), (&json!(CLUSTER), &json!(victim)));
+}
+
 fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while !done() {

@@ -8,7 +8,7 @@ mod common;
 use bakery::launch::cloud::{Capacity, Cloud, GroupSpec, Health};
 use bakery::launch::local::LocalCloud;
 use common::*;
-use serde_json::Value;
+use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -651,4 +651,93 @@ fn the_soak_switches_a_bad_version_back_by_itself_and_a_clean_one_finishes() {
     let (code, destroyed, stderr) = launcher_json(&["destroy", "--cluster", &cluster]);
     assert_eq!(code, 0, "{destroyed}\n{stderr}");
     assert_no_leftovers("after the soaks");
+}
+
+/// `launcher` on the local provider when it may fail: exit code, stdout, stderr.
+fn launcher_raw(args: &[&str]) -> (i32, String, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_launcher"))
+        .env("BAKERY_STATE_DIR", state_dir())
+        .env_remove("BAKERY_PROVIDER")
+        .args(args)
+        .output()
+        .unwrap();
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    (output.status.code().unwrap_or(-1), text(&output.stdout), text(&output.stderr))
+}
+
+/// Chaos Monkey on a local cluster under clients, with the watcher healing: a cluster that did
+/// not opt in is refused, a dry run kills nothing, and a kill takes one instance down abruptly
+/// without a failed client request; the group is back to 3 healthy instances `UP` in the
+/// registry, with the replacement on record and the kill in the audit log.
+#[test]
+fn chaos_monkey_kills_and_the_group_heals_without_a_failed_request() {
+    let _serial = serial();
+    let (v1, _) = images();
+    let cluster = new_cluster();
+    let _cleanup = Cleanup(&cluster);
+    let (code, first, stderr) =
+        launcher_json(&["deploy", "--cluster", &cluster, "--image", v1, "--health-url", "/hello/health"]);
+    assert_eq!(code, 0, "{first}\n{stderr}");
+    let balancer = first["balancer_url"].as_str().unwrap().to_string();
+    let group = format!("{cluster}-v000");
+
+    let (code, _, stderr) = launcher_raw(&["chaos", "kill", "--cluster", &cluster]);
+    assert_eq!(code, 3, "{stderr}");
+    assert!(stderr.contains("has not opted in"), "{stderr}");
+    let (code, _, stderr) = launcher_raw(&["chaos", "enable", "--cluster", &cluster, "--window", "9-15"]);
+    assert_eq!(code, 3, "{stderr}");
+    let (code, enabled, stderr) = launcher_json(&["chaos", "enable", "--cluster", &cluster]);
+    assert_eq!((code, &enabled["window"]), (0, &json!("09:00-15:00")), "{stderr}");
+    let (code, dry, stderr) = launcher_json(&["chaos", "kill", "--cluster", &cluster, "--dry-run"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(dry[0]["result"], "dry run", "{dry}");
+    let healthy = |status: &Value| {
+        let members = status["groups"][0]["members"].as_array().unwrap().clone();
+        members.iter().filter(|m| m["health"] == "healthy" && m["registry_status"] == "UP").count()
+    };
+    assert_eq!(healthy(&launcher_json(&["status", "--cluster", &cluster]).1), 3);
+
+    let mut healer = watcher();
+    let hammer = Hammer::start(&balancer);
+    std::thread::sleep(Duration::from_millis(500));
+    let (code, killed, stderr) = launcher_json(&["chaos", "kill", "--cluster", &cluster, "--count", "1"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!((&killed[0]["group"], &killed[0]["result"]), (&json!(group), &json!("done")), "{killed}");
+    let victim = killed[0]["instance"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        let (_, status, _) = launcher_json(&["status", "--cluster", &cluster]);
+        let replaced = status["groups"][0]["replacements"].as_array().is_some_and(|r| r.len() == 1);
+        if replaced && healthy(&status) == 3 || Instant::now() > deadline {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let Tally { seen, failures } = hammer.finish();
+    healer.kill().unwrap();
+    healer.wait().unwrap();
+    assert_eq!(healthy(&status), 3, "healed: {status:#}");
+    let replacement = &status["groups"][0]["replacements"][0];
+    assert_eq!((&replacement["instance"], &replacement["reason"]), (&json!(victim), &json!("its process exited")));
+    let members: Vec<&str> =
+        status["groups"][0]["members"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert!(!members.contains(&victim.as_str()) && members.contains(&replacement["replaced_by"].as_str().unwrap()));
+    assert!(failures.is_empty(), "{} of {seen:?} requests failed: {failures:?}", failures.len());
+    // The new instance serves: every member answers through the balancer.
+    assert_eq!(versions_seen(&balancer, 30), BTreeSet::from(["9.1.0".to_string()]));
+
+    let (code, log, _) = launcher_json(&["chaos", "log", "--cluster", &cluster]);
+    assert_eq!(code, 0);
+    let log = log.as_array().unwrap();
+    assert_eq!(log.len(), 1, "the dry run is not an action: {log:?}");
+    assert_eq!(
+        (&log[0]["monkey"], &log[0]["action"], &log[0]["instance"]),
+        (&json!("chaos"), &json!("terminate"), &json!(victim))
+    );
+    let (code, _, _) = launcher_json(&["chaos", "disable", "--cluster", &cluster]);
+    assert_eq!(code, 0);
+    let (code, destroyed, stderr) = launcher_json(&["destroy", "--cluster", &cluster]);
+    assert_eq!(code, 0, "{destroyed}\n{stderr}");
+    assert_no_leftovers("after the chaos");
 }

@@ -1,6 +1,7 @@
 //! The `launcher` command line: red/black deploys of baked images, a thin layer over
 //! `bakery::launch`.
 
+use bakery::launch::chaos::{self, AuditEntry, Chaos};
 use bakery::launch::cloud::{Action, Cloud, DeployRecord, Outcome, Phase};
 use bakery::launch::engine::{self, Engine, Identity, Status, SystemClock};
 use bakery::launch::plan::{DeployRequest, StrategyKind};
@@ -96,9 +97,11 @@ enum Commands {
     },
     /// List the clusters that have groups.
     Clusters,
-    /// Watch every soaking cluster until stopped: sample the new group's traffic, switch back on
-    /// a breach, destroy the old group when a soak passes. Safe to run as a service and to
-    /// restart (its state is the deploy records); two watchers never act on one cluster at once.
+    /// Heal and watch every cluster until stopped: replace a local group's instances that died
+    /// or stay unhealthy (Auto Scaling does it on aws), and for a soaking cluster sample the new
+    /// group's traffic, switch back on a breach, destroy the old group when a soak passes. Safe
+    /// to run as a service and to restart (its state is on disk); two watchers never act on one
+    /// cluster at once.
     Watch {
         /// Between two looks at each cluster.
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
@@ -108,10 +111,56 @@ enum Commands {
         #[arg(long)]
         once: bool,
     },
+    /// Chaos Monkey: terminate instances of clusters that opted in, to prove they heal.
+    #[command(subcommand)]
+    Chaos(ChaosCommand),
     /// The service registry instances register themselves in (local: etcd on this host, started
     /// by the first deploy; aws: Cloud Map, with `deploy --registry-namespace`).
     #[command(subcommand)]
     Registry(RegistryCommand),
+}
+
+#[derive(Subcommand)]
+enum ChaosCommand {
+    /// Let the monkeys at a cluster (a cluster that did not opt in is never touched).
+    Enable {
+        #[arg(long)]
+        cluster: String,
+        /// Mean time between two kills by the scheduler.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        mean_interval: Duration,
+        /// Local time of day the scheduler may act in.
+        #[arg(long, default_value = "09:00-15:00")]
+        window: String,
+        #[arg(long, default_value_t = 3)]
+        max_per_day: u32,
+    },
+    /// Opt a cluster out again.
+    Disable {
+        #[arg(long)]
+        cluster: String,
+    },
+    /// Terminate random healthy in-service instances now, never a group's last healthy one and
+    /// never while a deploy holds the cluster (local: the instance's processes are killed, no
+    /// clean shutdown; aws: TerminateInstanceInAutoScalingGroup, the group keeps its capacity).
+    ///
+    /// Example:
+    ///   launcher chaos kill --cluster hello-prod --count 1 --output json
+    #[command(verbatim_doc_comment)]
+    Kill {
+        #[arg(long)]
+        cluster: String,
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        /// Say which instances would go, and terminate none.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Every monkey action: time, cluster, group, instance, monkey, action, result.
+    Log {
+        #[arg(long)]
+        cluster: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -287,6 +336,10 @@ fn describe_status(status: &Status) -> String {
             healthy,
             group.members.len()
         ));
+        for r in &group.replacements {
+            let at = humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(r.at));
+            lines.push(format!("    replaced {} by {} at {at} ({})", r.instance, r.replaced_by, r.reason));
+        }
     }
     if let Some(record) = &status.deploy {
         lines.push(describe_record(record, None).lines().map(|l| format!("  {l}")).collect::<Vec<_>>().join("\n"));
@@ -335,6 +388,100 @@ fn main() -> ExitCode {
             ExitCode::from(failure.code)
         }
     }
+}
+
+/// One look at a cluster's soak: the record when it is news (a soak going on only for --once).
+fn watch_once(engine: &Engine, ui: &bakery::ui::Ui, cluster: &str, once: bool) -> Option<DeployRecord> {
+    match engine.watch(cluster) {
+        // A soak that ended is news on every look; one going on, only for --once.
+        Ok(Some(record)) if record.phase != Phase::Soaking && !once => {
+            ui.print(&record, |r| describe_record(r, None));
+            None
+        }
+        Ok(record) => record,
+        // One cluster's trouble must not stop the others being watched.
+        Err(error) => {
+            eprintln!("watch {cluster}: {error}");
+            None
+        }
+    }
+}
+
+/// `launcher chaos`: the consent and the audit log live in the state directory.
+fn chaos_command(cli: &Cli, engine: &Engine, command: &ChaosCommand, ui: &bakery::ui::Ui) -> Result<(), Failure> {
+    let chaos = Chaos::new(&cli.state_dir);
+    let failed = |e: chaos::Error| Failure { code: 1, message: e.to_string() };
+    let now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+    match command {
+        ChaosCommand::Enable { cluster, mean_interval, window, max_per_day } => {
+            bakery::launch::names::Cluster::parse(cluster)
+                .map_err(|e| Failure { code: 3, message: format!("cluster {cluster}: {e}") })?;
+            if !chaos::valid_window(window) {
+                let message = format!("--window {window:?} is not HH:MM-HH:MM");
+                return Err(Failure { code: 3, message });
+            }
+            let config = chaos::Config {
+                cluster: cluster.clone(),
+                mean_interval_secs: mean_interval.as_secs().max(1),
+                window: window.clone(),
+                max_per_day: *max_per_day,
+                enabled_at: now(),
+            };
+            chaos.enable(&config).map_err(failed)?;
+            ui.print(&config, |c| {
+                format!("chaos enabled on {} ({} a day at most, {})", c.cluster, c.max_per_day, c.window)
+            });
+        }
+        ChaosCommand::Disable { cluster } => {
+            chaos.disable(cluster).map_err(failed)?;
+            let result = serde_json::json!({ "cluster": cluster, "enabled": false });
+            ui.print(&result, |_| format!("chaos disabled on {cluster}"));
+        }
+        ChaosCommand::Kill { cluster, count, dry_run } => {
+            if chaos.config(cluster).map_err(failed)?.is_none() {
+                let message =
+                    format!("cluster {cluster} has not opted in: `launcher chaos enable --cluster {cluster}`");
+                return Err(Failure { code: 3, message });
+            }
+            let outcomes = engine
+                .chaos_kill(cluster, *count, *dry_run, &mut rand::thread_rng())
+                .map_err(|e| Failure { code: e.exit_code(), message: e.to_string() })?;
+            let entries: Vec<AuditEntry> = outcomes
+                .into_iter()
+                .map(|(group, instance, result)| AuditEntry {
+                    time: now(),
+                    cluster: cluster.clone(),
+                    group,
+                    instance,
+                    monkey: "chaos".into(),
+                    action: "terminate".into(),
+                    result,
+                })
+                .collect();
+            if !dry_run {
+                chaos.record(&entries).map_err(failed)?;
+            }
+            ui.print(&entries, |e| describe_audit(e));
+            if entries.iter().any(|e| e.result.starts_with("failed")) {
+                return Err(Failure { code: 1, message: "an instance could not be terminated".into() });
+            }
+        }
+        ChaosCommand::Log { cluster } => {
+            let entries = chaos.log(cluster.as_deref()).map_err(failed)?;
+            ui.print(&entries, |e| describe_audit(e));
+        }
+    }
+    Ok(())
+}
+
+fn describe_audit(entries: &[AuditEntry]) -> String {
+    if entries.is_empty() {
+        return "no monkey action (a group's last healthy instance is never taken)".into();
+    }
+    let lines = entries.iter().map(|e| {
+        format!("{} {} {} {} {}/{}: {}", e.time, e.monkey, e.action, e.cluster, e.group, e.instance, e.result)
+    });
+    lines.collect::<Vec<_>>().join("\n")
 }
 
 /// `launcher registry`.
@@ -484,18 +631,19 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                         continue;
                     }
                     let (engine, ui, once, name) = (&engine, &ui, *once, cluster.clone());
-                    let look = scope.spawn(move || match engine.watch(&cluster) {
-                        // A soak that ended is news on every look; one going on, only for --once.
-                        Ok(Some(record)) if record.phase != Phase::Soaking && !once => {
-                            ui.print(&record, |r| describe_record(r, None));
-                            None
+                    let look = scope.spawn(move || {
+                        match engine.cloud.heal(&cluster) {
+                            Ok(replaced) => {
+                                for r in replaced {
+                                    eprintln!(
+                                        "heal {cluster}: {} replaced by {} ({})",
+                                        r.instance, r.replaced_by, r.reason
+                                    );
+                                }
+                            }
+                            Err(error) => eprintln!("heal {cluster}: {error}"),
                         }
-                        Ok(record) => record,
-                        // One cluster's trouble must not stop the others being watched.
-                        Err(error) => {
-                            eprintln!("watch {cluster}: {error}");
-                            None
-                        }
+                        watch_once(engine, ui, &cluster, once)
                     });
                     looking.insert(name, look);
                 }
@@ -527,6 +675,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             Ok(())
         }
         Commands::Registry(_) => unreachable!("handled before the cloud is opened"),
+        Commands::Chaos(command) => chaos_command(cli, &engine, command, &ui),
         Commands::Clusters => {
             let clusters = engine.clusters().map_err(|e| Failure { code: e.exit_code(), message: e.to_string() })?;
             ui.print(&clusters, |c| if c.is_empty() { "no clusters".into() } else { c.join("\n") });

@@ -55,8 +55,21 @@ pub struct Group {
     /// Its instances register in the service registry, and count as healthy only once `UP` there.
     #[serde(default)]
     pub registers: bool,
+    /// Instances the group replaced (where the provider heals groups itself, as local does).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replacements: Vec<Replacement>,
     /// Health already includes the provider's health-URL / target-health check.
     pub members: Vec<Member>,
+}
+
+/// An instance a group replaced, as an Auto Scaling group's activity history says it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Replacement {
+    /// Unix seconds.
+    pub at: u64,
+    pub instance: String,
+    pub replaced_by: String,
+    pub reason: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -220,6 +233,15 @@ pub trait Cloud: Send + Sync {
     fn traffic(&self, _cluster: &str, _group: &str, _window: Duration) -> Result<Option<Traffic>> {
         Ok(None)
     }
+    /// Replaces the instances of the cluster's groups in service that died or stayed unhealthy
+    /// past their grace period, keeping each group's capacity; disabled groups are left alone,
+    /// as a suspended Auto Scaling group is. Nothing where the cloud heals groups itself.
+    fn heal(&self, _cluster: &str) -> Result<Vec<Replacement>> {
+        Ok(Vec::new())
+    }
+    /// Ends an instance abruptly, as a host failure would (Chaos Monkey); its group replaces it
+    /// and keeps its desired capacity.
+    fn terminate_instance(&self, group: &str, instance: &str) -> Result<()>;
     /// How often the engine looks at a group it waits for: the flip follows the last instance
     /// `UP` within this, so as often as reading the groups is cheap enough.
     fn poll_interval(&self) -> Duration {

@@ -2,6 +2,7 @@
 //! every step so that `status` can show it and a rerun after a crash converges. The health gate
 //! polls with an injected clock, so tests run instantly.
 
+use super::chaos;
 use super::cloud::{self, Action, Cloud, DeployRecord, Group, Health, LockHolder, Outcome, Phase, StepRecord};
 use super::names::{self, Cluster};
 use super::plan::{self, ClusterState, DeployRequest, Operation, Plan};
@@ -286,6 +287,34 @@ impl<'a> Engine<'a> {
             Err(Error::Locked { .. }) => Ok(None),
             other => other,
         }
+    }
+
+    /// Chaos Monkey's kill, under the cluster lock (never in the middle of a deploy): up to
+    /// `count` random healthy members of groups in service, never a group's last healthy one.
+    /// Each (group, instance) with what came of it; nothing is terminated on a dry run.
+    pub fn chaos_kill(
+        &self,
+        cluster: &str,
+        count: usize,
+        dry_run: bool,
+        rng: &mut impl rand::Rng,
+    ) -> Result<Vec<(String, String, String)>> {
+        self.locked(cluster, |_, state| {
+            let victims = chaos::choose_victims(&state.groups, count, rng);
+            Ok(victims
+                .into_iter()
+                .map(|(group, instance)| {
+                    let result = match dry_run {
+                        true => "dry run".to_string(),
+                        false => match self.cloud.terminate_instance(&group, &instance) {
+                            Ok(()) => "done".to_string(),
+                            Err(error) => format!("failed: {error}"),
+                        },
+                    };
+                    (group, instance, result)
+                })
+                .collect())
+        })
     }
 
     pub fn rollback(&self, cluster: &str, health_timeout: Duration) -> Result<DeployRecord> {
@@ -638,6 +667,35 @@ mod tests {
         fn group(&self, name: &str) -> Option<Group> {
             self.sim.groups("hello-prod").unwrap().into_iter().find(|g| g.name == name)
         }
+    }
+
+    #[test]
+    fn chaos_kills_only_spare_healthy_members_and_never_during_a_deploy() {
+        let stand = Stand::new();
+        let engine = stand.engine(10);
+        engine.deploy(&request("ami-1")).unwrap();
+        let before: Vec<String> = stand.group("hello-prod-v000").unwrap().members.into_iter().map(|m| m.id).collect();
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(1);
+        let dry = engine.chaos_kill("hello-prod", 5, true, &mut rng).unwrap();
+        assert_eq!(dry.len(), 2, "one of the three stays: {dry:?}");
+        assert!(dry.iter().all(|(group, _, result)| group == "hello-prod-v000" && result == "dry run"));
+        assert!(!stand.sim.calls().iter().any(|c| c.starts_with("terminate_instance")));
+        let killed = engine.chaos_kill("hello-prod", 1, false, &mut rng).unwrap();
+        assert_eq!(killed.len(), 1);
+        assert_eq!(killed[0].2, "done");
+        let after: Vec<String> = stand.group("hello-prod-v000").unwrap().members.into_iter().map(|m| m.id).collect();
+        assert!(before.contains(&killed[0].1) && !after.contains(&killed[0].1) && after.len() == 3);
+        // A deploy holding the lock (a live run of another process) keeps the monkey out.
+        let rival = LockHolder {
+            deploy_id: "other".into(),
+            owner: "bob".into(),
+            host: SIM_HOST.into(),
+            pid: 77,
+            start_time: 1,
+            expires: stand.clock.now().as_secs() + 600,
+        };
+        assert_eq!(stand.sim.acquire_lock("hello-prod", &rival).unwrap(), None);
+        assert!(matches!(engine.chaos_kill("hello-prod", 1, false, &mut rng), Err(Error::Locked { .. })));
     }
 
     #[test]

@@ -17,7 +17,7 @@
 //! `deploy.json` (the last deploy record). Changes to a cluster are serialised by a `flock` on
 //! its `state.lock`.
 
-use super::cloud::{self, Capacity, Cloud, DeployRecord, Group, GroupSpec, Health, LockHolder, Member};
+use super::cloud::{self, Capacity, Cloud, DeployRecord, Group, GroupSpec, Health, LockHolder, Member, Replacement};
 use super::haproxy::{self, Balancer, Server};
 use super::registry::{self, Instance, Registry};
 use super::soak::Traffic;
@@ -35,6 +35,12 @@ use std::fs::{self, File, OpenOptions};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+/// How long a member of a group that heals may stay unhealthy before it is replaced, as an
+/// Auto Scaling group's health check grace period (a container answers within seconds).
+const HEAL_GRACE: Duration = Duration::from_secs(120);
+/// Replacements a group remembers, for `status`.
+const REPLACEMENTS_KEPT: usize = 20;
 
 /// Members go round-robin over these, as an ASG spreads instances over availability zones.
 const ZONES: [&str; 3] = ["local-a", "local-b", "local-c"];
@@ -61,6 +67,12 @@ pub enum Error {
 
     #[snafu(display("group {group} does not exist"))]
     NoGroup { group: String },
+
+    #[snafu(display("group {group} has no instance {instance}"))]
+    NoMember { group: String, instance: String },
+
+    #[snafu(display("killing instance {instance}: {source}"))]
+    Kill { instance: String, source: std::io::Error },
 
     #[snafu(display("no free loopback address for another instance"))]
     NoAddress,
@@ -102,6 +114,9 @@ struct GroupState {
     suspended: bool,
     disabled_at: Option<u64>,
     members: Vec<MemberState>,
+    /// The latest instances the healer replaced, oldest first.
+    #[serde(default)]
+    replacements: Vec<Replacement>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -113,6 +128,9 @@ struct MemberState {
     /// The handed-over journal that the instance's process keeps live.
     journal: String,
     process: Identity,
+    /// Unix seconds since the healer first saw it not healthy in a row (None: healthy).
+    #[serde(default)]
+    unhealthy_since: Option<u64>,
 }
 
 impl MemberState {
@@ -278,6 +296,7 @@ impl LocalCloud {
                 port: endpoint.port,
                 journal: id,
                 process,
+                unhealthy_since: None,
             });
             used.insert(address);
             // Recorded before the journal is handed over: a launcher killed in between leaves a
@@ -322,6 +341,60 @@ impl LocalCloud {
         }
     }
 
+    /// One healer's look at a group that is not disabled: members whose process is gone, or
+    /// that stayed unhealthy past [`HEAL_GRACE`], are replaced by fresh ones from the group's
+    /// image; members of a group in service go into the balancer once healthy.
+    fn heal_group(&self, state: &mut GroupState) -> Result<Vec<Replacement>> {
+        let cluster = state.spec.cluster.clone();
+        let registered = self.registry.instances(Some(&cluster)).context(RegistrySnafu)?;
+        let reported =
+            |id: &str| registered.iter().find(|i| i.registration.instance_id == id).map(|i| i.reported_status.as_str());
+        let agent = probe_agent();
+        let now = now();
+        let healths: Vec<Health> =
+            state.members.iter().map(|m| self.health(&agent, state, m, reported(&m.id))).collect();
+        let mut failed = Vec::new();
+        for (member, health) in state.members.iter_mut().zip(&healths) {
+            if *health == Health::Healthy {
+                member.unhealthy_since = None;
+                continue;
+            }
+            let since = *member.unhealthy_since.get_or_insert(now);
+            if *health == Health::Unhealthy {
+                failed.push((member.clone(), "its process exited".to_string()));
+            } else if now.saturating_sub(since) > HEAL_GRACE.as_secs() {
+                let why = format!("unhealthy for more than {}s", HEAL_GRACE.as_secs());
+                failed.push((member.clone(), why));
+            }
+        }
+        let mut replaced = Vec::new();
+        if !failed.is_empty() {
+            let gone: Vec<MemberState> = failed.iter().map(|(m, _)| m.clone()).collect();
+            self.shrink(state, &gone)?;
+            let before: BTreeSet<String> = state.members.iter().map(|m| m.id.clone()).collect();
+            self.grow(state, state.capacity.desired as usize)?;
+            let fresh = state.members.iter().filter(|m| !before.contains(&m.id)).map(|m| m.id.clone());
+            for ((member, reason), replaced_by) in failed.into_iter().zip(fresh) {
+                tracing::warn!(instance = %member.id, %replaced_by, %reason, "replaced");
+                replaced.push(Replacement { at: now, instance: member.id, replaced_by, reason });
+            }
+            state.replacements.extend(replaced.iter().cloned());
+            let excess = state.replacements.len().saturating_sub(REPLACEMENTS_KEPT);
+            state.replacements.drain(..excess);
+        } else if state.in_service {
+            let healthy: Vec<Server> = state
+                .members
+                .iter()
+                .zip(&healths)
+                .filter(|(_, h)| **h == Health::Healthy)
+                .map(|(m, _)| m.server())
+                .collect();
+            self.balancer(&cluster).enable(&healthy).context(BalancerSnafu { cluster })?;
+        }
+        self.save_group(state)?;
+        Ok(replaced)
+    }
+
     /// Healthy: running, answering its health URL, and reported `UP` by its agent.
     fn health(&self, agent: &ureq::Agent, state: &GroupState, member: &MemberState, reported: Option<&str>) -> Health {
         if !member.process.is_running() {
@@ -351,10 +424,7 @@ impl Cloud for LocalCloud {
         }
         let _lock = self.lock(cluster)?;
         self.balancer(cluster).refresh().context(BalancerSnafu { cluster })?;
-        let agent = ureq::AgentBuilder::new()
-            .timeout_connect(Duration::from_millis(500))
-            .timeout(Duration::from_secs(2))
-            .build();
+        let agent = probe_agent();
         let states = self.group_states(cluster)?;
         if !states.is_empty() {
             // Health needs the registry: a dead one is restarted on its data, as the balancer is.
@@ -383,6 +453,7 @@ impl Cloud for LocalCloud {
             disabled_at: state.disabled_at,
             deploy_id: Some(state.spec.deploy_id),
             registers: true,
+            replacements: state.replacements,
         });
         Ok(groups.collect())
     }
@@ -404,6 +475,7 @@ impl Cloud for LocalCloud {
             suspended: false,
             disabled_at: None,
             members: Vec::new(),
+            replacements: Vec::new(),
         };
         self.save_group(&state)?;
         Ok(self.grow(&mut state, spec.capacity.desired as usize)?)
@@ -514,6 +586,30 @@ impl Cloud for LocalCloud {
         Ok(Some(Traffic::of(&answered, window)))
     }
 
+    fn heal(&self, cluster: &str) -> cloud::Result<Vec<Replacement>> {
+        check_name("cluster", cluster)?;
+        let mut replaced = Vec::new();
+        for name in self.group_states(cluster)?.into_iter().filter(|g| !g.suspended).map(|g| g.spec.name) {
+            let Some((_lock, mut state)) = self.locked_group(&name)? else { continue };
+            replaced.extend(self.heal_group(&mut state)?);
+        }
+        Ok(replaced)
+    }
+
+    /// SIGKILL to the instance's nspawn, the init of its PID namespace: everything in it dies
+    /// at once, with no shutdown and no deregistration.
+    fn terminate_instance(&self, group: &str, instance: &str) -> cloud::Result<()> {
+        let (_lock, state) = self.locked_group(group)?.context(NoGroupSnafu { group })?;
+        let member = state.members.iter().find(|m| m.id == instance).context(NoMemberSnafu { group, instance })?;
+        if member.process.is_running() {
+            let pid = nix::unistd::Pid::from_raw(member.process.pid);
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL)
+                .map_err(std::io::Error::from)
+                .context(KillSnafu { instance })?;
+        }
+        Ok(())
+    }
+
     /// Reading a group here costs local files, HAProxy's socket, etcd and a health probe each.
     fn poll_interval(&self) -> Duration {
         Duration::from_millis(500)
@@ -531,6 +627,11 @@ impl Cloud for LocalCloud {
         check_name("cluster", cluster).ok()?;
         self.balancer(cluster).url().ok().flatten()
     }
+}
+
+/// For health probes: an instance that does not answer at once is not healthy.
+fn probe_agent() -> ureq::Agent {
+    ureq::AgentBuilder::new().timeout_connect(Duration::from_millis(500)).timeout(Duration::from_secs(2)).build()
 }
 
 fn now() -> u64 {

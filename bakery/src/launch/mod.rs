@@ -3,6 +3,7 @@
 
 #[cfg(feature = "aws")]
 pub mod aws;
+pub mod chaos;
 pub mod cloud;
 mod daemon;
 pub mod engine;

@@ -404,6 +404,7 @@ pub(crate) mod tests {
             disabled_at: (!in_service).then_some(created + 10),
             deploy_id: None,
             registers: false,
+            replacements: vec![],
             members: vec![],
         }
     }

@@ -206,6 +206,7 @@ impl Cloud for SimCloud {
                 disabled_at: None,
                 deploy_id: Some(spec.deploy_id.clone()),
                 registers: false,
+                replacements: vec![],
                 members: vec![],
             };
             s.templates.insert(spec.name.clone());
@@ -256,6 +257,17 @@ impl Cloud for SimCloud {
         self.call("destroy_group", group, |s| {
             s.groups.remove(group);
             s.templates.remove(group);
+            Ok(())
+        })
+    }
+
+    /// As an Auto Scaling group: the member goes, and a new one is launched in its place.
+    fn terminate_instance(&self, group: &str, instance: &str) -> Result<()> {
+        self.call("terminate_instance", group, |s| {
+            if let Some(sim) = s.groups.get_mut(group) {
+                sim.group.members.retain(|m| m.id != instance);
+            }
+            s.reconcile(group);
             Ok(())
         })
     }

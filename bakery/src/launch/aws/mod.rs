@@ -619,6 +619,22 @@ impl Cloud for AwsCloud {
         Ok(self.runtime.block_on(self.destroy(group))?)
     }
 
+    /// The group keeps its desired capacity and launches a replacement.
+    fn terminate_instance(&self, _group: &str, instance: &str) -> cloud::Result<()> {
+        self.runtime.block_on(async {
+            retry(self.policy, "TerminateInstanceInAutoScalingGroup", || {
+                self.asg
+                    .terminate_instance_in_auto_scaling_group()
+                    .instance_id(instance)
+                    .should_decrement_desired_capacity(false)
+                    .send()
+            })
+            .await
+            .context(CallSnafu)
+        })?;
+        Ok(())
+    }
+
     fn acquire_lock(&self, cluster: &str, holder: &LockHolder) -> cloud::Result<Option<LockHolder>> {
         Ok(self.runtime.block_on(self.acquire(cluster, holder))?)
     }
@@ -759,6 +775,8 @@ fn to_group(
         disabled_at: tag(asg, DISABLED_AT_TAG).and_then(|t| t.parse().ok()),
         deploy_id: tag(asg, DEPLOY_ID_TAG).map(str::to_string),
         registers,
+        // The group's activity history says what it replaced; not read here.
+        replacements: Vec::new(),
         members,
     }
 }

@@ -1,0 +1,209 @@
+//! Chaos Monkey: clusters opt in, and then their in-service instances may be terminated on
+//! purpose, as a host failure would, to prove that the cluster heals without a failed request.
+//! Which clusters opted in and every action taken are kept in the state directory
+//! (`STATE/chaos/<cluster>.json` and `STATE/chaos/audit.jsonl`), for either provider.
+//! Choosing victims is pure; the engine acts under the cluster lock ([`super::engine`]).
+
+use super::cloud::{Group, Health};
+use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
+use snafu::{ResultExt, Snafu};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Snafu)]
+pub enum Error {
+    #[snafu(display("chaos state {}: {source}", path.display()))]
+    Io { path: PathBuf, source: std::io::Error },
+
+    #[snafu(display("chaos state {}: {source}", path.display()))]
+    Json { path: PathBuf, source: serde_json::Error },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// A cluster's consent, with the limits the scheduler keeps to.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Config {
+    pub cluster: String,
+    /// Mean seconds between two kills while inside the window.
+    pub mean_interval_secs: u64,
+    /// Local time of day the monkey may act in, `HH:MM-HH:MM`.
+    pub window: String,
+    pub max_per_day: u32,
+    /// Unix seconds.
+    pub enabled_at: u64,
+}
+
+/// One action of a monkey, as the audit log keeps it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// Unix seconds.
+    pub time: u64,
+    pub cluster: String,
+    pub group: String,
+    pub instance: String,
+    pub monkey: String,
+    pub action: String,
+    /// `done`, `dry run`, or what went wrong.
+    pub result: String,
+}
+
+/// The state directory's chaos records.
+pub struct Chaos {
+    dir: PathBuf,
+}
+
+impl Chaos {
+    pub fn new(state_dir: &Path) -> Chaos {
+        Chaos { dir: state_dir.join("chaos") }
+    }
+
+    fn config_path(&self, cluster: &str) -> PathBuf {
+        self.dir.join(format!("{cluster}.json"))
+    }
+
+    pub fn config(&self, cluster: &str) -> Result<Option<Config>> {
+        let path = self.config_path(cluster);
+        crate::atomic::read_json(&path).context(IoSnafu { path })
+    }
+
+    pub fn enable(&self, config: &Config) -> Result<()> {
+        std::fs::create_dir_all(&self.dir).context(IoSnafu { path: &self.dir })?;
+        let path = self.config_path(&config.cluster);
+        crate::atomic::write_json(&path, config).context(IoSnafu { path })
+    }
+
+    /// Opting out twice is no error.
+    pub fn disable(&self, cluster: &str) -> Result<()> {
+        let path = self.config_path(cluster);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e).context(IoSnafu { path }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Appends `entries` to the audit log, one JSON object a line.
+    pub fn record(&self, entries: &[AuditEntry]) -> Result<()> {
+        std::fs::create_dir_all(&self.dir).context(IoSnafu { path: &self.dir })?;
+        let path = self.dir.join("audit.jsonl");
+        let mut lines = String::new();
+        for entry in entries {
+            lines += &serde_json::to_string(entry).context(JsonSnafu { path: &path })?;
+            lines.push('\n');
+        }
+        let mut log =
+            std::fs::OpenOptions::new().create(true).append(true).open(&path).context(IoSnafu { path: &path })?;
+        log.write_all(lines.as_bytes()).context(IoSnafu { path })
+    }
+
+    /// The audit log, oldest first, of one cluster or all.
+    pub fn log(&self, cluster: Option<&str>) -> Result<Vec<AuditEntry>> {
+        let path = self.dir.join("audit.jsonl");
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e).context(IoSnafu { path }),
+        };
+        let mut entries = Vec::new();
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let entry: AuditEntry = serde_json::from_str(line).context(JsonSnafu { path: &path })?;
+            if cluster.is_none_or(|c| entry.cluster == c) {
+                entries.push(entry);
+            }
+        }
+        Ok(entries)
+    }
+}
+
+/// Whether `window` reads `HH:MM-HH:MM`.
+pub fn valid_window(window: &str) -> bool {
+    let time = |t: &str| {
+        let (h, m) = t.split_once(':').unwrap_or(("", ""));
+        h.len() == 2 && m.len() == 2 && h.parse::<u8>().is_ok_and(|h| h < 24) && m.parse::<u8>().is_ok_and(|m| m < 60)
+    };
+    window.split_once('-').is_some_and(|(from, to)| time(from) && time(to))
+}
+
+/// Up to `count` (group, instance) pairs to terminate, at random among the healthy members of
+/// groups in service, never a group's last healthy member.
+pub fn choose_victims(groups: &[Group], count: usize, rng: &mut impl rand::Rng) -> Vec<(String, String)> {
+    let mut spare: Vec<(String, String)> = Vec::new();
+    for group in groups.iter().filter(|g| g.in_service) {
+        let mut healthy: Vec<&str> =
+            group.members.iter().filter(|m| m.health == Health::Healthy).map(|m| m.id.as_str()).collect();
+        healthy.shuffle(rng);
+        // One stays.
+        spare.extend(healthy.iter().skip(1).map(|id| (group.name.clone(), id.to_string())));
+    }
+    spare.shuffle(rng);
+    spare.truncate(count);
+    spare
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::launch::cloud::Member;
+    use crate::launch::plan::tests::group;
+    use rand::SeedableRng;
+
+    fn member(id: &str, health: Health) -> Member {
+        Member { id: id.into(), zone: "local-a".into(), health, address: None, registry_status: None }
+    }
+
+    #[test]
+    fn victims_are_healthy_in_service_members_and_never_a_groups_last() {
+        let mut serving = group("hello-prod-v001", "ami-2", 2, true, 3);
+        serving.members =
+            vec![member("i-1", Health::Healthy), member("i-2", Health::Healthy), member("i-3", Health::Starting)];
+        let mut disabled = group("hello-prod-v000", "ami-1", 1, false, 3);
+        disabled.members = vec![member("i-4", Health::Healthy), member("i-5", Health::Healthy)];
+        let groups = [disabled, serving];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for _ in 0..20 {
+            let victims = choose_victims(&groups, 5, &mut rng);
+            assert_eq!(victims.len(), 1, "one of the two healthy serving members: {victims:?}");
+            assert_eq!(victims[0].0, "hello-prod-v001");
+            assert!(["i-1", "i-2"].contains(&victims[0].1.as_str()));
+        }
+        assert!(choose_victims(&groups, 0, &mut rng).is_empty());
+    }
+
+    #[test]
+    fn windows_are_times_of_day() {
+        assert!(valid_window("09:00-15:00") && valid_window("22:30-02:00"));
+        assert!(!valid_window("9-15") && !valid_window("09:00-24:00") && !valid_window("09:00"));
+    }
+
+    #[test]
+    fn the_audit_log_appends_and_filters_by_cluster() {
+        let dir = tempfile::tempdir().unwrap();
+        let chaos = Chaos::new(dir.path());
+        assert_eq!(chaos.log(None).unwrap(), []);
+        let entry = |cluster: &str| AuditEntry {
+            time: 1,
+            cluster: cluster.into(),
+            group: format!("{cluster}-v000"),
+            instance: "i-1".into(),
+            monkey: "chaos".into(),
+            action: "terminate".into(),
+            result: "done".into(),
+        };
+        chaos.record(&[entry("a")]).unwrap();
+        let config = Config {
+            cluster: "a".into(),
+            mean_interval_secs: 3600,
+            window: "09:00-15:00".into(),
+            max_per_day: 3,
+            enabled_at: 1,
+        };
+        chaos.enable(&config).unwrap();
+        assert_eq!(chaos.config("a").unwrap(), Some(config));
+        chaos.record(&[entry("b"), entry("a")]).unwrap();
+        assert_eq!(chaos.log(Some("a")).unwrap().len(), 2);
+        assert_eq!(chaos.log(None).unwrap().len(), 3);
+        chaos.disable("a").unwrap();
+        assert_eq!(chaos.config("a").unwrap(), None);
+    }
+}
