@@ -656,6 +656,34 @@ fn chaos_kill_terminates_through_the_group_which_keeps_its_capacity() {
     assert_eq!(code, 0);
     assert_eq!(log.as_array().map(Vec::len), Some(1), "{log}");
     assert_eq!((&log[0]["cluster"], &log[0]["instance"]), (&json!(CLUSTER), &json!(victim)));
+
+    // The scheduler: nothing outside the window; inside it, no more than the daily limit, which
+    // counts the kill above.
+    let window = |from: i64, to: i64| {
+        boto(&format!(
+            "import time\nt = time.localtime(); m = t.tm_hour * 60 + t.tm_min\n\
+             f = lambda x: '%02d:%02d' % divmod(x % 1440, 60)\n\
+             print(json.dumps(f(m + {from}) + '-' + f(m + {to})))"
+        ))
+        .as_str()
+        .unwrap()
+        .to_string()
+    };
+    let enable = |window: &str| {
+        let args = ["enable", "--cluster", CLUSTER, "--window", window, "--mean-interval", "1s", "--max-per-day", "2"];
+        assert_eq!(chaos(&args).0, 0);
+    };
+    enable(&window(60, 120));
+    let (code, ran, stderr) = chaos(&["run", "--once"]);
+    assert_eq!((code, ran.as_array().map(Vec::len)), (0, Some(0)), "outside the window: {ran}\n{stderr}");
+    enable(&window(-60, 60));
+    let (code, ran, stderr) = chaos(&["run", "--once"]);
+    assert_eq!((code, ran.as_array().map(Vec::len)), (0, Some(1)), "{ran}\n{stderr}");
+    assert_eq!(ran[0]["result"], "done", "{ran}");
+    let (code, ran, _) = chaos(&["run", "--once"]);
+    assert_eq!((code, ran.as_array().map(Vec::len)), (0, Some(0)), "two a day at most: {ran}");
+    assert_eq!(chaos(&["disable", "--cluster", CLUSTER]).0, 0);
+    assert_eq!(chaos(&["log"]).1.as_array().map(Vec::len), Some(2));
 }
 
 fn wait_until(what: &str, mut done: impl FnMut() -> bool) {

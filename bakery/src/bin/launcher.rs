@@ -156,6 +156,17 @@ enum ChaosCommand {
         #[arg(long)]
         dry_run: bool,
     },
+    /// The scheduler: on every cluster that opted in, inside its window, kills one instance at
+    /// random times averaging its mean interval, never more than its daily limit (counted from
+    /// the audit log, so a restart forgets nothing) and never while a deploy holds the cluster.
+    Run {
+        /// Between two looks.
+        #[arg(long, default_value = "1m", value_parser = humantime::parse_duration)]
+        interval: Duration,
+        /// Look once, print what was done, and exit.
+        #[arg(long)]
+        once: bool,
+    },
     /// Every monkey action: time, cluster, group, instance, monkey, action, result.
     Log {
         #[arg(long)]
@@ -446,18 +457,7 @@ fn chaos_command(cli: &Cli, engine: &Engine, command: &ChaosCommand, ui: &bakery
             let outcomes = engine
                 .chaos_kill(cluster, *count, *dry_run, &mut rand::thread_rng())
                 .map_err(|e| Failure { code: e.exit_code(), message: e.to_string() })?;
-            let entries: Vec<AuditEntry> = outcomes
-                .into_iter()
-                .map(|(group, instance, result)| AuditEntry {
-                    time: now(),
-                    cluster: cluster.clone(),
-                    group,
-                    instance,
-                    monkey: "chaos".into(),
-                    action: "terminate".into(),
-                    result,
-                })
-                .collect();
+            let entries = audit_entries(cluster, outcomes);
             if !dry_run {
                 chaos.record(&entries).map_err(failed)?;
             }
@@ -466,12 +466,60 @@ fn chaos_command(cli: &Cli, engine: &Engine, command: &ChaosCommand, ui: &bakery
                 return Err(Failure { code: 1, message: "an instance could not be terminated".into() });
             }
         }
+        ChaosCommand::Run { interval, once } => {
+            let mut rng = rand::thread_rng();
+            loop {
+                let mut done = Vec::new();
+                for config in chaos.enabled().map_err(failed)? {
+                    let log = chaos.log(Some(&config.cluster)).map_err(failed)?;
+                    if !chaos::is_due(&config, now(), &log, interval.as_secs(), rand::Rng::gen(&mut rng)) {
+                        continue;
+                    }
+                    match engine.chaos_kill(&config.cluster, 1, false, &mut rng) {
+                        Ok(outcomes) => {
+                            let entries = audit_entries(&config.cluster, outcomes);
+                            chaos.record(&entries).map_err(failed)?;
+                            done.extend(entries);
+                        }
+                        // A deploy holds it: next time.
+                        Err(engine::Error::Locked { .. }) => {}
+                        Err(error) => eprintln!("chaos {}: {error}", config.cluster),
+                    }
+                }
+                if *once {
+                    ui.print(&done, |e| describe_audit(e));
+                    return Ok(());
+                }
+                for entry in &done {
+                    eprintln!("{}", describe_audit(std::slice::from_ref(entry)));
+                }
+                if engine.cancel.load(std::sync::atomic::Ordering::Relaxed) {
+                    return Ok(());
+                }
+                std::thread::sleep(*interval);
+            }
+        }
         ChaosCommand::Log { cluster } => {
             let entries = chaos.log(cluster.as_deref()).map_err(failed)?;
             ui.print(&entries, |e| describe_audit(e));
         }
     }
     Ok(())
+}
+
+/// Chaos Monkey's terminations as the audit log keeps them.
+fn audit_entries(cluster: &str, outcomes: Vec<(String, String, String)>) -> Vec<AuditEntry> {
+    let time = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+    let entry = |(group, instance, result)| AuditEntry {
+        time,
+        cluster: cluster.to_string(),
+        group,
+        instance,
+        monkey: "chaos".into(),
+        action: "terminate".into(),
+        result,
+    };
+    outcomes.into_iter().map(entry).collect()
 }
 
 fn describe_audit(entries: &[AuditEntry]) -> String {

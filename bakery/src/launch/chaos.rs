@@ -74,6 +74,24 @@ impl Chaos {
         crate::atomic::write_json(&path, config).context(IoSnafu { path })
     }
 
+    /// Every cluster that opted in.
+    pub fn enabled(&self) -> Result<Vec<Config>> {
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e).context(IoSnafu { path: &self.dir }),
+        };
+        let mut configs = Vec::new();
+        for entry in entries {
+            let name = entry.context(IoSnafu { path: &self.dir })?.file_name().to_string_lossy().into_owned();
+            if let Some(cluster) = name.strip_suffix(".json") {
+                configs.extend(self.config(cluster)?);
+            }
+        }
+        configs.sort_by(|a, b| a.cluster.cmp(&b.cluster));
+        Ok(configs)
+    }
+
     /// Opting out twice is no error.
     pub fn disable(&self, cluster: &str) -> Result<()> {
         let path = self.config_path(cluster);
@@ -125,6 +143,53 @@ pub fn valid_window(window: &str) -> bool {
     window.split_once('-').is_some_and(|(from, to)| time(from) && time(to))
 }
 
+/// Whether the local time of day `minute` (0..1440) falls in `window` (`HH:MM-HH:MM`; one
+/// ending before it starts runs past midnight).
+pub fn in_window(window: &str, minute: u32) -> bool {
+    let minutes = |t: &str| {
+        let (h, m) = t.split_once(':')?;
+        Some(h.parse::<u32>().ok()? * 60 + m.parse::<u32>().ok()?)
+    };
+    let Some((from, to)) = window.split_once('-').and_then(|(f, t)| Some((minutes(f)?, minutes(t)?))) else {
+        return false;
+    };
+    match from <= to {
+        true => from <= minute && minute < to,
+        false => minute >= from || minute < to,
+    }
+}
+
+/// The chance that a scheduler looking every `interval` kills on this look, for kills that
+/// come on average every `mean` (a Poisson process, so the times between kills are random).
+pub fn kill_chance(interval_secs: u64, mean_secs: u64) -> f64 {
+    1.0 - (-(interval_secs as f64) / mean_secs.max(1) as f64).exp()
+}
+
+/// The local time of day of `unix` in minutes, and the Unix seconds of that day's local
+/// midnight (the host's time zone, as the window is written).
+pub fn local_day(unix: u64) -> (u32, u64) {
+    let time = unix as libc::time_t;
+    // SAFETY: localtime_r only writes the tm it is given.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    let found = unsafe { !libc::localtime_r(&time, &mut tm).is_null() };
+    let seconds_into_day = if found { (tm.tm_hour * 3600 + tm.tm_min * 60 + tm.tm_sec) as u64 } else { unix % 86_400 };
+    ((seconds_into_day / 60) as u32, unix - seconds_into_day)
+}
+
+/// Whether the scheduler kills in `cluster` on this look: inside its window, under its daily
+/// limit (counted from the audit log, so a restarted scheduler counts what it did before), and
+/// drawn with [`kill_chance`].
+pub fn is_due(config: &Config, now: u64, log: &[AuditEntry], interval_secs: u64, draw: f64) -> bool {
+    let (minute, midnight) = local_day(now);
+    let today = log
+        .iter()
+        .filter(|e| e.cluster == config.cluster && e.monkey == "chaos" && e.result == "done" && e.time >= midnight)
+        .count();
+    in_window(&config.window, minute)
+        && today < config.max_per_day as usize
+        && draw < kill_chance(interval_secs, config.mean_interval_secs)
+}
+
 /// Up to `count` (group, instance) pairs to terminate, at random among the healthy members of
 /// groups in service, never a group's last healthy member.
 pub fn choose_victims(groups: &[Group], count: usize, rng: &mut impl rand::Rng) -> Vec<(String, String)> {
@@ -171,6 +236,45 @@ mod tests {
     }
 
     #[test]
+    fn the_scheduler_keeps_to_the_window_the_daily_limit_and_the_mean() {
+        assert!(in_window("09:00-15:00", 9 * 60) && !in_window("09:00-15:00", 15 * 60));
+        assert!(
+            in_window("22:00-02:00", 23 * 60) && in_window("22:00-02:00", 60) && !in_window("22:00-02:00", 12 * 60)
+        );
+        assert!((kill_chance(60, 3600) - 0.0165).abs() < 0.001);
+        assert!(kill_chance(3600, 1) > 0.999);
+
+        let (minute, midnight) = local_day(1_800_000_000);
+        assert!(minute < 1440 && midnight <= 1_800_000_000 && 1_800_000_000 - midnight < 86_400);
+        let window = |from: u32, to: u32| format!("{:02}:{:02}-{:02}:{:02}", from / 60, from % 60, to / 60, to % 60);
+        let now = midnight + 12 * 3600;
+        let config = Config {
+            cluster: "c".into(),
+            mean_interval_secs: 1,
+            window: window(11 * 60, 13 * 60),
+            max_per_day: 2,
+            enabled_at: 0,
+        };
+        let kill = |time: u64, result: &str| AuditEntry {
+            time,
+            cluster: "c".into(),
+            group: "c-v000".into(),
+            instance: "i-1".into(),
+            monkey: "chaos".into(),
+            action: "terminate".into(),
+            result: result.into(),
+        };
+        assert!(is_due(&config, now, &[], 60, 0.5));
+        // Yesterday's kills and failed attempts do not count against today.
+        assert!(is_due(&config, now, &[kill(midnight - 10, "done"), kill(now - 5, "failed: x")], 60, 0.5));
+        assert!(!is_due(&config, now, &[kill(now - 20, "done"), kill(now - 10, "done")], 60, 0.5));
+        let outside = Config { window: window(13 * 60, 14 * 60), ..config.clone() };
+        assert!(!is_due(&outside, now, &[], 60, 0.5));
+        let rare = Config { mean_interval_secs: 86_400, ..config };
+        assert!(!is_due(&rare, now, &[], 60, 0.5), "a 1-day mean rarely kills in a minute");
+    }
+
+    #[test]
     fn windows_are_times_of_day() {
         assert!(valid_window("09:00-15:00") && valid_window("22:30-02:00"));
         assert!(!valid_window("9-15") && !valid_window("09:00-24:00") && !valid_window("09:00"));
@@ -199,7 +303,8 @@ mod tests {
             enabled_at: 1,
         };
         chaos.enable(&config).unwrap();
-        assert_eq!(chaos.config("a").unwrap(), Some(config));
+        assert_eq!(chaos.config("a").unwrap(), Some(config.clone()));
+        assert_eq!(chaos.enabled().unwrap(), [config]);
         chaos.record(&[entry("b"), entry("a")]).unwrap();
         assert_eq!(chaos.log(Some("a")).unwrap().len(), 2);
         assert_eq!(chaos.log(None).unwrap().len(), 3);

@@ -369,10 +369,22 @@ impl LocalCloud {
         }
         let mut replaced = Vec::new();
         if !failed.is_empty() {
-            let gone: Vec<MemberState> = failed.iter().map(|(m, _)| m.clone()).collect();
-            self.shrink(state, &gone)?;
+            // Live ones are stopped first (none may run on with no group naming it); dead ones
+            // only leave the balancer, and their remains are cleared once the replacements boot.
+            let (dead, live): (Vec<MemberState>, Vec<MemberState>) =
+                failed.iter().map(|(m, _)| m.clone()).partition(|m| !m.process.is_running());
+            self.shrink(state, &live)?;
+            let dead_ids: Vec<String> = dead.iter().map(|m| m.id.clone()).collect();
+            self.balancer(&cluster).disable(&dead_ids).context(BalancerSnafu { cluster: &cluster })?;
+            self.registry.set_override(&dead_ids, None).context(RegistrySnafu)?;
+            state.members.retain(|m| !dead_ids.contains(&m.id));
             let before: BTreeSet<String> = state.members.iter().map(|m| m.id.clone()).collect();
             self.grow(state, state.capacity.desired as usize)?;
+            for member in &dead {
+                if let Err(error) = self.stop_member(member) {
+                    tracing::warn!(instance = %member.id, %error, "could not clear a dead instance; `bakery gc` will");
+                }
+            }
             let fresh = state.members.iter().filter(|m| !before.contains(&m.id)).map(|m| m.id.clone());
             for ((member, reason), replaced_by) in failed.into_iter().zip(fresh) {
                 tracing::warn!(instance = %member.id, %replaced_by, %reason, "replaced");
