@@ -682,8 +682,24 @@ fn chaos_kill_terminates_through_the_group_which_keeps_its_capacity() {
     assert_eq!(ran[0]["result"], "done", "{ran}");
     let (code, ran, _) = chaos(&["run", "--once"]);
     assert_eq!((code, ran.as_array().map(Vec::len)), (0, Some(0)), "two a day at most: {ran}");
+
+    // Latency Monkey: netem on one instance through SSM Run Command, ended by the instance.
+    let (code, slowed, stderr) =
+        chaos(&["latency", "--cluster", CLUSTER, "--delay", "2s", "--jitter", "500ms", "--duration", "1s"]);
+    assert_eq!(code, 0, "{slowed}\n{stderr}");
+    let sent = recorded("SendCommand");
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    let params = &sent[0]["params"];
+    assert_eq!(
+        (&params["InstanceIds"], &params["DocumentName"]),
+        (&json!([slowed["instance"]]), &json!("AWS-RunShellScript"))
+    );
+    let script = params["Parameters"]["commands"][0].as_str().unwrap();
+    assert!(script.contains("netem delay 2000ms 500ms") && script.contains("--on-active=1"), "{script}");
     assert_eq!(chaos(&["disable", "--cluster", CLUSTER]).0, 0);
-    assert_eq!(chaos(&["log"]).1.as_array().map(Vec::len), Some(2));
+    let log = chaos(&["log"]).1;
+    assert_eq!(log.as_array().map(Vec::len), Some(3), "{log}");
+    assert_eq!(log[2]["monkey"], "latency");
 }
 
 fn wait_until(what: &str, mut done: impl FnMut() -> bool) {

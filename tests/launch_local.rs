@@ -741,3 +741,89 @@ fn chaos_monkey_kills_and_the_group_heals_without_a_failed_request() {
     assert_eq!(code, 0, "{destroyed}\n{stderr}");
     assert_no_leftovers("after the chaos");
 }
+
+/// Latency Monkey on a local cluster under clients: one instance's traffic is delayed by 2 s
+/// for 15 s through a relay; the balancer's health check (1 s) takes it out, so clients stay
+/// fast, and once the latency is removed the instance serves again.
+#[test]
+fn latency_monkey_slows_one_instance_and_the_balancer_routes_around_it() {
+    let _serial = serial();
+    let (v1, _) = images();
+    let cluster = new_cluster();
+    let _cleanup = Cleanup(&cluster);
+    let (code, first, stderr) =
+        launcher_json(&["deploy", "--cluster", &cluster, "--image", v1, "--health-url", "/hello/health"]);
+    assert_eq!(code, 0, "{first}\n{stderr}");
+    let balancer = first["balancer_url"].as_str().unwrap().to_string();
+    let (code, _, stderr) =
+        launcher_raw(&["chaos", "latency", "--cluster", &cluster, "--delay", "2s", "--duration", "5s"]);
+    assert_eq!(code, 3, "not opted in: {stderr}");
+    assert_eq!(launcher_json(&["chaos", "enable", "--cluster", &cluster]).0, 0);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<JoinHandle<(Vec<Duration>, Vec<String>)>> = (0..2)
+        .map(|_| {
+            let (stop, url) = (stop.clone(), format!("{balancer}/hello/version.txt"));
+            std::thread::spawn(move || {
+                let agent = bakery::verify::http_agent();
+                let (mut times, mut failures) = (Vec::new(), Vec::new());
+                while !stop.load(Ordering::Relaxed) {
+                    let started = Instant::now();
+                    match get(&agent, &url) {
+                        Ok(_) => times.push(started.elapsed()),
+                        Err(error) => failures.push(error),
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                (times, failures)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    let (code, injected, stderr) =
+        launcher_json(&["chaos", "latency", "--cluster", &cluster, "--delay", "2s", "--duration", "15s"]);
+    let restored_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::Relaxed);
+    let (mut times, mut failures) = (Vec::new(), Vec::new());
+    for client in clients {
+        let (t, f) = client.join().unwrap();
+        times.extend(t);
+        failures.extend(f);
+    }
+    assert_eq!(code, 0, "{injected}\n{stderr}");
+    assert_eq!((&injected["monkey"], &injected["result"]), (&json!("latency"), &json!("done")), "{injected}");
+    assert!(failures.is_empty(), "{failures:?}");
+    times.sort();
+    let p99 = times[times.len() * 99 / 100];
+    eprintln!("latency monkey: {} requests, p99 {p99:?}, slowest {:?}", times.len(), times.last().unwrap());
+    assert!(p99 < Duration::from_secs(1), "client p99 {p99:?} over {} requests", times.len());
+
+    // Restored: the delayed instance answers through the balancer at its own address again.
+    let (_, status, _) = launcher_json(&["status", "--cluster", &cluster]);
+    let delayed = status["groups"][0]["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == injected["instance"])
+        .unwrap_or_else(|| panic!("{status:#}"))["address"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    versions_seen(&balancer, 60);
+    let ring = bakery::launch::haproxy::Balancer::new(&state_dir(), &state_dir().join("clusters").join(&cluster));
+    let answered: BTreeSet<String> =
+        ring.requests(restored_at).unwrap().into_iter().map(|(server, _, _)| server).collect();
+    assert!(answered.contains(&delayed), "{delayed} serves again: {answered:?}");
+    let relays: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|entry| std::fs::read(entry.path().join("cmdline")).ok())
+        .map(|cmdline| String::from_utf8_lossy(&cmdline).replace('\0', " "))
+        .filter(|cmdline| cmdline.contains("chaos relay") && cmdline.contains(&delayed))
+        .collect();
+    assert!(relays.is_empty(), "the relay is gone: {relays:?}");
+    let (code, destroyed, stderr) = launcher_json(&["destroy", "--cluster", &cluster]);
+    assert_eq!(code, 0, "{destroyed}\n{stderr}");
+    assert_no_leftovers("after the latency");
+}

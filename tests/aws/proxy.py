@@ -86,7 +86,11 @@ QUERY_VERSIONS = {
     "2010-08-01": "monitoring",
 }
 # JSON APIs: the X-Amz-Target prefix names the service.
-JSON_TARGETS = {"Route53AutoNaming_v20170314": "servicediscovery", "GraniteServiceVersion20100801": "monitoring"}
+JSON_TARGETS = {
+    "Route53AutoNaming_v20170314": "servicediscovery",
+    "GraniteServiceVersion20100801": "monitoring",
+    "AmazonSSM": "ssm",
+}
 CLOUDWATCH_NAMESPACE = "http://monitoring.amazonaws.com/doc/2010-08-01/"
 PERCENTILE = re.compile(r"p(\d+(?:\.\d+)?)")
 

@@ -167,6 +167,40 @@ enum ChaosCommand {
         #[arg(long)]
         once: bool,
     },
+    /// Latency Monkey: delay the traffic of one instance (random healthy in-service one, or
+    /// --instance) for a while, then restore it. Stays until then; if it dies first, the relay
+    /// stops by itself and `launcher watch` points the balancer back (local; aws: not yet).
+    ///
+    /// Example:
+    ///   launcher chaos latency --cluster hello-prod --delay 2s --jitter 500ms --duration 60s
+    #[command(verbatim_doc_comment)]
+    Latency {
+        #[arg(long)]
+        cluster: String,
+        #[arg(long)]
+        instance: Option<String>,
+        #[arg(long, value_parser = humantime::parse_duration)]
+        delay: Duration,
+        #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+        jitter: Duration,
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Duration,
+    },
+    /// Latency Monkey's relay process (started by `chaos latency`).
+    #[command(hide = true)]
+    Relay {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        #[arg(long)]
+        target: std::net::SocketAddr,
+        #[arg(long, value_parser = humantime::parse_duration)]
+        delay: Duration,
+        #[arg(long, value_parser = humantime::parse_duration)]
+        jitter: Duration,
+        /// Unix seconds.
+        #[arg(long)]
+        until: u64,
+    },
     /// Every monkey action: time, cluster, group, instance, monkey, action, result.
     Log {
         #[arg(long)]
@@ -499,6 +533,37 @@ fn chaos_command(cli: &Cli, engine: &Engine, command: &ChaosCommand, ui: &bakery
                 std::thread::sleep(*interval);
             }
         }
+        ChaosCommand::Latency { cluster, instance, delay, jitter, duration } => {
+            if chaos.config(cluster).map_err(failed)?.is_none() {
+                let message =
+                    format!("cluster {cluster} has not opted in: `launcher chaos enable --cluster {cluster}`");
+                return Err(Failure { code: 3, message });
+            }
+            let until = now() + duration.as_secs().max(1);
+            let engine_failed = |e: engine::Error| Failure { code: e.exit_code(), message: e.to_string() };
+            let (group, instance) = engine
+                .chaos_latency(cluster, instance.as_deref(), *delay, *jitter, until, &mut rand::thread_rng())
+                .map_err(engine_failed)?;
+            let span = |d: &Duration| humantime::format_duration(*d).to_string();
+            let entry = AuditEntry {
+                time: now(),
+                cluster: cluster.clone(),
+                group,
+                instance,
+                monkey: "latency".into(),
+                action: format!("delay {} ± {} for {}", span(delay), span(jitter), span(duration)),
+                result: "done".into(),
+            };
+            chaos.record(std::slice::from_ref(&entry)).map_err(failed)?;
+            // Stay until it ends, then restore it (the relay has stopped by itself by then).
+            while now() < until && !engine.cancel.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            let restored = engine.cloud.heal(cluster).map_err(|e| Failure { code: 1, message: e.to_string() });
+            ui.print(&entry, |e| describe_audit(std::slice::from_ref(e)));
+            restored?;
+        }
+        ChaosCommand::Relay { .. } => unreachable!("run before the cloud is opened"),
         ChaosCommand::Log { cluster } => {
             let entries = chaos.log(cluster.as_deref()).map_err(failed)?;
             ui.print(&entries, |e| describe_audit(e));
@@ -572,6 +637,13 @@ fn registry(cli: &Cli, command: &RegistryCommand, ui: &bakery::ui::Ui) -> Result
 fn run(cli: &Cli) -> Result<(), Failure> {
     if let Commands::Registry(command) = &cli.command {
         return registry(cli, command, &bakery::ui::Ui::new(cli.output));
+    }
+    if let Commands::Chaos(ChaosCommand::Relay { listen, target, delay, jitter, until }) = &cli.command {
+        let failed = |e: std::io::Error| Failure { code: 1, message: format!("relay on {listen}: {e}") };
+        let listener = std::net::TcpListener::bind(listen).map_err(failed)?;
+        let delay = bakery::launch::latency::Delay { delay: *delay, jitter: *jitter };
+        let until = std::time::UNIX_EPOCH + Duration::from_secs(*until);
+        return bakery::launch::latency::relay(listener, *target, delay, until).map_err(failed);
     }
     let cloud = open_cloud(cli)?;
     let cancel = bakery::ui::cancellation();

@@ -242,6 +242,18 @@ pub trait Cloud: Send + Sync {
     /// Ends an instance abruptly, as a host failure would (Chaos Monkey); its group replaces it
     /// and keeps its desired capacity.
     fn terminate_instance(&self, group: &str, instance: &str) -> Result<()>;
+    /// Latency Monkey: delays the traffic the balancer sends `instance` by `delay` ± `jitter`
+    /// until Unix second `until`, after which it ends by itself (and the healer tidies up).
+    fn inject_latency(
+        &self,
+        _group: &str,
+        instance: &str,
+        _delay: Duration,
+        _jitter: Duration,
+        _until: u64,
+    ) -> Result<()> {
+        Err(format!("{instance}: Latency Monkey is not available on the {} provider yet", self.kind()).into())
+    }
     /// How often the engine looks at a group it waits for: the flip follows the last instance
     /// `UP` within this, so as often as reading the groups is cheap enough.
     fn poll_interval(&self) -> Duration {

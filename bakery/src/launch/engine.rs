@@ -10,7 +10,7 @@ use super::registry;
 use super::soak::{self, Judgement, Soak};
 use crate::events::{Discard, Event, Sink};
 use serde::Serialize;
-use snafu::{ResultExt, Snafu};
+use snafu::{OptionExt, ResultExt, Snafu};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -24,6 +24,12 @@ pub enum Error {
         holder.deploy_id, holder.owner, holder.host, holder.pid, rfc3339(holder.expires)
     ))]
     Locked { cluster: String, holder: LockHolder },
+
+    #[snafu(display("cluster {cluster} has no {what} to put latency on"))]
+    NoTarget { cluster: String, what: String },
+
+    #[snafu(display("cluster {cluster}, instance {instance}: {source}"))]
+    Chaos { cluster: String, instance: String, source: cloud::Error },
 
     #[snafu(display("lost the lock on cluster {cluster} to deploy {} of {}", holder.deploy_id, holder.owner))]
     LockLost { cluster: String, holder: LockHolder },
@@ -66,6 +72,7 @@ impl Error {
                 plan::Error::NothingServing { .. } | plan::Error::NothingToRollBackTo { .. } => 4,
                 _ => 3,
             },
+            Error::NoTarget { .. } => 4,
             Error::Locked { .. } => 5,
             Error::Gate { .. } => 6,
             Error::Cancelled { .. } => 130,
@@ -314,6 +321,36 @@ impl<'a> Engine<'a> {
                     (group, instance, result)
                 })
                 .collect())
+        })
+    }
+
+    /// Latency Monkey, under the cluster lock: delays `instance` (or a random healthy member of
+    /// a group in service) until `until`. Returns (group, instance).
+    pub fn chaos_latency(
+        &self,
+        cluster: &str,
+        instance: Option<&str>,
+        delay: Duration,
+        jitter: Duration,
+        until: u64,
+        rng: &mut impl rand::Rng,
+    ) -> Result<(String, String)> {
+        self.locked(cluster, |_, state| {
+            let chosen = match instance {
+                Some(id) => state
+                    .groups
+                    .iter()
+                    .filter(|g| g.in_service)
+                    .find(|g| g.members.iter().any(|m| m.id == id))
+                    .map(|g| (g.name.clone(), id.to_string())),
+                None => chaos::choose_victims(&state.groups, 1, rng).pop(),
+            };
+            let what = instance.map_or("a healthy instance of a group in service", |id| id);
+            let (group, instance) = chosen.context(NoTargetSnafu { cluster, what })?;
+            self.cloud
+                .inject_latency(&group, &instance, delay, jitter, until)
+                .context(ChaosSnafu { cluster, instance: &instance })?;
+            Ok((group, instance))
         })
     }
 

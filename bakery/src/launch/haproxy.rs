@@ -96,6 +96,14 @@ struct State {
     process: Option<Identity>,
     /// Slot number (HAProxy's `slotN`) → the server in it; every one of them is in service.
     slots: BTreeMap<usize, Server>,
+    /// Server id → the address its traffic goes to instead (Latency Monkey's relay).
+    #[serde(default)]
+    detours: BTreeMap<String, (Ipv4Addr, u16)>,
+}
+
+/// Where a server's traffic goes: its detour if it has one, else the server.
+fn target(state: &State, server: &Server) -> (Ipv4Addr, u16) {
+    state.detours.get(&server.id).copied().unwrap_or((server.address, server.port))
 }
 
 /// A slot as HAProxy reports it (`show servers state` and `show stat`).
@@ -158,27 +166,32 @@ impl Balancer {
                 tracing::warn!(dir = %self.dir.display(), "HAProxy is gone; restarting it and re-applying its slots");
                 // The dead one's journal names the same socket and pid file: undo it first.
                 self.unwind(&state.journal)?;
-                let state = self.start(state.port, state.slots)?;
+                let state = self.start(state.port, state.slots, state.detours)?;
                 for (slot, server) in &state.slots {
-                    self.apply(*slot, server)?;
+                    self.apply(*slot, target(&state, server))?;
                 }
                 Ok(state)
             }
             None => {
                 let port = Endpoint::free(Ipv4Addr::LOCALHOST).context(PortSnafu)?.port;
-                self.start(port, BTreeMap::new())
+                self.start(port, BTreeMap::new(), BTreeMap::new())
             }
         }
     }
 
-    fn start(&self, port: u16, slots: BTreeMap<usize, Server>) -> Result<State> {
+    fn start(
+        &self,
+        port: u16,
+        slots: BTreeMap<usize, Server>,
+        detours: BTreeMap<String, (Ipv4Addr, u16)>,
+    ) -> Result<State> {
         let socket = self.socket();
         snafu::ensure!(socket.as_os_str().len() <= MAX_SOCKET_PATH, SocketPathSnafu { path: socket });
         let (config, pid_file) = (self.dir.join("haproxy.cfg"), self.dir.join("haproxy.pid"));
         crate::atomic::write(&config, render_config(port, &socket).as_bytes()).context(IoSnafu { path: &config })?;
         let starting = daemon::begin(&self.state_dir, "balancer", &format!("balancer {}", self.dir.display()))
             .context(DaemonSnafu)?;
-        let mut state = State { port, journal: starting.id().to_string(), process: None, slots };
+        let mut state = State { port, journal: starting.id().to_string(), process: None, slots, detours };
         self.save(&state)?;
         let process = starting
             .launch(&[socket.clone(), pid_file.clone()], || {
@@ -213,7 +226,7 @@ impl Balancer {
         let slots: Vec<(usize, &Server)> =
             state.slots.iter().filter(|(_, s)| servers.contains(s)).map(|(n, s)| (*n, s)).collect();
         for (slot, server) in &slots {
-            self.apply(*slot, server)?;
+            self.apply(*slot, target(&state, server))?;
         }
         let mut down = Vec::new();
         let up = crate::wait::try_until(UP_TIMEOUT, Duration::from_millis(100), || {
@@ -250,7 +263,26 @@ impl Balancer {
             self.set_state(*slot, "maint")?;
             state.slots.remove(slot);
         }
+        state.detours.retain(|id, _| !ids.contains(id));
         self.save(&state)
+    }
+
+    /// Sends the traffic of server `id` to `via` instead of the server (None: to the server
+    /// again). Kept in the balancer's state, so that putting the server in service again keeps
+    /// the detour; nothing to do for a server with no slot, beyond remembering.
+    pub fn detour(&self, id: &str, via: Option<(Ipv4Addr, u16)>) -> Result<()> {
+        let Some(state) = self.load()? else { return Ok(()) };
+        let mut state = self.running(Some(state))?;
+        match via {
+            Some(via) => state.detours.insert(id.to_string(), via),
+            None => state.detours.remove(id),
+        };
+        self.save(&state)?;
+        let slot = state.slots.iter().find(|(_, s)| s.id == id).map(|(n, s)| (*n, s.clone()));
+        match slot {
+            Some((slot, server)) => self.apply(slot, target(&state, &server)),
+            None => Ok(()),
+        }
     }
 
     /// Stops HAProxy and removes the balancer's state; the URL is gone after this.
@@ -286,16 +318,15 @@ impl Balancer {
             .collect())
     }
 
-    /// Writes `server` into `slot` and makes it ready, then checks HAProxy took both.
-    fn apply(&self, slot: usize, server: &Server) -> Result<()> {
-        let address = format!("set server {BACKEND}/slot{slot} addr {} port {}", server.address, server.port);
-        self.runtime(&address)?;
+    /// Points `slot` at `(address, port)` and makes it ready, then checks HAProxy took both.
+    fn apply(&self, slot: usize, (address, port): (Ipv4Addr, u16)) -> Result<()> {
+        let command = format!("set server {BACKEND}/slot{slot} addr {address} port {port}");
+        self.runtime(&command)?;
         self.set_state(slot, "ready")?;
         let status = self.status()?;
-        let applied = status
-            .get(&slot)
-            .is_some_and(|s| s.address == server.address.to_string() && s.port == server.port && !s.in_maintenance);
-        snafu::ensure!(applied, NotAppliedSnafu { command: address, reply: "the slot did not change" });
+        let applied =
+            status.get(&slot).is_some_and(|s| s.address == address.to_string() && s.port == port && !s.in_maintenance);
+        snafu::ensure!(applied, NotAppliedSnafu { command, reply: "the slot did not change" });
         Ok(())
     }
 
@@ -413,6 +444,12 @@ backend {BACKEND}
     balance roundrobin
     # Only requests safe to repeat are replayed after a server may have seen them.
     http-request disable-l7-retry if !METH_GET !METH_HEAD
+    # An HTTP check with a deadline: a server that accepts connections but answers late (or not
+    # at all) is taken out within about 2 s. Any answer below 500 will do: the launcher checks
+    # each instance's own health URL before it ever puts it in a slot.
+    option httpchk GET /
+    http-check expect status 200-499
+    timeout check 1s
     server-template slot 1-{SLOTS} 127.0.0.1:1 disabled check inter 1s fall 2 rise 1
 ",
         socket = socket.display(),

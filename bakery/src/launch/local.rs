@@ -74,6 +74,12 @@ pub enum Error {
     #[snafu(display("killing instance {instance}: {source}"))]
     Kill { instance: String, source: std::io::Error },
 
+    #[snafu(display("Latency Monkey's relay: {source}"))]
+    Relay { source: super::daemon::Error },
+
+    #[snafu(display("Latency Monkey's relay did not listen on port {port} within 5 s"))]
+    RelayNotListening { port: u16 },
+
     #[snafu(display("no free loopback address for another instance"))]
     NoAddress,
 
@@ -131,6 +137,20 @@ struct MemberState {
     /// Unix seconds since the healer first saw it not healthy in a row (None: healthy).
     #[serde(default)]
     unhealthy_since: Option<u64>,
+    /// Latency Monkey's relay in front of it, while it lasts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    latency: Option<LatencyState>,
+}
+
+/// A member's traffic detoured through a delaying relay (`launcher chaos relay`, a helper
+/// process that stops by itself at `until`; the healer then points the balancer back).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct LatencyState {
+    /// Unix seconds.
+    until: u64,
+    port: u16,
+    /// The relay's handed-over journal.
+    journal: String,
 }
 
 impl MemberState {
@@ -297,6 +317,7 @@ impl LocalCloud {
                 journal: id,
                 process,
                 unhealthy_since: None,
+                latency: None,
             });
             used.insert(address);
             // Recorded before the journal is handed over: a launcher killed in between leaves a
@@ -335,6 +356,9 @@ impl LocalCloud {
     }
 
     fn stop_member(&self, member: &MemberState) -> Result<()> {
+        if let Some(latency) = &member.latency {
+            super::daemon::stop(&self.state_dir, &latency.journal).context(JournalSnafu)?;
+        }
         match Journal::adopt(&self.state_dir, &member.journal).context(JournalSnafu)? {
             Some(journal) => journal.unwind_all(&journal::HostOnly).context(JournalSnafu),
             None => Ok(()), // reclaimed by gc after its process died
@@ -351,6 +375,14 @@ impl LocalCloud {
             |id: &str| registered.iter().find(|i| i.registration.instance_id == id).map(|i| i.reported_status.as_str());
         let agent = probe_agent();
         let now = now();
+        // Latency Monkey's detours that ran their course end here (their relay has stopped).
+        for member in state.members.iter_mut() {
+            if let Some(latency) = member.latency.take_if(|l| l.until <= now) {
+                self.balancer(&cluster).detour(&member.id, None).context(BalancerSnafu { cluster: &cluster })?;
+                super::daemon::stop(&self.state_dir, &latency.journal).context(JournalSnafu)?;
+                tracing::info!(instance = %member.id, "latency removed");
+            }
+        }
         let healths: Vec<Health> =
             state.members.iter().map(|m| self.health(&agent, state, m, reported(&m.id))).collect();
         let mut failed = Vec::new();
@@ -606,6 +638,61 @@ impl Cloud for LocalCloud {
             replaced.extend(self.heal_group(&mut state)?);
         }
         Ok(replaced)
+    }
+
+    /// Starts `launcher chaos relay` (this executable) as a helper process in front of the
+    /// member, and points the balancer's slot at it.
+    fn inject_latency(
+        &self,
+        group: &str,
+        instance: &str,
+        delay: Duration,
+        jitter: Duration,
+        until: u64,
+    ) -> cloud::Result<()> {
+        let (_lock, mut state) = self.locked_group(group)?.context(NoGroupSnafu { group })?;
+        let cluster = state.spec.cluster.clone();
+        let index = state.members.iter().position(|m| m.id == instance).context(NoMemberSnafu { group, instance })?;
+        if let Some(old) = state.members[index].latency.take() {
+            super::daemon::stop(&self.state_dir, &old.journal).context(JournalSnafu)?;
+        }
+        let member = state.members[index].clone();
+        let localhost = Ipv4Addr::LOCALHOST;
+        let port = Endpoint::free(localhost).context(PortSnafu { address: localhost })?.port;
+        let starting = super::daemon::begin(&self.state_dir, "relay", &format!("Latency Monkey's relay to {instance}"))
+            .context(RelaySnafu)?;
+        let journal = starting.id().to_string();
+        starting
+            .launch(&[], || {
+                let mut relay = std::process::Command::new(std::env::current_exe()?);
+                relay
+                    .args(["chaos", "relay", "--listen", &format!("{localhost}:{port}")])
+                    .args(["--target", &format!("{}:{}", member.address, member.port)])
+                    .args(["--delay", &format!("{}ms", delay.as_millis())])
+                    .args(["--jitter", &format!("{}ms", jitter.as_millis())])
+                    .args(["--until", &until.to_string()])
+                    .stdin(std::process::Stdio::null())
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null());
+                // Its own process group: a Ctrl-C at the launcher's terminal does not reach it.
+                std::os::unix::process::CommandExt::process_group(&mut relay, 0);
+                let mut child = relay.spawn()?;
+                let process = Identity::of(child.id() as i32);
+                std::thread::spawn(move || child.wait());
+                process.ok_or_else(|| std::io::Error::other("the relay exited at once"))
+            })
+            .context(RelaySnafu)?;
+        let listening = crate::wait::until(Duration::from_secs(5), Duration::from_millis(20), || {
+            std::net::TcpStream::connect((localhost, port)).ok().map(|_| ())
+        });
+        if listening.is_none() {
+            super::daemon::stop(&self.state_dir, &journal).context(JournalSnafu)?;
+            return Err(Error::RelayNotListening { port }.into());
+        }
+        state.members[index].latency = Some(LatencyState { until, port, journal });
+        self.save_group(&state)?;
+        self.balancer(&cluster).detour(instance, Some((localhost, port))).context(BalancerSnafu { cluster })?;
+        Ok(())
     }
 
     /// SIGKILL to the instance's nspawn, the init of its PID namespace: everything in it dies

@@ -8,6 +8,7 @@ pub mod cloud;
 mod daemon;
 pub mod engine;
 pub mod haproxy;
+pub mod latency;
 pub mod local;
 pub mod names;
 pub mod plan;

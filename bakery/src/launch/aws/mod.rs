@@ -131,6 +131,7 @@ pub struct AwsCloud {
     elb: aws_sdk_elasticloadbalancingv2::Client,
     ec2: aws_sdk_ec2::Client,
     discovery: aws_sdk_servicediscovery::Client,
+    ssm: aws_sdk_ssm::Client,
     metrics: aws_sdk_cloudwatch::Client,
     region: String,
     policy: Policy,
@@ -144,6 +145,7 @@ impl AwsCloud {
             elb: aws_sdk_elasticloadbalancingv2::Client::new(&config),
             ec2: aws_sdk_ec2::Client::new(&config),
             discovery: aws_sdk_servicediscovery::Client::new(&config),
+            ssm: aws_sdk_ssm::Client::new(&config),
             metrics: aws_sdk_cloudwatch::Client::new(&config),
             region: config.region().map(|r| r.to_string()).unwrap_or_default(),
             policy: Policy::from_env(),
@@ -635,6 +637,36 @@ impl Cloud for AwsCloud {
         Ok(())
     }
 
+    /// SSM Run Command on the instance: `tc netem` on its default interface, and a systemd
+    /// timer on the instance that removes it at the end, whatever happens to the launcher. The
+    /// image needs the SSM agent and iproute2, and the instance a role that lets SSM in.
+    fn inject_latency(
+        &self,
+        _group: &str,
+        instance: &str,
+        delay: Duration,
+        jitter: Duration,
+        until: u64,
+    ) -> cloud::Result<()> {
+        let seconds = until.saturating_sub(now()).max(1);
+        let script = latency_script(delay, jitter, seconds);
+        self.runtime.block_on(async {
+            retry(self.policy, "SendCommand", || {
+                self.ssm
+                    .send_command()
+                    .instance_ids(instance)
+                    .document_name("AWS-RunShellScript")
+                    .parameters("commands", vec![script.clone()])
+                    .comment("bakery Latency Monkey")
+                    .timeout_seconds(60)
+                    .send()
+            })
+            .await
+            .context(CallSnafu)
+        })?;
+        Ok(())
+    }
+
     fn acquire_lock(&self, cluster: &str, holder: &LockHolder) -> cloud::Result<Option<LockHolder>> {
         Ok(self.runtime.block_on(self.acquire(cluster, holder))?)
     }
@@ -680,6 +712,19 @@ impl Cloud for AwsCloud {
         })?;
         Ok(found.into_values().filter(|i| cluster.is_none_or(|c| i.registration.cluster == c)).collect())
     }
+}
+
+/// The shell an instance runs for Latency Monkey: netem on the default route's interface, and
+/// its removal scheduled on the instance itself.
+fn latency_script(delay: Duration, jitter: Duration, seconds: u64) -> String {
+    format!(
+        "set -e\n\
+         dev=$(ip route show default | awk '{{print $5; exit}}')\n\
+         tc qdisc replace dev \"$dev\" root netem delay {}ms {}ms\n\
+         systemd-run --on-active={seconds} --unit=bakery-latency-end-$(date +%s) tc qdisc del dev \"$dev\" root\n",
+        delay.as_millis(),
+        jitter.as_millis()
+    )
 }
 
 fn member_ids(asg: &AutoScalingGroup) -> Vec<String> {
