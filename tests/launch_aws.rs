@@ -632,6 +632,8 @@ fn chaos_kill_terminates_through_the_group_which_keeps_its_capacity() {
     };
     let (code, _, stderr) = chaos(&["kill", "--cluster", CLUSTER]);
     assert_eq!(code, 3, "a cluster that did not opt in: {stderr}");
+    let (code, ran, stderr) = chaos(&["run", "--once"]);
+    assert_eq!((code, ran), (0, json!([])), "the scheduler leaves it alone too: {stderr}");
     assert!(recorded("TerminateInstanceInAutoScalingGroup").is_empty());
     assert_eq!(chaos(&["enable", "--cluster", CLUSTER]).0, 0);
     let before = strings(&group(&world(&stand), "hello-prod-v000")["instances"]);

@@ -665,20 +665,26 @@ fn launcher_raw(args: &[&str]) -> (i32, String, String) {
     (output.status.code().unwrap_or(-1), text(&output.stdout), text(&output.stderr))
 }
 
+/// v1 deployed as `cluster` through `launcher`; its balancer's URL.
+fn deploy_v1(cluster: &str) -> String {
+    let (v1, _) = images();
+    let (code, first, stderr) =
+        launcher_json(&["deploy", "--cluster", cluster, "--image", v1, "--health-url", "/hello/health"]);
+    assert_eq!(code, 0, "{first}\n{stderr}");
+    first["balancer_url"].as_str().unwrap().to_string()
+}
+
 /// Chaos Monkey on a local cluster under clients, with the watcher healing: a cluster that did
-/// not opt in is refused, a dry run kills nothing, and a kill takes one instance down abruptly
-/// without a failed client request; the group is back to 3 healthy instances `UP` in the
-/// registry, with the replacement on record and the kill in the audit log.
+/// not opt in is refused, a dry run kills nothing, and a kill every 15 s for 90 s takes an
+/// instance down abruptly without a failed client request; each time the group is back to 3
+/// healthy instances `UP` in the registry, with the replacement on record and the kill in the
+/// audit log.
 #[test]
 fn chaos_monkey_kills_and_the_group_heals_without_a_failed_request() {
     let _serial = serial();
-    let (v1, _) = images();
     let cluster = new_cluster();
     let _cleanup = Cleanup(&cluster);
-    let (code, first, stderr) =
-        launcher_json(&["deploy", "--cluster", &cluster, "--image", v1, "--health-url", "/hello/health"]);
-    assert_eq!(code, 0, "{first}\n{stderr}");
-    let balancer = first["balancer_url"].as_str().unwrap().to_string();
+    let balancer = deploy_v1(&cluster);
     let group = format!("{cluster}-v000");
 
     let (code, _, stderr) = launcher_raw(&["chaos", "kill", "--cluster", &cluster]);
@@ -697,44 +703,49 @@ fn chaos_monkey_kills_and_the_group_heals_without_a_failed_request() {
     };
     assert_eq!(healthy(&launcher_json(&["status", "--cluster", &cluster]).1), 3);
 
+    // One kill every 15 s for 90 s, under clients, with the healer running.
     let mut healer = watcher();
     let hammer = Hammer::start(&balancer);
     std::thread::sleep(Duration::from_millis(500));
-    let (code, killed, stderr) = launcher_json(&["chaos", "kill", "--cluster", &cluster, "--count", "1"]);
-    assert_eq!(code, 0, "{stderr}");
-    assert_eq!((&killed[0]["group"], &killed[0]["result"]), (&json!(group), &json!("done")), "{killed}");
-    let victim = killed[0]["instance"].as_str().unwrap().to_string();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let status = loop {
-        let (_, status, _) = launcher_json(&["status", "--cluster", &cluster]);
-        let replaced = status["groups"][0]["replacements"].as_array().is_some_and(|r| r.len() == 1);
-        if replaced && healthy(&status) == 3 || Instant::now() > deadline {
-            break status;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    };
-    std::thread::sleep(Duration::from_secs(2));
+    let mut victims = Vec::new();
+    for round in 1..=6 {
+        let killed_at = Instant::now();
+        let (code, killed, stderr) = launcher_json(&["chaos", "kill", "--cluster", &cluster, "--count", "1"]);
+        assert_eq!(code, 0, "{stderr}");
+        assert_eq!((&killed[0]["group"], &killed[0]["result"]), (&json!(group), &json!("done")), "{killed}");
+        let victim = killed[0]["instance"].as_str().unwrap().to_string();
+        let status = loop {
+            let (_, status, _) = launcher_json(&["status", "--cluster", &cluster]);
+            let replaced = status["groups"][0]["replacements"].as_array().is_some_and(|r| r.len() == round);
+            if replaced && healthy(&status) == 3 || killed_at.elapsed() > Duration::from_secs(120) {
+                break status;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        };
+        eprintln!("chaos round {round}: {victim} replaced, 3 healthy and UP after {:?}", killed_at.elapsed());
+        assert_eq!(healthy(&status), 3, "healed after round {round}: {status:#}");
+        let replacement = &status["groups"][0]["replacements"][round - 1];
+        assert_eq!((&replacement["instance"], &replacement["reason"]), (&json!(victim), &json!("its process exited")));
+        let members: Vec<&str> =
+            status["groups"][0]["members"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+        assert!(!members.contains(&victim.as_str()) && members.contains(&replacement["replaced_by"].as_str().unwrap()));
+        victims.push(victim);
+        std::thread::sleep(Duration::from_secs(15).saturating_sub(killed_at.elapsed()));
+    }
     let Tally { seen, failures } = hammer.finish();
     healer.kill().unwrap();
     healer.wait().unwrap();
-    assert_eq!(healthy(&status), 3, "healed: {status:#}");
-    let replacement = &status["groups"][0]["replacements"][0];
-    assert_eq!((&replacement["instance"], &replacement["reason"]), (&json!(victim), &json!("its process exited")));
-    let members: Vec<&str> =
-        status["groups"][0]["members"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
-    assert!(!members.contains(&victim.as_str()) && members.contains(&replacement["replaced_by"].as_str().unwrap()));
     assert!(failures.is_empty(), "{} of {seen:?} requests failed: {failures:?}", failures.len());
-    // The new instance serves: every member answers through the balancer.
+    // The new instances serve: every member answers through the balancer.
     assert_eq!(versions_seen(&balancer, 30), BTreeSet::from(["9.1.0".to_string()]));
 
     let (code, log, _) = launcher_json(&["chaos", "log", "--cluster", &cluster]);
     assert_eq!(code, 0);
     let log = log.as_array().unwrap();
-    assert_eq!(log.len(), 1, "the dry run is not an action: {log:?}");
-    assert_eq!(
-        (&log[0]["monkey"], &log[0]["action"], &log[0]["instance"]),
-        (&json!("chaos"), &json!("terminate"), &json!(victim))
-    );
+    assert_eq!(log.len(), 6, "the dry run is not an action: {log:?}");
+    let logged: Vec<&str> = log.iter().map(|e| e["instance"].as_str().unwrap()).collect();
+    assert_eq!(logged, victims);
+    assert!(log.iter().all(|e| e["monkey"] == "chaos" && e["action"] == "terminate"), "{log:?}");
     let (code, _, _) = launcher_json(&["chaos", "disable", "--cluster", &cluster]);
     assert_eq!(code, 0);
     let (code, destroyed, stderr) = launcher_json(&["destroy", "--cluster", &cluster]);
@@ -743,18 +754,14 @@ fn chaos_monkey_kills_and_the_group_heals_without_a_failed_request() {
 }
 
 /// Latency Monkey on a local cluster under clients: one instance's traffic is delayed by 2 s
-/// for 15 s through a relay; the balancer's health check (1 s) takes it out, so clients stay
+/// for 60 s through a relay; the balancer's health check (1 s) takes it out, so clients stay
 /// fast, and once the latency is removed the instance serves again.
 #[test]
 fn latency_monkey_slows_one_instance_and_the_balancer_routes_around_it() {
     let _serial = serial();
-    let (v1, _) = images();
     let cluster = new_cluster();
     let _cleanup = Cleanup(&cluster);
-    let (code, first, stderr) =
-        launcher_json(&["deploy", "--cluster", &cluster, "--image", v1, "--health-url", "/hello/health"]);
-    assert_eq!(code, 0, "{first}\n{stderr}");
-    let balancer = first["balancer_url"].as_str().unwrap().to_string();
+    let balancer = deploy_v1(&cluster);
     let (code, _, stderr) =
         launcher_raw(&["chaos", "latency", "--cluster", &cluster, "--delay", "2s", "--duration", "5s"]);
     assert_eq!(code, 3, "not opted in: {stderr}");
@@ -781,7 +788,7 @@ fn latency_monkey_slows_one_instance_and_the_balancer_routes_around_it() {
         .collect();
     std::thread::sleep(Duration::from_secs(1));
     let (code, injected, stderr) =
-        launcher_json(&["chaos", "latency", "--cluster", &cluster, "--delay", "2s", "--duration", "15s"]);
+        launcher_json(&["chaos", "latency", "--cluster", &cluster, "--delay", "2s", "--duration", "60s"]);
     let restored_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
     std::thread::sleep(Duration::from_secs(2));
     stop.store(true, Ordering::Relaxed);

@@ -704,6 +704,18 @@ mod tests {
         fn group(&self, name: &str) -> Option<Group> {
             self.sim.groups("hello-prod").unwrap().into_iter().find(|g| g.name == name)
         }
+
+        /// A live run of another process (pid 77) on this host, holding for ten minutes.
+        fn rival(&self) -> LockHolder {
+            LockHolder {
+                deploy_id: "other".into(),
+                owner: "bob".into(),
+                host: SIM_HOST.into(),
+                pid: 77,
+                start_time: 1,
+                expires: self.clock.now().as_secs() + 600,
+            }
+        }
     }
 
     #[test]
@@ -723,15 +735,7 @@ mod tests {
         let after: Vec<String> = stand.group("hello-prod-v000").unwrap().members.into_iter().map(|m| m.id).collect();
         assert!(before.contains(&killed[0].1) && !after.contains(&killed[0].1) && after.len() == 3);
         // A deploy holding the lock (a live run of another process) keeps the monkey out.
-        let rival = LockHolder {
-            deploy_id: "other".into(),
-            owner: "bob".into(),
-            host: SIM_HOST.into(),
-            pid: 77,
-            start_time: 1,
-            expires: stand.clock.now().as_secs() + 600,
-        };
-        assert_eq!(stand.sim.acquire_lock("hello-prod", &rival).unwrap(), None);
+        assert_eq!(stand.sim.acquire_lock("hello-prod", &stand.rival()).unwrap(), None);
         assert!(matches!(engine.chaos_kill("hello-prod", 1, false, &mut rng), Err(Error::Locked { .. })));
     }
 
@@ -931,15 +935,7 @@ mod tests {
     #[test]
     fn a_second_deploy_is_refused_while_the_lock_is_held_by_a_live_run() {
         let stand = Stand::new();
-        let rival = LockHolder {
-            deploy_id: "other".into(),
-            owner: "bob".into(),
-            host: SIM_HOST.into(),
-            pid: 77,
-            start_time: 1,
-            expires: stand.clock.now().as_secs() + 600,
-        };
-        assert_eq!(stand.sim.acquire_lock("hello-prod", &rival).unwrap(), None);
+        assert_eq!(stand.sim.acquire_lock("hello-prod", &stand.rival()).unwrap(), None);
         let err = stand.engine(10).deploy(&request("ami-1")).unwrap_err();
         let message = err.to_string();
         assert!(
