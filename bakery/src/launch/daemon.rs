@@ -79,6 +79,17 @@ impl Starting {
     }
 }
 
+/// Spawns `command` as a helper that outlives the caller: in its own process group (a Ctrl-C at
+/// the caller's terminal does not reach it), reaped whenever it exits while the caller lives (a
+/// command that exits first leaves it to init). For [`Starting::launch`]'s `spawn`.
+pub fn spawn_detached(mut command: std::process::Command) -> std::io::Result<Identity> {
+    std::os::unix::process::CommandExt::process_group(&mut command, 0);
+    let mut child = command.spawn()?;
+    let process = Identity::of(child.id() as i32);
+    std::thread::spawn(move || child.wait());
+    process.ok_or_else(|| std::io::Error::other(format!("{:?} exited at once", command.get_program())))
+}
+
 /// Stops the helper whose journal is `journal` and removes its files; nothing to do when it is
 /// gone already.
 pub fn stop(state_dir: &Path, journal: &str) -> std::result::Result<(), journal::Error> {

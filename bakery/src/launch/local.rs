@@ -634,7 +634,8 @@ impl Cloud for LocalCloud {
         check_name("cluster", cluster)?;
         let mut replaced = Vec::new();
         for name in self.group_states(cluster)?.into_iter().filter(|g| !g.suspended).map(|g| g.spec.name) {
-            let Some((_lock, mut state)) = self.locked_group(&name)? else { continue };
+            // A deploy may have disabled it since the listing: a disabled group does not heal.
+            let Some((_lock, mut state)) = self.locked_group(&name)?.filter(|(_, s)| !s.suspended) else { continue };
             replaced.extend(self.heal_group(&mut state)?);
         }
         Ok(replaced)
@@ -674,12 +675,7 @@ impl Cloud for LocalCloud {
                     .stdin(std::process::Stdio::null())
                     .stdout(std::process::Stdio::null())
                     .stderr(std::process::Stdio::null());
-                // Its own process group: a Ctrl-C at the launcher's terminal does not reach it.
-                std::os::unix::process::CommandExt::process_group(&mut relay, 0);
-                let mut child = relay.spawn()?;
-                let process = Identity::of(child.id() as i32);
-                std::thread::spawn(move || child.wait());
-                process.ok_or_else(|| std::io::Error::other("the relay exited at once"))
+                super::daemon::spawn_detached(relay)
             })
             .context(RelaySnafu)?;
         let listening = crate::wait::until(Duration::from_secs(5), Duration::from_millis(20), || {

@@ -156,14 +156,7 @@ impl Registry {
                     .stdin(Stdio::null())
                     .stdout(output.try_clone()?)
                     .stderr(output);
-                // Its own process group: a Ctrl-C at the launcher's terminal does not reach it.
-                std::os::unix::process::CommandExt::process_group(&mut etcd, 0);
-                let mut child = etcd.spawn()?;
-                let process = Identity::of(child.id() as i32);
-                // Reaped whenever it exits while this process lives (a long-lived caller); a
-                // command that exits first leaves it to init.
-                std::thread::spawn(move || child.wait());
-                process.ok_or_else(|| std::io::Error::other("etcd exited at once"))
+                daemon::spawn_detached(etcd)
             })
             .context(DaemonSnafu)?;
         state.process = Some(process);
