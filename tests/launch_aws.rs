@@ -711,3 +711,53 @@ fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// The console on the aws provider: its images, cluster and group pages and their API show what
+/// Auto Scaling, EC2 and the deploy record say, as boto3 reads them.
+#[test]
+fn the_console_shows_what_the_aws_provider_reads() {
+    let _serial = serial();
+    let stand = stand();
+    boto(&format!(
+        "ec2.create_tags(Resources=['{}'], Tags=[{{'Key': 'app', 'Value': 'hello'}}, {{'Key': 'version', 'Value': '2.0.<b>'}}])",
+        stand.images[1]
+    ));
+    deploy(&stand, 0, &[]);
+    deploy(&stand, 1, &[]);
+    let w = world(&stand);
+    let mut console = launcher(&["console", "--listen", "127.0.0.1:0"]).stdout(Stdio::piped()).spawn().unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(console.stdout.take().unwrap()), &mut line).unwrap();
+    let url = serde_json::from_str::<Value>(&line).unwrap()["url"].as_str().unwrap().to_string();
+    let get = |path: &str| {
+        let response = ureq::get(&format!("{url}{path}")).call().unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        response.into_string().unwrap()
+    };
+
+    let cluster: Value = serde_json::from_str(&get("api/clusters/hello-prod")).unwrap();
+    assert_eq!(cluster["cloud"], "aws");
+    let groups: Vec<(String, bool)> = cluster["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| (g["name"].as_str().unwrap().to_string(), g["in_service"].as_bool().unwrap()))
+        .collect();
+    assert_eq!(groups, [("hello-prod-v000".to_string(), false), ("hello-prod-v001".to_string(), true)]);
+    assert_eq!(cluster["history"][0]["new_group"], "hello-prod-v001", "{cluster}");
+    assert_eq!(cluster["versions"][&stand.images[1]], "2.0.<b>");
+    let page = get("clusters/hello-prod");
+    assert!(
+        page.contains("hello-prod-v001") && page.contains("in service") && page.contains("2.0.&lt;b&gt;"),
+        "{page}"
+    );
+    let group_page = get("clusters/hello-prod/groups/hello-prod-v001");
+    for instance in strings(&group(&w, "hello-prod-v001")["instances"]) {
+        assert!(group_page.contains(&instance), "{instance} not on the group's page: {group_page}");
+    }
+    let images = get("images");
+    assert!(stand.images.iter().all(|i| images.contains(i.as_str())), "{images}");
+    let listed: Value = serde_json::from_str(&get("api/images?app=hello")).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    let _ = console.kill();
+    let _ = console.wait();
+}

@@ -834,3 +834,129 @@ fn latency_monkey_slows_one_instance_and_the_balancer_routes_around_it() {
     assert_eq!(code, 0, "{destroyed}\n{stderr}");
     assert_no_leftovers("after the latency");
 }
+
+/// `launcher console` on a free loopback port, stopped (SIGTERM) when dropped.
+struct ConsoleProcess {
+    child: std::process::Child,
+    url: String,
+}
+
+impl ConsoleProcess {
+    fn start() -> ConsoleProcess {
+        use std::io::BufRead as _;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_launcher"))
+            .env("BAKERY_STATE_DIR", state_dir())
+            .env_remove("BAKERY_PROVIDER")
+            .args(["console", "--listen", "127.0.0.1:0"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let url = line.trim().strip_prefix("console: ").unwrap_or_else(|| panic!("{line:?}")).to_string();
+        ConsoleProcess { child, url }
+    }
+}
+
+impl Drop for ConsoleProcess {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits on an action's page until it ends; its line count when the page first loaded, and at
+/// the end.
+fn follow_action(browser: &common::browser::Browser) -> (usize, usize) {
+    browser.wait_for("the action's page", Duration::from_secs(10), |b| b.url().contains("/actions/"));
+    let at_load = browser.count("#events li");
+    let running =
+        |b: &common::browser::Browser| b.find("#outcome").attribute("data-state").as_deref() == Some("running");
+    browser.wait_for("the action to end", Duration::from_secs(300), |b| !running(b));
+    let outcome = browser.find("#outcome");
+    assert_eq!(outcome.attribute("data-state").as_deref(), Some("ok"), "{}", browser.text());
+    (at_load, browser.count("#events li"))
+}
+
+/// The console in a real browser (Debian's Chromium through ChromeDriver) on a local cluster
+/// running v1: v2 deployed from the page with its steps arriving live until the new group
+/// serves and the balancer answers v2, then rolled back from the page to v1; a hostile tag
+/// shows as text; each action is in the audit log with who and from where. Screenshots of each
+/// page are saved in target/console-screenshots.
+#[test]
+fn the_console_deploys_and_rolls_back_from_a_real_browser() {
+    let _serial = serial();
+    let (v1, v2) = images();
+    // Of the images' app, `hello`, so that the deploy form offers them.
+    let cluster = new_cluster().replacen("hello", "hello-", 1);
+    let _cleanup = Cleanup(&cluster);
+    let balancer = deploy_v1(&cluster);
+    let hostile = "<script>document.title='owned'</script>";
+    let provider = bakery::local::LocalProvider::open(&state_dir()).unwrap();
+    bakery::provider::Provider::images(&provider)
+        .tag_image(v1, &BTreeMap::from([("note".to_string(), hostile.to_string())]))
+        .unwrap();
+    let console = ConsoleProcess::start();
+    let shots = workspace().join("target/console-screenshots");
+    let browser = common::browser::Browser::start();
+
+    browser.goto(&console.url);
+    assert!(browser.text().contains(&cluster), "{}", browser.text());
+    browser.screenshot(&shots, "applications");
+    browser.goto(&format!("{}images?app=hello", console.url));
+    assert!(browser.text().contains("9.2.0"));
+    browser.screenshot(&shots, "images");
+    browser.goto(&format!("{}images/{v1}", console.url));
+    assert!(browser.text().contains(hostile), "the tag is shown as text");
+    assert!(!browser.title().contains("owned"), "the tag ran as script");
+
+    browser.goto(&console.url);
+    browser.find(&format!("a[href='/clusters/{cluster}']")).click();
+    let v000 = format!("{cluster}-v000");
+    assert!(browser.find("#groups").text().contains(&format!("{v000} 9.1.0")), "{}", browser.text());
+    browser.find("#deploy").click();
+    browser.find(&format!("#image option[value='{v2}']")).click();
+    browser.find("input[name='health_url']").fill("/hello/health");
+    browser.find("#review").click();
+    let review = browser.find("#changes").text();
+    assert!(review.contains(&format!("{v000} leaves service but keeps running")), "{review}");
+    browser.screenshot(&shots, "deploy-review");
+    browser.find("#confirm").click();
+    let (at_load, at_end) = follow_action(&browser);
+    assert!(at_end > at_load, "no line arrived after the page loaded ({at_load} then {at_end})");
+    let lines = browser.find("#events").text();
+    let v001 = format!("{cluster}-v001");
+    for expected in [format!("put {v001} in service"), format!("{v001}: 3 of 3 healthy")] {
+        assert!(lines.contains(&expected), "{expected:?} not in {lines}");
+    }
+    browser.screenshot(&shots, "deploy-live");
+    assert_eq!(versions_seen(&balancer, 10), BTreeSet::from(["9.2.0".to_string()]));
+
+    browser.goto(&format!("{}clusters/{cluster}", console.url));
+    browser.screenshot(&shots, "cluster");
+    browser.find("#rollback").click();
+    let review = browser.find("#changes").text();
+    assert!(review.contains(&format!("{v000} (9.1.0) goes back in service")), "{review}");
+    browser.find("#confirm").click();
+    follow_action(&browser);
+    assert_eq!(versions_seen(&balancer, 10), BTreeSet::from(["9.1.0".to_string()]));
+
+    browser.goto(&format!("{}clusters/{cluster}/groups/{v000}", console.url));
+    assert_eq!(browser.count("#instances tbody tr"), 3, "{}", browser.text());
+    browser.screenshot(&shots, "group");
+    browser.goto(&format!("{}clusters/{cluster}", console.url));
+    let history = browser.find("#history").text();
+    assert!(history.contains("Rollback") && history.contains("(console, from 127.0.0.1)"), "{history}");
+
+    let audit = std::fs::read_to_string(state_dir().join("console/audit.jsonl")).unwrap();
+    let ours: Vec<Value> =
+        audit.lines().map(|l| serde_json::from_str(l).unwrap()).filter(|e: &Value| e["cluster"] == cluster).collect();
+    let said: Vec<(String, String)> = ours
+        .iter()
+        .map(|e| (e["action"].as_str().unwrap().to_string(), e["result"].as_str().unwrap().to_string()))
+        .collect();
+    let expected = [("deploy", "started"), ("deploy", "ok"), ("rollback", "started"), ("rollback", "ok")];
+    assert_eq!(said, expected.map(|(a, r)| (a.to_string(), r.to_string())), "{audit}");
+    assert!(ours.iter().all(|e| e["by"].as_str().unwrap().ends_with("(console, from 127.0.0.1)")), "{audit}");
+}

@@ -75,6 +75,42 @@ pub enum Event {
     },
 }
 
+impl Event {
+    /// The event as one plain line, as CI logs and the console's pages show it; None for
+    /// progress counts, which only a bar shows.
+    pub fn line(&self) -> Option<String> {
+        let seconds = |ms: &u64| format!("{:.1}s", *ms as f64 / 1000.0);
+        Some(match self {
+            Event::StepStarted { step, number, total } => format!("[{number}/{total}] {step}"),
+            Event::Progress { .. } => return None,
+            Event::StepFinished { step, duration_ms, ok, .. } => {
+                let how = if *ok { "done" } else { "failed" };
+                format!("  {step}: {how} in {}", seconds(duration_ms))
+            }
+            Event::OperationStarted { cluster, operation, number, total } => {
+                format!("{cluster} [{number}/{total}] {operation}")
+            }
+            Event::OperationFinished { cluster, operation, outcome, message, duration_ms, .. } => {
+                let why = message.as_ref().map(|m| format!(" ({m})")).unwrap_or_default();
+                format!("{cluster}   {outcome} in {}: {operation}{why}", seconds(duration_ms))
+            }
+            Event::Gate { group, desired, healthy, starting, unhealthy, registered_up, waiting_for, .. } => {
+                let waiting = match waiting_for.len() {
+                    0 => String::new(),
+                    n if n <= 3 => format!("; waiting for {}", waiting_for.join(", ")),
+                    n => format!("; waiting for {}, … ({n} in all)", waiting_for[..3].join(", ")),
+                };
+                let registered = registered_up.map(|up| format!(", {up} UP in the registry")).unwrap_or_default();
+                format!("{group}: {healthy} of {desired} healthy, {starting} starting, {unhealthy} unhealthy{registered}{waiting}")
+            }
+            Event::Phase { cluster, action, phase, message } => {
+                let why = message.as_ref().map(|m| format!(": {m}")).unwrap_or_default();
+                format!("{cluster}: {action} {phase}{why}")
+            }
+        })
+    }
+}
+
 /// Where events go. Implementations must be cheap: progress arrives once per block.
 pub trait Sink: Send + Sync {
     fn emit(&self, event: &Event);

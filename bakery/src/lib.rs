@@ -8,7 +8,8 @@
 //!   a [`provider::Provider`] ([`local`], [`aws`]); volumes on this host come from [`blockstore`];
 //! - a deploy strategy: a planner in [`launch::plan`], executed by [`launch::engine`] against a
 //!   [`launch::cloud::Cloud`];
-//! - progress: [`events`], rendered by [`ui`] for the command lines.
+//! - progress: [`events`], rendered by [`ui`] for the command lines and streamed by the web
+//!   [`console`], whose pages and API sit on the same calls as the command lines.
 //!
 //! Host plumbing (mounts, loop devices, chroots, confined file operations, waits) is private to
 //! the library.
@@ -21,6 +22,7 @@ pub mod base;
 pub mod blockstore;
 mod chroot;
 mod command;
+pub mod console;
 pub mod events;
 pub mod gc;
 pub mod gpt;

@@ -35,6 +35,15 @@ pub fn start_time(pid: i32) -> Option<u64> {
     fields.get(19)?.parse().ok()
 }
 
+/// A start time in clock ticks since boot as Unix seconds.
+pub fn unix_start_time(ticks: u64) -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let boot: u64 = stat.lines().find_map(|l| l.strip_prefix("btime "))?.trim().parse().ok()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let hertz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).ok().filter(|&h| h > 0)?;
+    Some(boot + ticks / hertz)
+}
+
 pub fn is_running(pid: i32, started: u64) -> bool {
     start_time(pid) == Some(started)
 }

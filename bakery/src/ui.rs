@@ -69,63 +69,43 @@ impl Ui {
 impl Sink for Ui {
     fn emit(&self, event: &Event) {
         let mut state = self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let line = event.line();
         match event {
-            Event::StepStarted { step, number, total } => {
-                tracing::info!(step = %step, "[{number}/{total}]");
-                self.line(&mut state, format!("[{number}/{total}] {step}"));
-            }
+            Event::StepStarted { step, number, total } => tracing::info!(step = %step, "[{number}/{total}]"),
             Event::Progress { unit, done, total, .. } if self.interactive => {
                 let bar = state.bar.get_or_insert_with(|| new_bar(*unit));
                 bar.set_length(*total);
                 bar.set_position(*done);
             }
-            Event::Progress { .. } => {}
-            Event::StepFinished { step, duration_ms, ok, .. } => {
-                if let Some(bar) = state.bar.take() {
-                    bar.finish_and_clear();
-                }
-                if !self.interactive {
-                    let how = if *ok { "done" } else { "failed" };
-                    self.line(&mut state, format!("  {step}: {how} in {}", seconds(*duration_ms)));
-                }
-            }
-            Event::OperationStarted { cluster, operation, number, total } => {
-                self.line(&mut state, format!("{cluster} [{number}/{total}] {operation}"));
-            }
-            Event::OperationFinished { cluster, operation, outcome, message, duration_ms, .. } => {
+            Event::StepFinished { .. } | Event::OperationFinished { .. } => {
                 if let Some(bar) = state.bar.take() {
                     bar.finish_and_clear();
                 }
                 state.gate = None;
-                let why = message.as_ref().map(|m| format!(" ({m})")).unwrap_or_default();
-                let took = seconds(*duration_ms);
-                self.line(&mut state, format!("{cluster}   {outcome} in {took}: {operation}{why}"));
-            }
-            Event::Gate { group, desired, healthy, starting, unhealthy, registered_up, waiting_for, .. } => {
-                let waiting = match waiting_for.len() {
-                    0 => String::new(),
-                    n if n <= 3 => format!("; waiting for {}", waiting_for.join(", ")),
-                    n => format!("; waiting for {}, … ({n} in all)", waiting_for[..3].join(", ")),
-                };
-                let registered = registered_up.map(|up| format!(", {up} UP in the registry")).unwrap_or_default();
-                let text = format!(
-                    "{group}: {healthy} of {desired} healthy, {starting} starting, {unhealthy} unhealthy{registered}{waiting}"
-                );
-                if state.gate.as_deref() == Some(text.as_str()) {
+                // A terminal saw the step through its bar.
+                if self.interactive && matches!(event, Event::StepFinished { .. }) {
                     return;
                 }
-                state.gate = Some(text.clone());
+            }
+            Event::Gate { .. } => {
+                if state.gate == line {
+                    return;
+                }
+                state.gate.clone_from(&line);
                 if self.interactive {
                     let spinner = state.bar.get_or_insert_with(new_spinner);
-                    spinner.set_message(text);
-                } else {
+                    spinner.set_message(line.unwrap_or_default());
+                    return;
+                }
+                if let Some(text) = line {
                     self.line(&mut state, format!("  gate {text}"));
                 }
+                return;
             }
-            Event::Phase { cluster, action, phase, message } => {
-                let why = message.as_ref().map(|m| format!(": {m}")).unwrap_or_default();
-                self.line(&mut state, format!("{cluster}: {action} {phase}{why}"));
-            }
+            _ => {}
+        }
+        if let Some(text) = line {
+            self.line(&mut state, text);
         }
     }
 }
@@ -138,10 +118,6 @@ impl Ui {
             None => eprintln!("{text}"),
         }
     }
-}
-
-fn seconds(ms: u64) -> String {
-    format!("{:.1}s", ms as f64 / 1000.0)
 }
 
 fn new_bar(unit: Unit) -> ProgressBar {

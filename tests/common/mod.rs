@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test binary uses its own part of the harness
 
 pub mod aws;
+pub mod browser;
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};

@@ -93,18 +93,34 @@ pub struct AwsProvider {
     mode: Mode,
 }
 
+/// EC2 as every bakery caller uses it: bakery's retry policy, waits of up to 30 minutes.
+fn ec2(config: &aws_config::SdkConfig, cancel: Arc<AtomicBool>) -> Ec2 {
+    let policy = retry::Policy::from_env();
+    Ec2 { client: aws_sdk_ec2::Client::new(config), policy, timeout: Duration::from_secs(1800), cancel }
+}
+
+/// The images alone (the console's view), with no volumes and nothing on this host.
+pub fn image_registry(region: Option<String>) -> std::result::Result<registry::Ec2Registry, crate::provider::Error> {
+    let (runtime, config) = sdk(region)?;
+    let region = config.region().map(|r| r.to_string()).context(NoRegionSnafu)?;
+    Ok(registry::Ec2Registry {
+        ec2: ec2(&config, Arc::default()),
+        runtime: Arc::new(runtime),
+        config,
+        region,
+        kms_key: None,
+        copy_to_regions: Vec::new(),
+        share_with: Vec::new(),
+    })
+}
+
 impl AwsProvider {
     pub fn open(state_dir: &Path, options: Options) -> std::result::Result<AwsProvider, crate::provider::Error> {
         let (runtime, config) = sdk(options.region.clone())?;
         let runtime = Arc::new(runtime);
         let region = config.region().map(|r| r.to_string()).context(NoRegionSnafu)?;
-        let policy = retry::Policy::from_env();
-        let ec2 = Ec2 {
-            client: aws_sdk_ec2::Client::new(&config),
-            policy,
-            timeout: Duration::from_secs(1800),
-            cancel: options.cancel.clone(),
-        };
+        let ec2 = ec2(&config, options.cancel.clone());
+        let policy = ec2.policy;
         let ebs = Ebs { client: aws_sdk_ebs::Client::new(&config), policy, concurrency: 32 };
         let host = match options.mode {
             Some(Mode::Direct) => None,

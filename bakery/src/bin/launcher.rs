@@ -114,6 +114,29 @@ enum Commands {
     /// Chaos Monkey: terminate instances of clusters that opted in, to prove they heal.
     #[command(subcommand)]
     Chaos(ChaosCommand),
+    /// The web console, in Asgard's place: applications, images, clusters, groups and instances;
+    /// deploy, roll back and finish from the browser and follow each step live. Its pages use a
+    /// JSON API under /api/ that CI can use too (`GET /api/session` gives the CSRF token every
+    /// POST needs, in the X-CSRF-Token header).
+    ///
+    /// It listens on loopback unless told otherwise; anywhere else it needs --auth-token-file,
+    /// and pages and API then need a login (a browser signs in with a token; scripts send
+    /// `Authorization: Bearer TOKEN`). Every action is in STATE/console/audit.jsonl with who
+    /// did it and from where.
+    ///
+    /// Example:
+    ///   launcher console
+    ///   launcher console --listen 0.0.0.0:8443 --auth-token-file /etc/bakery/console-tokens
+    #[command(verbatim_doc_comment)]
+    Console {
+        /// Address and port to listen on (port 0: any free one; the address is printed).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+        /// Lines of `name:token` (tokens of 16 characters or more; the file readable by its
+        /// owner only). Required to listen beyond loopback.
+        #[arg(long, value_name = "FILE")]
+        auth_token_file: Option<PathBuf>,
+    },
     /// The service registry instances register themselves in (local: etcd on this host, started
     /// by the first deploy; aws: Cloud Map, with `deploy --registry-namespace`).
     #[command(subcommand)]
@@ -634,7 +657,49 @@ fn registry(cli: &Cli, command: &RegistryCommand, ui: &bakery::ui::Ui) -> Result
     Ok(())
 }
 
+/// `launcher console`: serves until Ctrl-C.
+fn console(cli: &Cli, listen: std::net::SocketAddr, token_file: Option<&std::path::Path>) -> Result<(), Failure> {
+    use bakery::console::{self, auth::Logins};
+    let logins = match token_file {
+        Some(path) => Some(Logins::load(path).map_err(|e| Failure { code: 3, message: e.to_string() })?),
+        None => None,
+    };
+    let cloud: std::sync::Arc<dyn Cloud> = open_cloud(cli)?.into();
+    let images = open_images(cli)?;
+    // A loopback console's visitors act as this process's user.
+    let config =
+        console::Config { listen, logins, state_dir: cli.state_dir.clone(), local_user: Identity::current(0).owner };
+    let ui = bakery::ui::Ui::new(cli.output);
+    let ready = |bound: std::net::SocketAddr| {
+        let url = format!("http://{bound}/");
+        ui.print(&serde_json::json!({ "url": url }), |_| format!("console: {url}"));
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+    };
+    let served = console::serve(config, cloud, images, bakery::ui::cancellation(), ready);
+    served.map_err(|e| match e {
+        console::Error::NeedsToken { .. } => Failure { code: 2, message: e.to_string() },
+        _ => Failure { code: 1, message: e.to_string() },
+    })
+}
+
+/// The images the console lists: the local registry, or EC2's.
+fn open_images(cli: &Cli) -> Result<std::sync::Arc<dyn bakery::provider::ImageRegistry>, Failure> {
+    let failed = |e: bakery::provider::Error| Failure { code: 2, message: format!("opening the images: {e}") };
+    match cli.provider {
+        CloudKind::Local => Ok(std::sync::Arc::new(
+            bakery::local::registry::Registry::open(&cli.state_dir).map_err(|e| failed(e.into()))?,
+        )),
+        #[cfg(feature = "aws")]
+        CloudKind::Aws => Ok(std::sync::Arc::new(bakery::aws::image_registry(cli.region.clone()).map_err(failed)?)),
+        #[cfg(not(feature = "aws"))]
+        CloudKind::Aws => Err(Failure { code: 2, message: bakery::AWS_NOT_BUILT.into() }),
+    }
+}
+
 fn run(cli: &Cli) -> Result<(), Failure> {
+    if let Commands::Console { listen, auth_token_file } = &cli.command {
+        return console(cli, *listen, auth_token_file.as_deref());
+    }
     if let Commands::Registry(command) = &cli.command {
         return registry(cli, command, &bakery::ui::Ui::new(cli.output));
     }
@@ -794,7 +859,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             ui.print(&status, describe_status);
             Ok(())
         }
-        Commands::Registry(_) => unreachable!("handled before the cloud is opened"),
+        Commands::Registry(_) | Commands::Console { .. } => unreachable!("handled before the engine is made"),
         Commands::Chaos(command) => chaos_command(cli, &engine, command, &ui),
         Commands::Clusters => {
             let clusters = engine.clusters().map_err(|e| Failure { code: e.exit_code(), message: e.to_string() })?;
@@ -812,5 +877,13 @@ mod tests {
     #[test]
     fn the_command_line_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn the_console_listens_on_loopback_unless_told_otherwise() {
+        let cli = Cli::try_parse_from(["launcher", "console"]).unwrap();
+        let Commands::Console { listen, auth_token_file } = cli.command else { panic!("not the console") };
+        assert!(listen.ip().is_loopback(), "{listen}");
+        assert!(auth_token_file.is_none());
     }
 }

@@ -214,7 +214,7 @@ mod tests {
     use rand::SeedableRng;
 
     fn member(id: &str, health: Health) -> Member {
-        Member { id: id.into(), zone: "local-a".into(), health, address: None, registry_status: None }
+        Member { id: id.into(), zone: "local-a".into(), health, address: None, registry_status: None, launched: None }
     }
 
     #[test]

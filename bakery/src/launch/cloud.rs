@@ -35,6 +35,9 @@ pub struct Member {
     /// cloud has no registry or the instance has not registered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub registry_status: Option<String>,
+    /// Unix seconds it was started at, where the cloud says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launched: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -182,6 +185,9 @@ pub struct DeployRecord {
     /// Unix seconds.
     pub started: u64,
     pub updated: u64,
+    /// Who ran it, as `owner on host` (the console's logins as `name (console, from ADDRESS)`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_by: Option<String>,
     /// The watched soak after the flip, when the deploy asked for one (and kept on the record
     /// of the rollback or finish that ended it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -223,6 +229,13 @@ pub trait Cloud: Send + Sync {
     fn release_lock(&self, cluster: &str, deploy_id: &str) -> Result<()>;
     fn save_deploy(&self, record: &DeployRecord) -> Result<()>;
     fn load_deploy(&self, cluster: &str) -> Result<Option<DeployRecord>>;
+    /// The cluster's records, newest first, as far back as the cloud keeps them (at least the
+    /// last one).
+    fn history(&self, cluster: &str) -> Result<Vec<DeployRecord>> {
+        Ok(self.load_deploy(cluster)?.into_iter().collect())
+    }
+    /// Who holds the cluster's deploy lock, if a live run does.
+    fn lock_holder(&self, cluster: &str) -> Result<Option<LockHolder>>;
     /// Where the cluster's traffic arrives (local: `http://127.0.0.1:PORT`).
     fn balancer_url(&self, cluster: &str) -> Option<String>;
     /// Stops what the provider runs for a cluster that has no groups left (local: its balancer;
@@ -301,6 +314,7 @@ mod tests {
             steps: vec![],
             started: 1,
             updated: 2,
+            started_by: None,
             soak: None,
         };
         assert!(record.is_unfinished_deploy_of("ami-1"));

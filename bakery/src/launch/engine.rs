@@ -129,7 +129,12 @@ pub struct Identity {
 impl Identity {
     /// This process, given its start time as the provider's liveness check reads it.
     pub fn current(start_time: u64) -> Identity {
-        let owner = std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| "unknown".into());
+        let user = || nix::unistd::User::from_uid(nix::unistd::getuid()).ok().flatten().map(|user| user.name);
+        let owner = std::env::var("USER")
+            .or_else(|_| std::env::var("LOGNAME"))
+            .ok()
+            .or_else(user)
+            .unwrap_or_else(|| "unknown".into());
         Identity { owner, host: cloud::this_host(), pid: std::process::id(), start_time }
     }
 }
@@ -456,6 +461,7 @@ impl Run<'_, '_> {
             steps: plan.steps.iter().map(|op| pending(op.to_string())).collect(),
             started: now,
             updated: now,
+            started_by: Some(format!("{} on {}", self.engine.identity.owner, self.engine.identity.host)),
             soak: None,
         }
     }

@@ -41,6 +41,8 @@ use std::time::Duration;
 const HEAL_GRACE: Duration = Duration::from_secs(120);
 /// Replacements a group remembers, for `status`.
 const REPLACEMENTS_KEPT: usize = 20;
+/// Deploy records a cluster's history keeps.
+const HISTORY_KEPT: usize = 50;
 
 /// Members go round-robin over these, as an ASG spreads instances over availability zones.
 const ZONES: [&str; 3] = ["local-a", "local-b", "local-c"];
@@ -236,6 +238,14 @@ impl LocalCloud {
         }
         groups.sort_by(|a, b| (a.created, &a.spec.name).cmp(&(b.created, &b.spec.name)));
         Ok(groups)
+    }
+
+    /// The cluster's history records, newest first (names start with the zero-padded start time).
+    fn history_files(&self, cluster: &str) -> Result<Vec<PathBuf>> {
+        let dir = self.cluster_dir(cluster).join("history");
+        let mut names: Vec<String> = entries(&dir)?.into_iter().filter(|n| n.ends_with(".json")).collect();
+        names.sort_unstable_by(|a, b| b.cmp(a));
+        Ok(names.into_iter().map(|name| dir.join(name)).collect())
     }
 
     /// The group's state with its cluster locked, or None when no cluster has it.
@@ -486,6 +496,7 @@ impl Cloud for LocalCloud {
                     health: self.health(&agent, &state, m, entry(&m.id).map(|i| i.reported_status.as_str())),
                     address: Some(format!("{}:{}", m.address, m.port)),
                     registry_status: entry(&m.id).map(|i| i.registration.status.clone()),
+                    launched: crate::process::unix_start_time(m.process.start_time),
                 })
                 .collect(),
             name: state.spec.name.clone(),
@@ -605,9 +616,33 @@ impl Cloud for LocalCloud {
         Ok(())
     }
 
+    /// The record, and a copy in the cluster's history (the newest [`HISTORY_KEPT`] runs).
     fn save_deploy(&self, record: &DeployRecord) -> cloud::Result<()> {
         let _lock = self.lock(&record.cluster)?;
-        Ok(write_json(&self.cluster_dir(&record.cluster).join("deploy.json"), record)?)
+        let dir = self.cluster_dir(&record.cluster);
+        write_json(&dir.join("deploy.json"), record)?;
+        let history = dir.join("history");
+        fs::create_dir_all(&history).context(IoSnafu { path: &history })?;
+        write_json(&history.join(format!("{:011}-{}.json", record.started, record.deploy_id)), record)?;
+        for old in self.history_files(&record.cluster)?.into_iter().skip(HISTORY_KEPT) {
+            fs::remove_file(&old).context(IoSnafu { path: old })?;
+        }
+        Ok(())
+    }
+
+    fn history(&self, cluster: &str) -> cloud::Result<Vec<DeployRecord>> {
+        check_name("cluster", cluster)?;
+        let mut records = Vec::new();
+        for path in self.history_files(cluster)? {
+            records.extend(read_json::<DeployRecord>(&path)?);
+        }
+        Ok(records)
+    }
+
+    fn lock_holder(&self, cluster: &str) -> cloud::Result<Option<LockHolder>> {
+        check_name("cluster", cluster)?;
+        let holder = read_json::<LockHolder>(&self.cluster_dir(cluster).join("lock.json"))?;
+        Ok(holder.filter(|h| !h.is_stale_here(now())))
     }
 
     fn load_deploy(&self, cluster: &str) -> cloud::Result<Option<DeployRecord>> {

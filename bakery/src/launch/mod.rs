@@ -14,5 +14,5 @@ pub mod names;
 pub mod plan;
 pub mod registry;
 #[cfg(test)]
-mod sim;
+pub(crate) mod sim;
 pub mod soak;

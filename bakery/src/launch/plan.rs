@@ -581,6 +581,7 @@ pub(crate) mod tests {
             steps: vec![],
             started: 1,
             updated: 2,
+            started_by: None,
             soak: None,
         };
         // Crashed after the old group was disabled: the new one serves alone, but the rest of the

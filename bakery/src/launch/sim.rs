@@ -150,7 +150,14 @@ impl State {
             let id = format!("i-{launched:017x}");
             let zone = ["zone-a", "zone-b", "zone-c"][g.members.len() % 3].to_string();
             sim.born.insert(id.clone(), polls);
-            g.members.push(Member { id, zone, health: Health::Starting, address: None, registry_status: None });
+            g.members.push(Member {
+                id,
+                zone,
+                health: Health::Starting,
+                address: None,
+                registry_status: None,
+                launched: None,
+            });
         }
         g.members.truncate(desired);
     }
@@ -284,6 +291,10 @@ impl Cloud for SimCloud {
             s.locks.insert(cluster.to_string(), holder.clone());
             Ok(None)
         })
+    }
+
+    fn lock_holder(&self, cluster: &str) -> Result<Option<LockHolder>> {
+        self.call("lock_holder", cluster, |s| Ok(s.locks.get(cluster).cloned()))
     }
 
     fn release_lock(&self, cluster: &str, deploy_id: &str) -> Result<()> {

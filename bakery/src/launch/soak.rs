@@ -57,6 +57,14 @@ pub struct Thresholds {
     pub min_requests: u64,
 }
 
+/// As `launcher deploy --soak` judges by default: 1 % 5xx, p99 from the baseline, 60 s windows
+/// of at least 20 requests.
+impl Default for Thresholds {
+    fn default() -> Self {
+        Thresholds { max_error_rate: 0.01, max_p99_ms: None, window_secs: 60, min_requests: 20 }
+    }
+}
+
 impl Thresholds {
     /// The p99 limit in force, given the old group's figures.
     pub fn p99_limit(&self, baseline: Option<&Traffic>) -> u64 {

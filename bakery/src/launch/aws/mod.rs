@@ -239,8 +239,9 @@ impl AwsCloud {
         Ok(by_zone.into_values().collect())
     }
 
-    /// Private addresses of these instances (a filter, not ids: a terminated one is no error).
-    async fn addresses(&self, ids: &[String]) -> Result<BTreeMap<String, String>> {
+    /// Private addresses and launch times of these instances (a filter, not ids: a terminated
+    /// one is no error).
+    async fn addresses(&self, ids: &[String]) -> Result<BTreeMap<String, (String, Option<u64>)>> {
         if ids.is_empty() {
             return Ok(BTreeMap::new());
         }
@@ -253,7 +254,10 @@ impl AwsCloud {
             .reservations()
             .iter()
             .flat_map(|r| r.instances())
-            .filter_map(|i| Some((i.instance_id()?.to_string(), i.private_ip_address()?.to_string())))
+            .filter_map(|i| {
+                let launched = i.launch_time().and_then(|t| u64::try_from(t.secs()).ok());
+                Some((i.instance_id()?.to_string(), (i.private_ip_address()?.to_string(), launched)))
+            })
             .collect())
     }
 
@@ -683,6 +687,11 @@ impl Cloud for AwsCloud {
         Ok(self.runtime.block_on(self.load(cluster))?)
     }
 
+    fn lock_holder(&self, cluster: &str) -> cloud::Result<Option<LockHolder>> {
+        let holder = self.runtime.block_on(self.holder(cluster))?;
+        Ok(holder.filter(|h| !h.is_stale_here(now())))
+    }
+
     fn retire_cluster(&self, _cluster: &str) -> cloud::Result<()> {
         // The load balancer and target groups belong to the user; the groups are gone.
         Ok(())
@@ -770,7 +779,7 @@ fn same_image(name: &str, group: &AutoScalingGroup, image_id: &str) -> Result<()
 fn to_group(
     asg: &AutoScalingGroup,
     health: &BTreeMap<String, BTreeMap<String, String>>,
-    addresses: &BTreeMap<String, String>,
+    addresses: &BTreeMap<String, (String, Option<u64>)>,
     registered: &BTreeMap<String, Instance>,
 ) -> Group {
     let registers = tag(asg, SERVICE_TAG).is_some();
@@ -797,10 +806,10 @@ fn to_group(
             } else {
                 Health::Starting
             };
-            let address = addresses.get(&id).cloned();
+            let (address, launched) = addresses.get(&id).cloned().unzip();
             let zone = i.availability_zone().unwrap_or_default().to_string();
             let registry_status = entry.map(|e| e.registration.status.clone());
-            Some(Member { id, zone, health, address, registry_status })
+            Some(Member { id, zone, health, address, registry_status, launched: launched.flatten() })
         })
         .collect();
     let wanted = cluster_target_groups(asg);

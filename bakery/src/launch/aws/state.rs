@@ -39,13 +39,24 @@ impl AwsCloud {
     }
 
     pub(super) async fn release(&self, cluster: &str, deploy_id: &str) -> Result<()> {
-        let name = format!("bakery-lock-{cluster}");
-        let Some((id, _)) = self.template_id(&name).await? else { return Ok(()) };
-        let current: Option<LockHolder> = from_tags(LOCK_TAG, &self.template_tags(&id).await?, &name)?;
+        let Some((id, current)) = self.lock_template(cluster).await? else { return Ok(()) };
         if current.is_some_and(|h| h.deploy_id == deploy_id) {
             self.delete_template(Some(&id), None).await?;
         }
         Ok(())
+    }
+
+    /// Who the lock template names, live or not.
+    pub(super) async fn holder(&self, cluster: &str) -> Result<Option<LockHolder>> {
+        Ok(self.lock_template(cluster).await?.and_then(|(_, holder)| holder))
+    }
+
+    /// The lock template's id and the holder its tags name.
+    async fn lock_template(&self, cluster: &str) -> Result<Option<(String, Option<LockHolder>)>> {
+        let name = format!("bakery-lock-{cluster}");
+        let Some((id, _)) = self.template_id(&name).await? else { return Ok(None) };
+        let holder = from_tags(LOCK_TAG, &self.template_tags(&id).await?, &name)?;
+        Ok(Some((id, holder)))
     }
 
     pub(super) async fn save(&self, record: &DeployRecord) -> Result<()> {
