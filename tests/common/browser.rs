@@ -59,6 +59,7 @@ impl Browser {
             "--disable-background-networking",
             "--disable-component-update",
             "--disable-sync",
+            "--disable-dev-shm-usage",
             "--window-size=1280,900",
             &format!("--user-data-dir={}", profile.path().display()),
         ];

@@ -37,6 +37,9 @@ const FAILURE_WINDOW: Duration = Duration::from_secs(60);
 /// How long a session lasts after signing in.
 const SESSION_LIFETIME: Duration = Duration::from_secs(12 * 3600);
 pub const SESSION_COOKIE: &str = "bakery_session";
+/// Sessions kept at once: clients that never send their cookie back (on loopback each gets one)
+/// must not grow memory without bound. The one closest to expiring goes first.
+const MAX_SESSIONS: usize = 10_000;
 
 /// The logins a token file names: one `name:token` a line (`#` starts a comment).
 pub struct Logins {
@@ -224,6 +227,10 @@ impl Auth {
         let session = Session { login, csrf: random_hex(32), expires: Instant::now() + SESSION_LIFETIME };
         let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         sessions.retain(|_, s| s.expires > Instant::now());
+        if sessions.len() >= MAX_SESSIONS {
+            let oldest = sessions.iter().min_by_key(|(_, s)| s.expires).map(|(id, _)| id.clone());
+            sessions.retain(|id, _| Some(id) != oldest.as_ref());
+        }
         sessions.insert(id.clone(), session.clone());
         (id, session)
     }
