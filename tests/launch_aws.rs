@@ -761,3 +761,58 @@ fn the_console_shows_what_the_aws_provider_reads() {
     let _ = console.kill();
     let _ = console.wait();
 }
+
+/// A deploy that nothing would gate (no target group, no registry) or whose subnets span fewer
+/// than three zones is refused as bad input, naming the problem, before anything is made.
+#[test]
+fn a_deploy_nothing_would_check_or_over_two_zones_is_refused_before_anything_is_made() {
+    let _serial = serial();
+    let stand = stand();
+    let image = stand.images[0].as_str();
+    let (code, value, stderr) =
+        run(&["deploy", "--cluster", CLUSTER, "--image", image, "--health-url", "/hello/health"]);
+    assert_eq!(code, 3, "{value}\n{stderr}");
+    assert!(stderr.contains("nothing would check --health-url"), "{stderr}");
+    let two = boto(
+        "subnets = ec2.describe_subnets(Filters=[{'Name': 'default-for-az', 'Values': ['true']}])['Subnets'][:2]\n\
+         print(json.dumps({'ids': ','.join(s['SubnetId'] for s in subnets), 'zones': [s['AvailabilityZone'] for s in subnets]}))",
+    );
+    let mut args = deploy_args(&stand, 0, "60s");
+    args.extend_from_slice(&["--subnets", two["ids"].as_str().unwrap()]);
+    let (code, value, stderr) = run(&args);
+    assert_eq!(code, 3, "{value}\n{stderr}");
+    for zone in strings(&two["zones"]) {
+        assert!(stderr.contains(&zone), "{zone} not named: {stderr}");
+    }
+    assert!(stderr.contains("in 2 zone(s)") && stderr.contains("at least 3"), "{stderr}");
+    let w = world(&stand);
+    assert_eq!((w["groups"].as_object().unwrap().len(), strings(&w["templates"]).len()), (0, 0), "{w}");
+}
+
+/// Frigga allows `~` and `^` in a cluster's detail; EC2 does not in launch template names (the
+/// proxy checks them as EC2 does): such a cluster deploys, flips and keeps its record all the same.
+#[test]
+fn a_cluster_whose_detail_holds_tilde_and_caret_deploys_and_keeps_its_record() {
+    let _serial = serial();
+    let stand = stand();
+    let cluster = "hello-prod-canary~1^a";
+    let deploy_to = |image: &str| {
+        let args = ["deploy", "--cluster", cluster, "--image", image, "--target-group", &stand.target_group];
+        run(&[&args[..], &["--health-url", "/hello/health", "--health-timeout", "60s"]].concat())
+    };
+    let (code, first, stderr) = deploy_to(&stand.images[0]);
+    assert_eq!((code, &first["new_group"]), (0, &json!(format!("{cluster}-v000"))), "{first}\n{stderr}");
+    let (code, second, stderr) = deploy_to(&stand.images[1]);
+    assert_eq!((code, &second["previous_group"]), (0, &json!(format!("{cluster}-v000"))), "{second}\n{stderr}");
+    let w = world(&stand);
+    assert_serving(&w, &format!("{cluster}-v001"), &stand.target_group);
+    let templates = strings(&w["templates"]);
+    let expected = [
+        "bakery-deploys-hello-prod-canary(7e)1(5e)a",
+        "hello-prod-canary(7e)1(5e)a-v000",
+        "hello-prod-canary(7e)1(5e)a-v001",
+    ];
+    assert_eq!(templates, expected, "the lock was released and every name is valid");
+    let (code, status, _) = run(&["status", "--cluster", cluster]);
+    assert_eq!((code, &status["deploy"]["new_group"]), (0, &json!(format!("{cluster}-v001"))), "{status}");
+}

@@ -201,6 +201,10 @@ def json_error(status, code, message):
     return Response(status, headers, json.dumps({"__type": code, "message": message}).encode())
 
 
+# EC2 takes launch template names of 3 to 128 of these; moto takes any.
+LAUNCH_TEMPLATE_NAME = re.compile(r"[A-Za-z0-9().\-/_]{3,128}")
+
+
 def query_error(service, status, code, message):
     """An XML error: EC2's <Response><Errors><Error> or the awsQuery <ErrorResponse><Error>."""
     if service == "ec2":
@@ -507,6 +511,11 @@ class Proxy:
             return self.describe_target_health(request)
         if request.action == "RegisterImage":
             return self.register_image(request)
+        if request.service == "ec2" and request.action == "CreateLaunchTemplate":
+            name = request.params.get("LaunchTemplateName", "")
+            if not LAUNCH_TEMPLATE_NAME.fullmatch(name):
+                return query_error("ec2", 400, "InvalidLaunchTemplateName.MalformedException",
+                                   f"The launch template name {name!r} is not valid")
         if request.action == "DescribeImages":
             return self.describe_images(request)
         if request.service == "servicediscovery" and request.action == "RegisterInstance":

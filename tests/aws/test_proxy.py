@@ -412,6 +412,17 @@ class QueryTest(ProxyTest):
         # moto keeps accounts apart: the default account does not see the image.
         self.assertError(lambda: client("ec2").describe_images(ImageIds=[image_id]), "InvalidAMIID.NotFound", 400)
 
+    def test_launch_template_names_are_checked(self):
+        ec2 = client("ec2")
+        for bad in ("hello-prod-canary~1-v000", "ab", "x" * 129):
+            self.assertError(
+                lambda: ec2.create_launch_template(LaunchTemplateName=bad, LaunchTemplateData={}),
+                "InvalidLaunchTemplateName.MalformedException",
+                400,
+            )
+        created = ec2.create_launch_template(LaunchTemplateName="hello-prod-canary(7e)1-v000", LaunchTemplateData={})
+        self.assertEqual(created["LaunchTemplate"]["LaunchTemplateName"], "hello-prod-canary(7e)1-v000")
+
     def test_target_health_override(self):
         ec2, elbv2 = client("ec2"), client("elbv2")
         vpc = ec2.create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]

@@ -214,6 +214,8 @@ pub fn group(view: &ClusterView, group: &Group, header: &Header, now: u64) -> St
 /// What the deploy form offers, and what it was last given.
 pub struct DeployForm<'a> {
     pub cluster: &'a str,
+    /// Offer what only aws uses: target groups and the Cloud Map namespace.
+    pub aws: bool,
     pub images: &'a [Image],
     pub serving: Option<&'a Group>,
     pub problem: Option<&'a str>,
@@ -243,13 +245,18 @@ pub fn deploy_form(form: &DeployForm, header: &Header) -> String {
          <p><label>Strategy <select name=\"strategy\"><option value=\"red-black\" selected>red-black (the old group kept warm)</option>\
          <option value=\"highlander\">highlander (every other group destroyed)</option></select></label></p>\
          <p>{} {} {}</p>\
-         <p><label>Health URL <input name=\"health_url\" value=\"/\"></label> \
+         {aws}<p><label>Health URL <input name=\"health_url\" value=\"/\"></label> \
          <label>Health timeout <input name=\"health_timeout\" value=\"10m\"></label> \
          <label>Soak <input name=\"soak\" value=\"\" placeholder=\"none, or e.g. 30m\"></label></p>\
          <p><button type=\"submit\" id=\"review\">Review…</button></p>",
         number("min", capacity.map(|c| c.min)),
         number("desired", capacity.map(|c| c.desired)),
         number("max", capacity.map(|c| c.max)),
+        aws = match form.aws {
+            true => "<p><label>Target groups <input name=\"target_groups\" size=\"60\" placeholder=\"ARNs, comma-separated\"></label> \
+                     <label>Registry namespace <input name=\"registry_namespace\" placeholder=\"Cloud Map\"></label></p>",
+            false => "",
+        },
     );
     let action = format!("/clusters/{}/deploy", url_part(form.cluster));
     let body = post_form(&action, header.csrf, &[], &fields);

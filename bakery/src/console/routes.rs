@@ -335,8 +335,17 @@ struct DeployInput {
     health_url: Option<String>,
     health_timeout: Option<String>,
     soak: Option<String>,
+    /// aws: target group ARNs, comma-separated.
+    target_groups: Option<String>,
+    /// aws: the Cloud Map namespace.
+    registry_namespace: Option<String>,
     #[serde(default)]
     confirmed: Option<String>,
+}
+
+fn split_list(text: Option<&str>) -> Vec<String> {
+    let items = text.unwrap_or_default().split(',').map(str::trim).filter(|item| !item.is_empty());
+    items.map(String::from).collect()
 }
 
 fn duration(field: &str, text: Option<&str>, default: Option<Duration>) -> Result<Option<Duration>, Error> {
@@ -364,9 +373,14 @@ impl DeployInput {
             desired: Count::value("desired", &self.desired)?,
             instance_type: "t3.small".into(),
             subnets: Vec::new(),
-            target_groups: Vec::new(),
+            target_groups: split_list(self.target_groups.as_deref()),
             health_url: health_url.to_string(),
-            registry_namespace: None,
+            registry_namespace: self
+                .registry_namespace
+                .as_deref()
+                .map(str::trim)
+                .filter(|n| !n.is_empty())
+                .map(String::from),
             health_timeout: duration("health timeout", self.health_timeout.as_deref(), Some(Duration::from_secs(600)))?
                 .unwrap_or_default(),
             keep: 2,
@@ -418,6 +432,7 @@ async fn deploy_page(
             let view = views::cluster(console.cloud.as_ref(), console.images.as_ref(), &cluster).ok();
             let form = pages::DeployForm {
                 cluster: &cluster,
+                aws: console.cloud.kind() == "aws",
                 images: &images,
                 serving: view.as_ref().and_then(|v| v.serving()),
                 problem: images.is_empty().then_some("No image of this application has been baked yet."),
@@ -492,6 +507,8 @@ async fn deploy_from_page(
             ("health_url", input.health_url.clone().unwrap_or_default()),
             ("health_timeout", input.health_timeout.clone().unwrap_or_default()),
             ("soak", input.soak.clone().unwrap_or_default()),
+            ("target_groups", input.target_groups.clone().unwrap_or_default()),
+            ("registry_namespace", input.registry_namespace.clone().unwrap_or_default()),
         ];
         let fields: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let action = format!("/clusters/{}/deploy", url_part(&target));

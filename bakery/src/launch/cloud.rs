@@ -222,6 +222,11 @@ pub trait Cloud: Send + Sync {
     fn remove_from_service(&self, group: &str, at: u64) -> Result<()>;
     /// Group, instances and launch template. Missing → Ok.
     fn destroy_group(&self, group: &str) -> Result<()>;
+    /// Refuses, before anything is made, a deploy this cloud could not carry out as asked (the
+    /// message names the problem and what would do).
+    fn check_request(&self, _request: &super::plan::DeployRequest) -> Result<()> {
+        Ok(())
+    }
     /// None: the lock is ours now (also when `holder.deploy_id` already held it: that refreshes
     /// `expires`). Some(h): held by the live holder h.
     fn acquire_lock(&self, cluster: &str, holder: &LockHolder) -> Result<Option<LockHolder>>;

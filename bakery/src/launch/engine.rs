@@ -49,6 +49,9 @@ pub enum Error {
     #[snafu(display("{source}"))]
     Plan { source: plan::Error },
 
+    #[snafu(display("deploy to {cluster} refused: {source}"))]
+    Refused { cluster: String, source: cloud::Error },
+
     #[snafu(display("saving the deploy record of {cluster}: {source}"))]
     Save { cluster: String, source: cloud::Error },
 
@@ -67,7 +70,7 @@ impl Error {
     /// cancelled, 1 anything else.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Error::BadCluster { .. } => 3,
+            Error::BadCluster { .. } | Error::Refused { .. } => 3,
             Error::Plan { source } => match source {
                 plan::Error::NothingServing { .. } | plan::Error::NothingToRollBackTo { .. } => 4,
                 _ => 3,
@@ -214,6 +217,7 @@ impl<'a> Engine<'a> {
 
     pub fn deploy(&self, request: &DeployRequest) -> Result<DeployRecord> {
         let strategy = request.strategy.strategy();
+        self.cloud.check_request(request).context(RefusedSnafu { cluster: &request.cluster })?;
         self.locked(&request.cluster, |run, state| {
             let plan = strategy.plan_deploy(state, request, &run.deploy_id).context(PlanSnafu)?;
             // The same image again while it soaks: nothing to do, and the soak goes on.

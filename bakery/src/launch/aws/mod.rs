@@ -85,8 +85,13 @@ pub enum Error {
     #[snafu(display("{source}"))]
     Wait { source: ec2_calls::Error },
 
-    #[snafu(display("the default VPC has default subnets in {} zone(s) ({}): pass --subnets in at least 3", zones.len(), zones.join(", ")))]
-    TooFewZones { zones: Vec<String> },
+    #[snafu(display("{what} in {} zone(s) ({}): a cluster needs at least 3 (--subnets)", zones.len(), zones.join(", ")))]
+    TooFewZones { what: String, zones: Vec<String> },
+
+    #[snafu(display(
+        "nothing would check --health-url: give --target-group ARN (its health checks gate the group), or --registry-namespace NS (the gate then waits for every instance UP in Cloud Map)"
+    ))]
+    NoHealthCheck,
 
     #[snafu(display("cluster {cluster}: {source}"))]
     ClusterName { cluster: String, source: crate::launch::names::Error },
@@ -218,25 +223,34 @@ impl AwsCloud {
 }
 
 impl AwsCloud {
-    /// One default subnet per zone of the default VPC, at least three zones.
-    async fn default_subnets(&self) -> Result<Vec<String>> {
-        let output = retry(self.policy, "DescribeSubnets", || {
-            self.ec2
-                .describe_subnets()
-                .filters(Ec2Filter::builder().name("default-for-az").values("true").build())
-                .send()
-        })
-        .await
-        .context(CallSnafu)?;
-        let by_zone: BTreeMap<String, String> = output
-            .subnets()
-            .iter()
-            .filter_map(|s| Some((s.availability_zone()?.to_string(), s.subnet_id()?.to_string())))
-            .collect();
-        if by_zone.len() < 3 {
-            return TooFewZonesSnafu { zones: by_zone.into_keys().collect::<Vec<_>>() }.fail();
+    /// The given subnets, or one default subnet per zone of the default VPC; either way over
+    /// at least three zones.
+    async fn subnets(&self, given: &[String]) -> Result<Vec<String>> {
+        let request = || {
+            let describe = self.ec2.describe_subnets();
+            match given.is_empty() {
+                true => describe.filters(Ec2Filter::builder().name("default-for-az").values("true").build()),
+                false => describe.set_subnet_ids(Some(given.to_vec())),
+            }
+        };
+        let output = retry(self.policy, "DescribeSubnets", || request().send()).await.context(CallSnafu)?;
+        let mut by_zone: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for subnet in output.subnets() {
+            if let (Some(zone), Some(id)) = (subnet.availability_zone(), subnet.subnet_id()) {
+                by_zone.entry(zone.to_string()).or_default().push(id.to_string());
+            }
         }
-        Ok(by_zone.into_values().collect())
+        if by_zone.len() < 3 {
+            let what = match given.is_empty() {
+                true => "the default VPC has default subnets".to_string(),
+                false => format!("--subnets {} are", given.join(",")),
+            };
+            return TooFewZonesSnafu { what, zones: by_zone.into_keys().collect::<Vec<_>>() }.fail();
+        }
+        Ok(match given.is_empty() {
+            true => by_zone.into_values().filter_map(|ids| ids.into_iter().next()).collect(),
+            false => given.to_vec(),
+        })
     }
 
     /// Private addresses and launch times of these instances (a filter, not ids: a terminated
@@ -327,7 +341,7 @@ impl AwsCloud {
         if let Some(existing) = self.describe_group(&spec.name).await.context(CallSnafu)? {
             return same_image(&spec.name, &existing, &spec.image_id);
         }
-        let subnets = if spec.subnets.is_empty() { self.default_subnets().await? } else { spec.subnets.clone() };
+        let subnets = self.subnets(&spec.subnets).await?;
         let (mut service, mut user_data) = (None, None);
         if let Some(namespace) = &spec.registry_namespace {
             let app = crate::launch::names::Cluster::parse(&spec.cluster)
@@ -385,7 +399,10 @@ impl AwsCloud {
                 .create_auto_scaling_group()
                 .auto_scaling_group_name(&spec.name)
                 .launch_template(
-                    LaunchTemplateSpecification::builder().launch_template_name(&spec.name).version("$Latest").build(),
+                    LaunchTemplateSpecification::builder()
+                        .launch_template_name(templates::template_name(&spec.name))
+                        .version("$Latest")
+                        .build(),
                 )
                 .min_size(min as i32)
                 .max_size(max as i32)
@@ -623,6 +640,13 @@ impl Cloud for AwsCloud {
 
     fn destroy_group(&self, group: &str) -> cloud::Result<()> {
         Ok(self.runtime.block_on(self.destroy(group))?)
+    }
+
+    /// A group must be gated by something that checks it, over at least three zones.
+    fn check_request(&self, request: &super::plan::DeployRequest) -> cloud::Result<()> {
+        snafu::ensure!(!request.target_groups.is_empty() || request.registry_namespace.is_some(), NoHealthCheckSnafu);
+        self.runtime.block_on(self.subnets(&request.subnets))?;
+        Ok(())
     }
 
     /// The group keeps its desired capacity and launches a replacement.

@@ -3,10 +3,32 @@
 
 use super::*;
 
+/// Longest launch template name EC2 accepts.
+const MAX_TEMPLATE_NAME: usize = 128;
+
+/// The launch template name for `name` (a group's Frigga name, or a cluster's lock and record).
+/// Template names allow letters, digits and `().-/_` only; Frigga names may also hold `~` and
+/// `^`, which become `(7e)` and `(5e)` (no Frigga name holds a parenthesis, so no two names
+/// meet), and a name still too long keeps its start and ends in a hash of the whole.
+pub(super) fn template_name(name: &str) -> String {
+    let mut encoded = String::with_capacity(name.len());
+    for c in name.chars() {
+        match c {
+            'A'..='Z' | 'a'..='z' | '0'..='9' | '.' | '-' | '/' | '_' => encoded.push(c),
+            other => encoded.push_str(&format!("({:x})", u32::from(other))),
+        }
+    }
+    if encoded.len() > MAX_TEMPLATE_NAME {
+        let hash = hex::encode(Sha256::digest(name.as_bytes()));
+        encoded = format!("{}-{}", &encoded[..MAX_TEMPLATE_NAME - 33], &hash[..32]);
+    }
+    encoded
+}
+
 impl AwsCloud {
     pub(super) async fn template_id(&self, name: &str) -> Result<Option<(String, BTreeMap<String, String>)>> {
         let found = retry(self.policy, "DescribeLaunchTemplates", || {
-            self.ec2.describe_launch_templates().launch_template_names(name).send()
+            self.ec2.describe_launch_templates().launch_template_names(template_name(name)).send()
         })
         .await;
         let output = match found {
@@ -44,7 +66,7 @@ impl AwsCloud {
         let created = retry(self.policy, "CreateLaunchTemplate", || {
             self.ec2
                 .create_launch_template()
-                .launch_template_name(name)
+                .launch_template_name(template_name(name))
                 .launch_template_data(data.clone())
                 .tag_specifications(spec.clone())
                 .send()
@@ -69,10 +91,33 @@ impl AwsCloud {
                 self.ec2
                     .delete_launch_template()
                     .set_launch_template_id(id.map(str::to_string))
-                    .set_launch_template_name(name.map(str::to_string))
+                    .set_launch_template_name(name.map(template_name))
                     .send()
             })
             .await,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn template_names_are_valid_for_every_frigga_name_and_never_meet() {
+        let valid = |n: &str| {
+            (3..=MAX_TEMPLATE_NAME).contains(&n.len())
+                && n.chars().all(|c| c.is_ascii_alphanumeric() || "().-/_".contains(c))
+        };
+        assert_eq!(template_name("hello-prod-v001"), "hello-prod-v001");
+        assert_eq!(template_name("bakery-lock-hello-prod"), "bakery-lock-hello-prod");
+        let odd = template_name("hello-prod-canary~1^a-v000");
+        assert_eq!(odd, "hello-prod-canary(7e)1(5e)a-v000");
+        assert_ne!(template_name("a-b~c-v000"), template_name("a-b^c-v000"));
+        let long = format!("hello-prod-{}-v000", "~".repeat(80));
+        for name in [odd.as_str(), &template_name(&long), &template_name(&format!("bakery-deploys-{long}"))] {
+            assert!(valid(name), "{name}");
+        }
+        assert_ne!(template_name(&long), template_name(&long.replace("v000", "v001")));
     }
 }
