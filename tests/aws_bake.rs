@@ -138,6 +138,38 @@ fn direct_bakes_ride_out_throttling_server_errors_and_dropped_connections() {
     assert_no_leftovers("after a bake under faults");
 }
 
+/// StartSnapshot and RegisterImage are carried out but their replies are lost: the retries adopt
+/// what the first attempts made (the snapshot by its client token, the image by its name and
+/// snapshot), so one snapshot and one image exist and nothing leaks.
+#[test]
+fn a_direct_bake_whose_replies_are_lost_adopts_what_the_first_attempts_made() {
+    let (_serial, ami, _) = fresh_cloud_with_base();
+    let dir = tempfile::tempdir().unwrap();
+    let package = sample_package(dir.path(), "3.4.0", 0);
+    let snapshots_before = proxy_get("/_proxy/stats")["snapshots"].as_object().unwrap().len();
+    let faults = json!({ "lost": 1.0, "actions": ["StartSnapshot", "RegisterImage"], "max": 2 });
+    proxy_post("/_proxy/faults", &faults);
+    let (code, baked, stderr) = run_aws_json(&bake_args(&ami, package.to_str().unwrap(), "3.4.0"), &[]);
+    let stats = proxy_get("/_proxy/stats");
+    proxy_post("/_proxy/faults", &json!({}));
+    assert_eq!(
+        code, 0,
+        "{stderr}
+{stats}"
+    );
+    assert_eq!(stats["faults"], json!({ "lost": 2 }), "{stats}");
+    assert_eq!(stats["violations"], json!([]));
+    assert_eq!(stats["snapshots"].as_object().unwrap().len(), snapshots_before + 1, "one snapshot started: {stats}");
+    assert_eq!(recorded("RegisterImage").len(), 2, "the lost reply's attempt and the retry");
+    let named = boto(&format!(
+        "print(json.dumps([i['ImageId'] for i in ec2.describe_images(Owners=['self'])['Images'] if i['Name'] == '{}']))",
+        baked["name"].as_str().unwrap()
+    ));
+    assert_eq!(named, json!([baked["image_id"]]));
+    assert_eq!(cloud_leftovers(), json!([]));
+    assert_no_leftovers("after lost replies");
+}
+
 #[test]
 fn a_block_corrupted_in_transit_fails_the_bake_and_leaves_nothing() {
     let (_serial, ami, _) = fresh_cloud_with_base();
@@ -258,6 +290,8 @@ impl Drop for PretendKernel {
     }
 }
 
+/// Attach mode end to end, with CreateSnapshot's first reply lost (the snapshot was made):
+/// exactly one snapshot of the volume is left, the one registered.
 #[test]
 fn attach_mode_creates_attaches_detaches_snapshots_registers_and_deletes_the_volume() {
     let (_serial, ami, base_snapshot) = fresh_cloud_with_base();
@@ -274,9 +308,13 @@ fn attach_mode_creates_attaches_detaches_snapshots_registers_and_deletes_the_vol
     args.extend(["--mode", "attach", "--kms-key", key]);
     let env = [("AWS_EC2_METADATA_DISABLED", "false"), ("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds.as_str())];
     let kernel = PretendKernel::start();
+    proxy_post("/_proxy/faults", &json!({ "lost": 1.0, "actions": ["CreateSnapshot"], "max": 1 }));
     let (code, baked, stderr) = run_aws_json(&args, &env);
+    let stats = proxy_get("/_proxy/stats");
+    proxy_post("/_proxy/faults", &json!({}));
     drop(kernel);
     assert_eq!(code, 0, "attach bake: {stderr}");
+    assert_eq!(stats["faults"], json!({ "lost": 1 }), "{stats}");
 
     let created = recorded("CreateVolume");
     assert_eq!(created.len(), 1, "{created:?}");
@@ -291,7 +329,12 @@ fn attach_mode_creates_attaches_detaches_snapshots_registers_and_deletes_the_vol
     let detached = recorded("DetachVolume");
     assert_eq!(detached[0]["params"]["InstanceId"], instance, "DetachVolume names the instance");
     let snapshotted = recorded("CreateSnapshot");
+    assert_eq!(snapshotted.len(), 2, "the lost reply's attempt and the retry");
     assert_eq!(snapshotted[0]["params"]["VolumeId"], volume);
+    let of_volume = boto(&format!(
+        "print(json.dumps([s['SnapshotId'] for s in ec2.describe_snapshots(Filters=[{{'Name': 'volume-id', 'Values': ['{volume}']}}])['Snapshots']]))"
+    ));
+    assert_eq!(of_volume, json!([baked["snapshot_id"]]), "one snapshot of the volume is left");
     assert_eq!(register_params()["BlockDeviceMapping.1.Ebs.SnapshotId"], baked["snapshot_id"]);
     assert_eq!(recorded("DeleteVolume")[0]["params"]["VolumeId"], volume);
     assert_eq!(cloud_leftovers(), json!([]));

@@ -36,7 +36,10 @@ fn stand() -> Stand {
          lb = elb.create_load_balancer(Name='hello', Subnets=[s['SubnetId'] for s in subnets[:3]], Type='application')['LoadBalancers'][0]\n\
          tg = elb.create_target_group(Name='hello-prod', Protocol='HTTP', Port=8080, VpcId=subnets[0]['VpcId'], HealthCheckPath='/', TargetType='instance')['TargetGroups'][0]\n\
          listener = elb.create_listener(LoadBalancerArn=lb['LoadBalancerArn'], Protocol='HTTP', Port=80, DefaultActions=[{'Type': 'forward', 'TargetGroupArn': tg['TargetGroupArn']}])['Listeners'][0]\n\
-         images = [ec2.register_image(Name=f'hello-{v}', RootDeviceName='/dev/xvda', BlockDeviceMappings=[])['ImageId'] for v in (1, 2, 3)]\n\
+         volume = ec2.create_volume(AvailabilityZone=subnets[0]['AvailabilityZone'], Size=1)['VolumeId']\n\
+         snapshot = ec2.create_snapshot(VolumeId=volume)['SnapshotId']\n\
+         mapping = [{'DeviceName': '/dev/xvda', 'Ebs': {'SnapshotId': snapshot}}]\n\
+         images = [ec2.register_image(Name=f'hello-{v}', Architecture='x86_64', RootDeviceName='/dev/xvda', BlockDeviceMappings=mapping, EnaSupport=True)['ImageId'] for v in (1, 2, 3)]\n\
          print(json.dumps({'tg': tg['TargetGroupArn'], 'listener': listener['ListenerArn'], 'images': images}))",
     );
     Stand {
@@ -815,4 +818,23 @@ fn a_cluster_whose_detail_holds_tilde_and_caret_deploys_and_keeps_its_record() {
     assert_eq!(templates, expected, "the lock was released and every name is valid");
     let (code, status, _) = run(&["status", "--cluster", cluster]);
     assert_eq!((code, &status["deploy"]["new_group"]), (0, &json!(format!("{cluster}-v001"))), "{status}");
+}
+
+/// CreateLaunchTemplate (the lock's and the group's) and CreateAutoScalingGroup are carried out
+/// but their replies are lost: the retries adopt them, and the deploy ends with one of each.
+#[test]
+fn a_deploy_whose_replies_are_lost_adopts_what_the_first_attempts_made() {
+    let _serial = serial();
+    let stand = stand();
+    let faults = json!({ "lost": 1.0, "actions": ["CreateLaunchTemplate", "CreateAutoScalingGroup"], "max": 3 });
+    proxy_post("/_proxy/faults", &faults);
+    let (code, value, stderr) = run(&deploy_args(&stand, 0, "60s"));
+    let stats = proxy_get("/_proxy/stats");
+    proxy_post("/_proxy/faults", &json!({}));
+    assert_eq!(code, 0, "{value}\n{stderr}");
+    assert_eq!(stats["faults"], json!({ "lost": 3 }), "{stats}");
+    let w = world(&stand);
+    assert_eq!(w["groups"].as_object().unwrap().keys().collect::<Vec<_>>(), ["hello-prod-v000"]);
+    assert_eq!(strings(&w["templates"]), ["bakery-deploys-hello-prod", "hello-prod-v000"], "the lock was released");
+    assert_serving(&w, "hello-prod-v000", &stand.target_group);
 }

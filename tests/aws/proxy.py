@@ -106,7 +106,8 @@ HEALTH_REASONS = {
     "unavailable": ("Target.HealthCheckDisabled", "Health checks are disabled"),
 }
 
-FAULT_KINDS = ("drop", "throttle", "server_error")
+# `lost`: the request is forwarded and takes effect, then the connection drops before the reply.
+FAULT_KINDS = ("drop", "lost", "throttle", "server_error")
 
 
 class Request:
@@ -409,6 +410,7 @@ class State:
         self.corrupt_gets = 0
         self.health_overrides = []
         self.registered = {}
+        self.client_tokens = {}  # StartSnapshot ClientToken -> the answer it got
 
     def violation(self, message):
         print(f"proxy: violation: {message}", file=sys.stderr, flush=True)
@@ -478,6 +480,7 @@ class Proxy:
     def serve(self, request):
         request.classify()
         state = self.state
+        fault = None
         if request.action:
             with state.lock:
                 state.requests[request.action] += 1
@@ -495,8 +498,12 @@ class Proxy:
                             "time": time.time(),
                         }
                     )
-            if fault:
+            if fault and fault != "lost":
                 return fault_response(request, fault)
+        response = self.dispatch(request)
+        return DROP if fault == "lost" else response
+
+    def dispatch(self, request):
         if request.service == "ebs":
             handlers = {
                 "StartSnapshot": self.start_snapshot,
@@ -511,6 +518,12 @@ class Proxy:
             return self.describe_target_health(request)
         if request.action == "RegisterImage":
             return self.register_image(request)
+        if request.service == "ec2" and request.action == "DeregisterImage":
+            response = self.forward(request)
+            if response.status == 200:
+                with self.state.lock:
+                    self.state.registered.pop(request.params.get("ImageId"), None)
+            return response
         if request.service == "ec2" and request.action == "CreateLaunchTemplate":
             name = request.params.get("LaunchTemplateName", "")
             if not LAUNCH_TEMPLATE_NAME.fullmatch(name):
@@ -572,12 +585,65 @@ class Proxy:
     # moto's RegisterImage keeps only the name and description and invents a root device and
     # snapshot; these two make DescribeImages show what was registered, as EC2 would.
 
+    def snapshot_status(self, request, snapshot_id):
+        """`completed`, `pending`, … as EC2 would say, or None when there is no such snapshot: the
+        proxy's own record of an EBS direct snapshot, else moto's DescribeSnapshots (asked with
+        the request's credentials, scoped to EC2)."""
+        record = self.snapshot(snapshot_id)
+        if record is not None:
+            return "completed" if record.completed else "pending"
+        auth = re.sub(r"/[a-z0-9-]+/aws4_request", "/ec2/aws4_request", request.header("Authorization") or "")
+        headers = [("Content-Type", "application/x-www-form-urlencoded"), ("Authorization", auth)]
+        account = request.header("x-moto-account-id")
+        if account:
+            headers.append(("x-moto-account-id", account))
+        body = urlencode({"Action": "DescribeSnapshots", "Version": "2016-11-15", "SnapshotId.1": snapshot_id})
+        response = self.forward(Request("POST", "/", headers, body.encode()))
+        if response.status != 200:
+            return None
+        return ET.fromstring(response.body).findtext(".//{*}snapshotSet/{*}item/{*}status")
+
+    def registration_problem(self, request):
+        """What EC2 would refuse in this RegisterImage (moto keeps only the name), as (code, message)."""
+        params = request.params
+        if params.get("Architecture") not in ("x86_64", "arm64", "i386", "x86_64_mac", "arm64_mac"):
+            return "InvalidParameterValue", f"Architecture {params.get('Architecture')!r} is not valid"
+        root = params.get("RootDeviceName")
+        devices, index = {}, 1
+        while f"BlockDeviceMapping.{index}.DeviceName" in params:
+            devices[params[f"BlockDeviceMapping.{index}.DeviceName"]] = params.get(f"BlockDeviceMapping.{index}.Ebs.SnapshotId")
+            index += 1
+        if not root or not devices.get(root):
+            return "InvalidBlockDeviceMapping", f"the root device {root!r} is not mapped to a snapshot"
+        if params.get("EnaSupport") != "true":
+            return "InvalidParameterValue", "EnaSupport must be true for Nitro instance types"
+        if params.get("BootMode", "uefi") not in ("uefi", "legacy-bios", "uefi-preferred"):
+            return "InvalidParameterValue", f"BootMode {params.get('BootMode')!r} is not valid"
+        if params.get("ImdsSupport", "v2.0") != "v2.0":
+            return "InvalidParameterValue", f"ImdsSupport {params.get('ImdsSupport')!r} is not valid"
+        status = self.snapshot_status(request, devices[root])
+        if status is None:
+            return "InvalidSnapshot.NotFound", f"The snapshot '{devices[root]}' does not exist."
+        if status != "completed":
+            return "IncorrectState", f"The snapshot '{devices[root]}' is {status}, not completed."
+        account = request.header("x-moto-account-id")
+        with self.state.lock:
+            taken = any(p.get("Name") == params.get("Name") and p.get("_account") == account for p in self.state.registered.values())
+        if taken:
+            return "InvalidAMIName.Duplicate", f"AMI name {params.get('Name')} is already in use by AMI"
+        return None
+
     def register_image(self, request):
+        problem = self.registration_problem(request)
+        if problem is not None:
+            if problem[0] != "InvalidAMIName.Duplicate":
+                self.state.violation(f"RegisterImage: {problem[1]}")
+            return query_error("ec2", 400, *problem)
         response = self.forward(request)
         if response.status == 200:
             image_id = ET.fromstring(response.body).findtext("{*}imageId")
             with self.state.lock:
-                self.state.registered[image_id] = dict(request.params)
+                self.state.registered[image_id] = {**request.params, "_account": request.header("x-moto-account-id")}
         return response
 
     def describe_images(self, request):
@@ -647,13 +713,29 @@ class Proxy:
             params = json.loads(request.body or b"{}")
         except ValueError:
             params = {}
+        token = params.get("ClientToken")
+        with self.state.lock:
+            earlier = self.state.client_tokens.get(token) if token else None
+        if earlier is not None:
+            # As EBS does: the same ClientToken answers with the snapshot it started.
+            return json_response(201, earlier)
+        parent = params.get("ParentSnapshotId")
+        if parent:
+            status = self.snapshot_status(request, parent)
+            if status is None:
+                self.state.violation(f"StartSnapshot: parent {parent} does not exist")
+                return self.not_found(parent)
+            if status != "completed":
+                return self.invalid(request, f"the parent snapshot {parent} is {status}, not completed")
         response = self.forward(request)
         if response.status != 201:
             return response
         result = json.loads(response.body)
         result["BlockSize"] = BLOCK_SIZE
         with self.state.lock:
-            self.state.snapshots[result["SnapshotId"]] = SnapshotRecord(params.get("ParentSnapshotId"), result.get("VolumeSize"))
+            self.state.snapshots[result["SnapshotId"]] = SnapshotRecord(parent, result.get("VolumeSize"))
+            if token:
+                self.state.client_tokens[token] = result
         return response.with_json(result)
 
     def put_snapshot_block(self, request):
@@ -702,16 +784,15 @@ class Proxy:
         checksum = request.header("x-amz-Checksum")
         if count != str(len(digests)):
             return self.invalid(request, f"x-amz-ChangedBlocksCount {count!r}, but {len(digests)} distinct blocks were put")
-        if method is not None or checksum is not None:
-            # LINEAR: SHA-256 over the blocks' raw digests in ascending block index (EBS direct
-            # API reference, CompleteSnapshot; what coldsnap sends).
-            expected = b64(hashlib.sha256(b"".join(digests)).digest())
-            if method != "LINEAR":
-                return self.invalid(request, f"x-amz-Checksum-Aggregation-Method {method!r}, must be LINEAR")
-            if request.header("x-amz-Checksum-Algorithm") != "SHA256":
-                return self.invalid(request, "x-amz-Checksum-Algorithm must be SHA256")
-            if checksum != expected:
-                return self.invalid(request, f"aggregate x-amz-Checksum {checksum!r}, expected {expected}")
+        # LINEAR: SHA-256 over the blocks' raw digests in ascending block index (EBS direct API
+        # reference, CompleteSnapshot; what coldsnap sends). This stand requires it.
+        expected = b64(hashlib.sha256(b"".join(digests)).digest())
+        if method != "LINEAR":
+            return self.invalid(request, f"x-amz-Checksum-Aggregation-Method {method!r}, must be LINEAR")
+        if request.header("x-amz-Checksum-Algorithm") != "SHA256":
+            return self.invalid(request, "x-amz-Checksum-Algorithm must be SHA256")
+        if checksum != expected:
+            return self.invalid(request, f"aggregate x-amz-Checksum {checksum!r}, expected {expected}")
         response = self.forward(request)
         if response.status == 202:
             with self.state.lock:

@@ -218,6 +218,33 @@ class EbsTest(ProxyTest):
         self.assertFalse(stats["snapshots"][snapshot_id]["completed"])
         self.assertEqual(list(self.tokens(snapshot_id)), [7])
 
+    def test_a_completion_needs_the_linear_aggregate(self):
+        snapshot_id = self.ebs.start_snapshot(VolumeSize=1)["SnapshotId"]
+        put(self.ebs, snapshot_id, 0, block(5))
+        self.assertError(
+            lambda: self.ebs.complete_snapshot(SnapshotId=snapshot_id, ChangedBlocksCount=1), "ValidationException", 400
+        )
+        self.assertFalse(control("GET", "/_proxy/stats")["snapshots"][snapshot_id]["completed"])
+
+    def test_a_parent_must_exist_and_be_completed(self):
+        pending = self.ebs.start_snapshot(VolumeSize=1)["SnapshotId"]
+        self.assertError(lambda: self.ebs.start_snapshot(VolumeSize=1, ParentSnapshotId=pending), "ValidationException", 400)
+        self.assertError(
+            lambda: self.ebs.start_snapshot(VolumeSize=1, ParentSnapshotId="snap-0123456789abcdef0"), "ResourceNotFoundException", 404
+        )
+        # One EC2 made (moto's snapshots of volumes are completed at once) is a parent too.
+        ec2 = client("ec2")
+        volume = ec2.create_volume(AvailabilityZone="us-east-1a", Size=1)["VolumeId"]
+        made = ec2.create_snapshot(VolumeId=volume)["SnapshotId"]
+        self.assertTrue(self.ebs.start_snapshot(VolumeSize=1, ParentSnapshotId=made)["SnapshotId"])
+
+    def test_a_client_token_starts_one_snapshot(self):
+        first = self.ebs.start_snapshot(VolumeSize=1, ClientToken="bake-1")["SnapshotId"]
+        again = self.ebs.start_snapshot(VolumeSize=1, ClientToken="bake-1")["SnapshotId"]
+        other = self.ebs.start_snapshot(VolumeSize=1, ClientToken="bake-2")["SnapshotId"]
+        self.assertEqual(first, again)
+        self.assertNotEqual(first, other)
+
     def test_unknown_snapshot_is_not_found(self):
         self.assertError(lambda: put(self.ebs, "snap-0123456789abcdef0", 0, block(4)), "ResourceNotFoundException", 404)
 
@@ -325,6 +352,15 @@ class FaultTest(ProxyTest):
                 self.assertError(call, code, status)
         self.assertEqual(control("GET", "/_proxy/stats")["faults"], {"throttle": 5, "server_error": 3})
 
+    def test_lost_replies_take_effect(self):
+        control("POST", "/_proxy/faults", {"lost": 1.0, "actions": ["CreateLaunchTemplate"], "max": 1})
+        ec2 = client("ec2")
+        with self.assertRaises(botocore.exceptions.ConnectionClosedError):
+            ec2.create_launch_template(LaunchTemplateName="lost-reply", LaunchTemplateData={})
+        found = ec2.describe_launch_templates(LaunchTemplateNames=["lost-reply"])["LaunchTemplates"]
+        self.assertEqual(len(found), 1)
+        self.assertEqual(control("GET", "/_proxy/stats")["faults"], {"lost": 1})
+
     def test_drop(self):
         control("POST", "/_proxy/faults", {"drop": 1.0})
         with self.assertRaises(botocore.exceptions.ConnectionClosedError):
@@ -422,6 +458,41 @@ class QueryTest(ProxyTest):
             )
         created = ec2.create_launch_template(LaunchTemplateName="hello-prod-canary(7e)1-v000", LaunchTemplateData={})
         self.assertEqual(created["LaunchTemplate"]["LaunchTemplateName"], "hello-prod-canary(7e)1-v000")
+
+    def test_registrations_are_checked_as_ec2_checks_them(self):
+        ebs = with_account(client("ebs"), ACCOUNT)
+        ec2 = with_account(client("ec2"), ACCOUNT)
+        completed = snapshot_with(ebs, {0: block(13)})
+        pending = ebs.start_snapshot(VolumeSize=1)["SnapshotId"]
+
+        def register(name, snapshot=completed, **overrides):
+            args = dict(
+                Name=name,
+                Architecture="x86_64",
+                RootDeviceName="/dev/xvda",
+                BlockDeviceMappings=[{"DeviceName": "/dev/xvda", "Ebs": {"SnapshotId": snapshot}}],
+                EnaSupport=True,
+                BootMode="uefi",
+                ImdsSupport="v2.0",
+            )
+            return ec2.register_image(**{**args, **overrides})["ImageId"]
+
+        refused = [
+            (lambda: register("image-a", Architecture="sparc"), "InvalidParameterValue"),
+            (lambda: register("image-b", RootDeviceName="/dev/sda1"), "InvalidBlockDeviceMapping"),
+            (lambda: register("image-c", EnaSupport=False), "InvalidParameterValue"),
+            (lambda: register("image-d", BootMode="bios"), "InvalidParameterValue"),
+            (lambda: register("image-e", snapshot=pending), "IncorrectState"),
+            (lambda: register("image-f", snapshot="snap-0123456789abcdef0"), "InvalidSnapshot.NotFound"),
+        ]
+        for call, code in refused:
+            with self.subTest(code):
+                self.assertError(call, code, 400)
+        image_id = register("good")
+        self.assertError(lambda: register("good"), "InvalidAMIName.Duplicate", 400)
+        ec2.deregister_image(ImageId=image_id)
+        self.assertTrue(register("good"))
+        self.assertEqual(len(control("GET", "/_proxy/stats")["violations"]), 6)
 
     def test_target_health_override(self):
         ec2, elbv2 = client("ec2"), client("elbv2")

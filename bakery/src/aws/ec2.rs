@@ -319,13 +319,18 @@ impl Ec2 {
         ignore_missing(retry(self.policy, "DeleteVolume", || self.client.delete_volume().volume_id(id).send()).await)
     }
 
+    /// Snapshots `volume`, which must be the caller's own (a bake's): CreateSnapshot takes no
+    /// client token, so when an attempt's reply was lost its snapshot is found as another
+    /// snapshot of the volume and deleted.
     pub async fn create_snapshot(
         &self,
         volume: &str,
         description: &str,
         map: &BTreeMap<String, String>,
     ) -> Result<String> {
+        let attempts = std::sync::atomic::AtomicU32::new(0);
         let output = retry(self.policy, "CreateSnapshot", || {
+            attempts.fetch_add(1, Ordering::Relaxed);
             self.client
                 .create_snapshot()
                 .volume_id(volume)
@@ -335,7 +340,19 @@ impl Ec2 {
         })
         .await
         .context(CallSnafu)?;
-        Ok(output.snapshot_id().unwrap_or_default().to_string())
+        let id = output.snapshot_id().unwrap_or_default().to_string();
+        if attempts.load(Ordering::Relaxed) > 1 {
+            let of_volume = retry(self.policy, "DescribeSnapshots", || {
+                self.client.describe_snapshots().owner_ids("self").filters(filter("volume-id", volume)).send()
+            })
+            .await
+            .context(CallSnafu)?;
+            for other in of_volume.snapshots().iter().filter_map(|s| s.snapshot_id()).filter(|other| *other != id) {
+                tracing::info!(snapshot = other, "deleting the snapshot of an attempt whose reply was lost");
+                self.delete_snapshot(other).await?;
+            }
+        }
+        Ok(id)
     }
 
     pub async fn wait_snapshot_completed(&self, id: &str) -> Result<()> {
