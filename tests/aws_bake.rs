@@ -170,6 +170,27 @@ fn a_direct_bake_whose_replies_are_lost_adopts_what_the_first_attempts_made() {
     assert_no_leftovers("after lost replies");
 }
 
+/// The base snapshot's blocks are mirrored from EBS for the bake, and two of them arrive
+/// corrupted: the mirror checks each block's checksum, fetches those again, and the
+/// bake succeeds on the right blocks.
+#[test]
+fn the_mirror_fetches_corrupted_blocks_again() {
+    let (_serial, ami, base_snapshot) = fresh_cloud_with_base();
+    let mirrored = state_dir().join(format!("aws/us-east-1/snapshots/{base_snapshot}.json"));
+    assert!(!mirrored.exists(), "a fresh cloud's base is not mirrored yet");
+    proxy_post("/_proxy/corrupt", &json!({ "get_blocks": 2 }));
+    let dir = tempfile::tempdir().unwrap();
+    let package = sample_package(dir.path(), "3.5.0", 0);
+    let (code, baked, stderr) = run_aws_json(&bake_args(&ami, package.to_str().unwrap(), "3.5.0"), &[]);
+    let stats = proxy_get("/_proxy/stats");
+    assert_eq!(code, 0, "{baked}\n{stderr}");
+    assert_eq!(stats["faults"]["corrupt_get"], 2, "{stats}");
+    assert!(mirrored.exists(), "the base was mirrored");
+    assert_eq!(stats["violations"], json!([]));
+    assert_eq!(cloud_leftovers(), json!([]));
+    assert_no_leftovers("after a mirror with corrupted blocks");
+}
+
 #[test]
 fn a_block_corrupted_in_transit_fails_the_bake_and_leaves_nothing() {
     let (_serial, ami, _) = fresh_cloud_with_base();

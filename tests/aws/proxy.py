@@ -6,20 +6,25 @@ unchanged except where this proxy has to step in:
 
 * EBS direct APIs: moto checks no checksum, length or count and reports a 512-byte block size.
   The proxy validates PutSnapshotBlock and CompleteSnapshot as AWS does (rejecting with
-  ValidationException before moto sees the request, and keeping a list of violations), and
-  presents BlockSize 524288.
-* Parent snapshots: moto ignores StartSnapshot's ParentSnapshotId. The proxy records it and
-  answers ListSnapshotBlocks, ListChangedBlocks and GetSnapshotBlock of a child through its
-  ancestors.
+  ValidationException before moto sees the request, and keeping a list of violations; the LINEAR
+  aggregate checksum is required), and presents BlockSize 524288. A StartSnapshot ClientToken
+  seen before answers with the snapshot it started, as EBS does.
+* Parent snapshots: moto ignores StartSnapshot's ParentSnapshotId. The proxy requires it to exist
+  and be completed, records it, and answers ListSnapshotBlocks, ListChangedBlocks and
+  GetSnapshotBlock of a child through its ancestors.
 * Query APIs (EC2, Auto Scaling, ELBv2, CloudWatch) and JSON APIs (Cloud Map, CloudWatch as boto3
   speaks it): every request is recorded, so tests can check what was asked for even where moto
   drops parameters (RegisterImage keeps only a name and description).
+* RegisterImage is checked as EC2 checks it (architecture, the root device mapped to a snapshot
+  that exists and is completed, ENA, boot mode, IMDS support, a name unique in the account), and
+  launch template names as EC2 allows them.
 * Cloud Map: moto's RegisterInstance appends a second entry for an instance id it already has;
   AWS updates the one entry. The proxy deregisters the old entry first.
 * CloudWatch: moto computes no percentile statistics. The proxy answers GetMetricData's `pNN`
   queries from the PutMetricData requests it recorded.
-* Faults: throttling, server errors, dropped connections, corrupted blocks and unhealthy targets,
-  in the error formats the AWS SDKs parse.
+* Faults: throttling, server errors, dropped connections, lost replies (the request takes effect,
+  then the connection drops), corrupted blocks and unhealthy targets, in the error formats the
+  AWS SDKs parse.
 
 The control API lives under /_proxy/ (see `Control`). Stdlib only.
 """
