@@ -851,9 +851,12 @@ impl ConsoleProcess {
             .stdout(std::process::Stdio::piped())
             .spawn()
             .unwrap();
+        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        stdout.read_line(&mut line).unwrap();
         let url = line.trim().strip_prefix("console: ").unwrap_or_else(|| panic!("{line:?}")).to_string();
+        // Whatever it prints later must not meet a closed pipe.
+        std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
         ConsoleProcess { child, url }
     }
 }
@@ -920,7 +923,7 @@ fn the_console_deploys_and_rolls_back_from_a_real_browser() {
     browser.find("input[name='health_url']").fill("/hello/health");
     browser.find("#review").click();
     let review = browser.find("#changes").text();
-    assert!(review.contains(&format!("{v000} leaves service but keeps running")), "{review}");
+    assert!(review.contains(&format!("take {v000} out of service, instances kept running")), "{review}");
     browser.screenshot(&shots, "deploy-review");
     browser.find("#confirm").click();
     let (at_load, at_end) = follow_action(&browser);
@@ -937,7 +940,7 @@ fn the_console_deploys_and_rolls_back_from_a_real_browser() {
     browser.screenshot(&shots, "cluster");
     browser.find("#rollback").click();
     let review = browser.find("#changes").text();
-    assert!(review.contains(&format!("{v000} (9.1.0) goes back in service")), "{review}");
+    assert!(review.contains(&format!("put {v000} in service")), "{review}");
     browser.find("#confirm").click();
     follow_action(&browser);
     assert_eq!(versions_seen(&balancer, 10), BTreeSet::from(["9.1.0".to_string()]));

@@ -12,8 +12,19 @@ const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 /// WebDriver's key for an element reference.
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
+/// ChromeDriver's process, killed however the test ends (also when starting fails half way).
+struct Driver(Child);
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 pub struct Browser {
-    driver: Child,
+    // Dropped after the session is deleted (fields drop in order, after `Drop for Browser`).
+    _driver: Driver,
     base: String,
     session: String,
     agent: ureq::Agent,
@@ -34,20 +45,28 @@ impl Browser {
         for program in [CHROMIUM, CHROMEDRIVER] {
             assert!(Path::new(program).exists(), "{program} is missing: run scripts/install-deps");
         }
-        let port = free_port();
-        let driver = Command::new(CHROMEDRIVER)
-            .arg(format!("--port={port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting chromedriver");
-        let base = format!("http://127.0.0.1:{port}");
         let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(60)).build();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while agent.get(&format!("{base}/status")).call().is_err() {
-            assert!(Instant::now() < deadline, "chromedriver did not answer on port {port}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        // A port found free may be taken before ChromeDriver binds it: then another one.
+        let (driver, base) = (0..3)
+            .find_map(|_| {
+                let port = free_port();
+                let child = Command::new(CHROMEDRIVER)
+                    .arg(format!("--port={port}"))
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("starting chromedriver");
+                let (mut driver, base) = (Driver(child), format!("http://127.0.0.1:{port}"));
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while agent.get(&format!("{base}/status")).call().is_err() {
+                    if Instant::now() > deadline || driver.0.try_wait().ok().flatten().is_some() {
+                        return None;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Some((driver, base))
+            })
+            .expect("chromedriver did not answer on any port tried");
         let profile = tempfile::tempdir().unwrap();
         // This machine's network is closed: Chromium's background connections are turned off.
         let args = [
@@ -67,7 +86,7 @@ impl Browser {
             "browserName": "chrome",
             "goog:chromeOptions": { "binary": CHROMIUM, "args": args },
         }}});
-        let mut browser = Browser { driver, base, session: String::new(), agent, _profile: profile };
+        let mut browser = Browser { _driver: driver, base, session: String::new(), agent, _profile: profile };
         let created = browser.call("POST", "/session", Some(capabilities));
         browser.session = created["sessionId"].as_str().expect("a session id").to_string();
         browser
@@ -179,7 +198,5 @@ impl Drop for Browser {
         if !self.session.is_empty() {
             let _ = self.agent.delete(&format!("{}/session/{}", self.base, self.session)).call();
         }
-        let _ = self.driver.kill();
-        let _ = self.driver.wait();
     }
 }

@@ -149,10 +149,16 @@ struct AuditLine<'a> {
 
 pub struct Actions {
     runs: Mutex<BTreeMap<String, Arc<Run>>>,
-    audit: PathBuf,
+    audit: Arc<Audit>,
 }
 
-fn now() -> u64 {
+/// The audit log: one JSON line per write, lines never interleaved.
+struct Audit {
+    path: PathBuf,
+    writing: Mutex<()>,
+}
+
+pub fn now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs()
 }
 
@@ -160,7 +166,8 @@ impl Actions {
     pub fn new(state_dir: &Path) -> std::io::Result<Actions> {
         let dir = state_dir.join("console");
         std::fs::create_dir_all(&dir)?;
-        Ok(Actions { runs: Mutex::default(), audit: dir.join("audit.jsonl") })
+        let audit = Audit { path: dir.join("audit.jsonl"), writing: Mutex::default() };
+        Ok(Actions { runs: Mutex::default(), audit: Arc::new(audit) })
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<Run>> {
@@ -186,28 +193,36 @@ impl Actions {
             ending: Mutex::default(),
             changed: tokio::sync::watch::Sender::new(0),
         });
-        self.audit(&run, "started".into())?;
-        {
-            let mut runs = self.runs.lock().unwrap_or_else(|p| p.into_inner());
-            runs.insert(run.id.clone(), run.clone());
-            if runs.len() > KEPT {
-                let oldest = runs.values().min_by_key(|r| r.started).map(|r| r.id.clone());
-                runs.retain(|id, _| Some(id) != oldest.as_ref());
-            }
-        }
+        self.audit.append(&run, "started".into())?;
         let (thread_run, audit) = (run.clone(), self.audit.clone());
-        std::thread::Builder::new().name(format!("console-{}", run.request.name())).spawn(move || {
+        let spawned = std::thread::Builder::new().name(format!("console-{}", run.request.name())).spawn(move || {
             let ending = execute(cloud.as_ref(), &cancel, &thread_run);
             let result = match &ending.error {
                 None => "ok".to_string(),
                 Some(error) => format!("failed (exit {}): {error}", ending.exit_code),
             };
-            *thread_run.ending.lock().unwrap_or_else(|p| p.into_inner()) = Some(ending);
-            thread_run.changed.send_modify(|count| *count += 1);
-            if let Err(error) = append_audit(&audit, &thread_run, result) {
+            // On record before anyone is told it ended (and before the console may exit).
+            if let Err(error) = audit.append(&thread_run, result) {
                 tracing::warn!("console audit log: {error}");
             }
-        })?;
+            *thread_run.ending.lock().unwrap_or_else(|p| p.into_inner()) = Some(ending);
+            thread_run.changed.send_modify(|count| *count += 1);
+        });
+        if let Err(error) = spawned {
+            let _ = self.audit.append(&run, format!("failed to start: {error}"));
+            return Err(error);
+        }
+        let mut runs = self.runs.lock().unwrap_or_else(|p| p.into_inner());
+        runs.insert(run.id.clone(), run.clone());
+        // The oldest ended runs make room; a running one keeps its page however long it runs.
+        while runs.len() > KEPT {
+            let ended = |r: &Arc<Run>| r.ending.lock().unwrap_or_else(|p| p.into_inner()).is_some();
+            let Some(oldest) = runs.values().filter(|r| ended(r)).min_by_key(|r| r.started).map(|r| r.id.clone())
+            else {
+                break;
+            };
+            runs.remove(&oldest);
+        }
         Ok(run)
     }
 
@@ -222,24 +237,25 @@ impl Actions {
             std::thread::sleep(Duration::from_millis(200));
         }
     }
-
-    fn audit(&self, run: &Run, result: String) -> std::io::Result<()> {
-        append_audit(&self.audit, run, result)
-    }
 }
 
-fn append_audit(path: &Path, run: &Run, result: String) -> std::io::Result<()> {
-    let line = AuditLine {
-        time: now(),
-        by: &run.by,
-        action: run.request.name(),
-        cluster: &run.cluster,
-        id: &run.id,
-        result,
-        image_id: run.request.image_id(),
-    };
-    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
-    writeln!(file, "{}", serde_json::to_string(&line)?)
+impl Audit {
+    fn append(&self, run: &Run, result: String) -> std::io::Result<()> {
+        let line = AuditLine {
+            time: now(),
+            by: &run.by,
+            action: run.request.name(),
+            cluster: &run.cluster,
+            id: &run.id,
+            result,
+            image_id: run.request.image_id(),
+        };
+        let mut text = serde_json::to_string(&line)?;
+        text.push('\n');
+        let _writing = self.writing.lock().unwrap_or_else(|p| p.into_inner());
+        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&self.path)?;
+        file.write_all(text.as_bytes())
+    }
 }
 
 /// Runs the engine as the command line would, with the console's viewer as the lock's owner.

@@ -37,6 +37,12 @@ const FAILURE_WINDOW: Duration = Duration::from_secs(60);
 /// How long a session lasts after signing in.
 const SESSION_LIFETIME: Duration = Duration::from_secs(12 * 3600);
 pub const SESSION_COOKIE: &str = "bakery_session";
+
+/// The `Set-Cookie` value that carries session `id` (an empty id with age 0 removes it).
+pub fn session_cookie(id: &str) -> String {
+    let expiry = if id.is_empty() { "; Max-Age=0" } else { "" };
+    format!("{SESSION_COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict{expiry}")
+}
 /// Sessions kept at once: clients that never send their cookie back (on loopback each gets one)
 /// must not grow memory without bound. The one closest to expiring goes first.
 const MAX_SESSIONS: usize = 10_000;
@@ -77,14 +83,15 @@ impl Logins {
             };
             let name = name.trim();
             let valid_name = |c: char| c.is_ascii_alphanumeric() || "-_.@".contains(c);
+            // Problems name the line only: a line written the wrong way round would show a token.
             if name.is_empty() || !name.chars().all(valid_name) {
                 return Err((number, "a login name is letters, digits and -_.@".into()));
             }
             if token.trim().len() < MIN_TOKEN_LEN {
-                return Err((number, format!("{name}'s token is shorter than {MIN_TOKEN_LEN} characters")));
+                return Err((number, format!("the token is shorter than {MIN_TOKEN_LEN} characters")));
             }
             if by_digest.insert(digest(token.trim()), name.to_string()).is_some() {
-                return Err((number, format!("{name}'s token is also another login's")));
+                return Err((number, "the token is also another login's".into()));
             }
         }
         Ok((!by_digest.is_empty()).then_some(Logins { by_digest }))
@@ -170,8 +177,9 @@ impl Auth {
         self.logins.is_some()
     }
 
-    /// Who a request is, from its credential.
-    pub fn check(&self, credential: Credential, from: IpAddr) -> Verdict {
+    /// Who a request is, from its credential. On loopback a request without a session gets one
+    /// only if `open` (pages and `/api/session`): other API calls must not crowd out browsers'.
+    pub fn check(&self, credential: Credential, from: IpAddr, open: bool) -> Verdict {
         let session = match credential {
             Credential::Cookie(id) => self.session(id),
             _ => None,
@@ -182,6 +190,10 @@ impl Auth {
         }
         let Some(logins) = &self.logins else {
             // Loopback: a browser gets a session of this host's user, for its CSRF token.
+            if !open {
+                let viewer = Viewer { login: self.local_user.clone(), from, csrf: String::new(), signed_in: false };
+                return Verdict::Allowed(viewer, None);
+            }
             let (id, session) = self.open_session(self.local_user.clone());
             let viewer = Viewer { login: session.login, from, csrf: session.csrf, signed_in: false };
             return Verdict::Allowed(viewer, Some(id));
@@ -242,11 +254,15 @@ impl Auth {
 
     fn blocked(&self, from: IpAddr) -> bool {
         let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        let recent = failures.entry(from).or_default();
+        let Some(recent) = failures.get_mut(&from) else { return false };
         while recent.front().is_some_and(|at| at.elapsed() > FAILURE_WINDOW) {
             recent.pop_front();
         }
-        recent.len() >= MAX_FAILURES
+        let blocked = recent.len() >= MAX_FAILURES;
+        if recent.is_empty() {
+            failures.remove(&from);
+        }
+        blocked
     }
 
     fn failed(&self, from: IpAddr) {
@@ -285,7 +301,7 @@ mod tests {
     #[test]
     fn a_bearer_token_names_its_login_and_a_wrong_one_is_refused_then_rate_limited() {
         let auth = auth();
-        match auth.check(Credential::Bearer("fedcba9876543210fedc"), HOST) {
+        match auth.check(Credential::Bearer("fedcba9876543210fedc"), HOST, true) {
             Verdict::Allowed(viewer, cookie) => {
                 assert_eq!(viewer.login, "bob");
                 assert!(cookie.is_none());
@@ -293,12 +309,12 @@ mod tests {
             }
             _ => panic!("bob's token was refused"),
         }
-        assert!(matches!(auth.check(Credential::None, HOST), Verdict::SignIn));
+        assert!(matches!(auth.check(Credential::None, HOST, true), Verdict::SignIn));
         for _ in 0..MAX_FAILURES {
-            assert!(matches!(auth.check(Credential::Bearer("wrong-wrong-wrong"), HOST), Verdict::Refused));
+            assert!(matches!(auth.check(Credential::Bearer("wrong-wrong-wrong"), HOST, true), Verdict::Refused));
         }
         // Now even the right token waits.
-        assert!(matches!(auth.check(Credential::Bearer("fedcba9876543210fedc"), HOST), Verdict::TooMany));
+        assert!(matches!(auth.check(Credential::Bearer("fedcba9876543210fedc"), HOST, true), Verdict::TooMany));
         assert!(matches!(auth.sign_in("0123456789abcdef0123", HOST), Err(Verdict::TooMany)));
         let elsewhere = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 10));
         assert!(auth.sign_in("0123456789abcdef0123", elsewhere).is_ok());
@@ -308,20 +324,20 @@ mod tests {
     fn a_session_lasts_until_signed_out() {
         let auth = auth();
         let cookie = auth.sign_in("0123456789abcdef0123", HOST).ok().unwrap();
-        let Verdict::Allowed(viewer, None) = auth.check(Credential::Cookie(&cookie), HOST) else { panic!() };
+        let Verdict::Allowed(viewer, None) = auth.check(Credential::Cookie(&cookie), HOST, true) else { panic!() };
         assert_eq!(viewer.login, "ann");
         assert!(viewer.signed_in);
         auth.sign_out(&cookie);
-        assert!(matches!(auth.check(Credential::Cookie(&cookie), HOST), Verdict::SignIn));
-        assert!(matches!(auth.check(Credential::Cookie("made-up"), HOST), Verdict::SignIn));
+        assert!(matches!(auth.check(Credential::Cookie(&cookie), HOST, true), Verdict::SignIn));
+        assert!(matches!(auth.check(Credential::Cookie("made-up"), HOST, true), Verdict::SignIn));
     }
 
     #[test]
     fn on_loopback_without_tokens_a_browser_gets_a_session_of_this_user() {
         let auth = Auth::new(None, "root".into());
-        let Verdict::Allowed(viewer, Some(cookie)) = auth.check(Credential::None, HOST) else { panic!() };
+        let Verdict::Allowed(viewer, Some(cookie)) = auth.check(Credential::None, HOST, true) else { panic!() };
         assert_eq!(viewer.login, "root");
-        let Verdict::Allowed(again, None) = auth.check(Credential::Cookie(&cookie), HOST) else { panic!() };
+        let Verdict::Allowed(again, None) = auth.check(Credential::Cookie(&cookie), HOST, true) else { panic!() };
         assert!(same_token(&again.csrf, &viewer.csrf));
         assert!(!same_token("", ""));
     }

@@ -1,5 +1,6 @@
 // The console's only script: follows a running action's events (server-sent events) on its
-// page. Lines are added as text, never as markup.
+// page, from the lines the page was rendered with (a reconnect resumes after the last line's
+// id). Lines are added as text, never as markup.
 "use strict";
 
 document.addEventListener("DOMContentLoaded", () => {
@@ -15,7 +16,6 @@ document.addEventListener("DOMContentLoaded", () => {
     item.className = event.event;
     item.textContent = event.line;
     list.appendChild(item);
-    list.dataset.count = String(list.children.length);
   });
   stream.addEventListener("end", (message) => {
     const ending = JSON.parse(message.data);

@@ -53,6 +53,9 @@ pub enum Error {
     NotFound { what: String },
     #[snafu(display("{message}"))]
     BadInput { message: String },
+    /// Nothing to do, or not now.
+    #[snafu(display("{message}"))]
+    Conflict { message: String },
     #[snafu(display("starting the action: {source}"))]
     Start { source: std::io::Error },
 }
@@ -62,7 +65,13 @@ impl Error {
         match self {
             Error::NotFound { .. } => StatusCode::NOT_FOUND,
             Error::BadInput { .. } => StatusCode::BAD_REQUEST,
-            Error::Engine { source } if source.exit_code() == 3 => StatusCode::BAD_REQUEST,
+            Error::Conflict { .. } => StatusCode::CONFLICT,
+            // As the launcher's exit codes: 3 bad input, 4 nothing to act on, 5 locked.
+            Error::Engine { source } => match source.exit_code() {
+                3 => StatusCode::BAD_REQUEST,
+                4 | 5 => StatusCode::CONFLICT,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            },
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -126,20 +135,10 @@ pub fn serve(
             .layer(axum::middleware::from_fn_with_state(serving, guard))
             .into_make_service_with_connect_info::<SocketAddr>();
         ready(bound);
-        let stopping = {
-            let cancel = cancel.clone();
-            async move {
-                while !cancel.load(Ordering::Relaxed) {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            }
-        };
         // Followers' event streams end at shutdown; a client that holds on is cut off after 5 s.
-        let server = axum::serve(listener, app).with_graceful_shutdown(stopping);
+        let server = axum::serve(listener, app).with_graceful_shutdown(cancelled(cancel.clone()));
         let cut_off = async {
-            while !cancel.load(Ordering::Relaxed) {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
+            cancelled(cancel.clone()).await;
             tokio::time::sleep(Duration::from_secs(5)).await;
         };
         tokio::select! {
@@ -150,6 +149,13 @@ pub fn serve(
     // Running actions were cancelled with the console: they stop at their next step.
     console.actions.wait_idle(Duration::from_secs(60));
     served
+}
+
+/// Resolves once `cancel` is set (Ctrl-C, SIGTERM).
+async fn cancelled(cancel: Arc<AtomicBool>) {
+    while !cancel.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Runs `work` (library calls, which block) on a thread of its own.
@@ -226,7 +232,8 @@ async fn check(console: &Console, peer: SocketAddr, mut request: Request, next: 
         (None, None) => auth::Credential::None,
     };
     let api = path.starts_with("/api/");
-    let (viewer, new_cookie) = match console.auth.check(credential, peer.ip()) {
+    let open = !api || path == "/api/session";
+    let (viewer, new_cookie) = match console.auth.check(credential, peer.ip(), open) {
         auth::Verdict::Allowed(viewer, cookie) => (viewer, cookie),
         auth::Verdict::TooMany => return refuse(StatusCode::TOO_MANY_REQUESTS, "too many failed sign-ins; wait"),
         // Never why: no token and a wrong one look the same.
@@ -252,8 +259,7 @@ async fn check(console: &Console, peer: SocketAddr, mut request: Request, next: 
     request.extensions_mut().insert(viewer);
     let mut response = next.run(request).await;
     if let Some(id) = new_cookie {
-        let cookie = format!("{}={id}; Path=/; HttpOnly; SameSite=Strict", auth::SESSION_COOKIE);
-        if let Ok(value) = HeaderValue::from_str(&cookie) {
+        if let Ok(value) = HeaderValue::from_str(&auth::session_cookie(&id)) {
             response.headers_mut().append(header::SET_COOKIE, value);
         }
     }

@@ -263,17 +263,23 @@ pub fn deploy_form(form: &DeployForm, header: &Header) -> String {
     html::page(&format!("Deploy to {}", form.cluster), header, &body)
 }
 
-/// A confirmation: what will change, in words, and the same request posted again with
-/// `confirmed`.
-pub fn confirm(title: &str, changes: &[String], action: &str, fields: &[(&str, &str)], header: &Header) -> String {
-    let mut body = String::from("<ul id=\"changes\">");
-    for change in changes {
-        let _ = write!(body, "<li>{}</li>", escape(change));
+/// A review: the steps the launcher will run, in its own words, and the same request to post
+/// again (with the plan's fingerprint among `fields`) to run them.
+pub fn confirm(
+    title: &str,
+    steps: &[String],
+    notice: Option<&str>,
+    action: &str,
+    fields: &[(&str, &str)],
+    header: &Header,
+) -> String {
+    let mut body = notice.map(|n| format!("<p class=\"problem\">{}</p>", escape(n))).unwrap_or_default();
+    body.push_str("<p>Confirming runs these steps, in order:</p><ol id=\"changes\">");
+    for step in steps {
+        let _ = write!(body, "<li>{}</li>", escape(step));
     }
-    body.push_str("</ul>");
-    let mut hidden = fields.to_vec();
-    hidden.push(("confirmed", "yes"));
-    body.push_str(&post_form(action, header.csrf, &hidden, "<button type=\"submit\" id=\"confirm\">Confirm</button>"));
+    body.push_str("</ol>");
+    body.push_str(&post_form(action, header.csrf, fields, "<button type=\"submit\" id=\"confirm\">Confirm</button>"));
     html::page(title, header, &body)
 }
 

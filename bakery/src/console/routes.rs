@@ -1,9 +1,9 @@
 //! The console's URLs: pages for people, `/api/` for the pages' script and for CI. Reads are
 //! GET and change nothing; actions are POST (the guard has checked their CSRF token) and, from a
-//! page, need a second POST with `confirmed=yes` after a page that says what will change.
+//! page, run only on a second POST carrying the fingerprint of the plan the first one showed.
 
-use super::actions::{Request as ActionRequest, Run};
-use super::auth::{Verdict, Viewer, SESSION_COOKIE};
+use super::actions::{now, Request as ActionRequest, Run};
+use super::auth::{session_cookie, Verdict, Viewer, SESSION_COOKIE};
 use super::html::{url_part, Header};
 use super::views::{self, ClusterView};
 use super::{blocking, pages, Console, Error};
@@ -58,10 +58,6 @@ fn static_file(content_type: &'static str, body: &'static str) -> Response {
     ([(header::CONTENT_TYPE, content_type)], body).into_response()
 }
 
-fn now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs()
-}
-
 fn header<'a>(console: &'a Console, viewer: &'a Viewer) -> Header<'a> {
     Header { login: &viewer.login, csrf: &viewer.csrf, signed_in: viewer.signed_in, provider: console.cloud.kind() }
 }
@@ -107,9 +103,8 @@ async fn sign_in(
 ) -> Response {
     match console.auth.sign_in(form.token.trim(), peer.ip()) {
         Ok(id) => {
-            let cookie = format!("{SESSION_COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict");
             let mut response = Redirect::to("/").into_response();
-            if let Ok(value) = HeaderValue::from_str(&cookie) {
+            if let Ok(value) = HeaderValue::from_str(&session_cookie(&id)) {
                 response.headers_mut().insert(header::SET_COOKIE, value);
             }
             response
@@ -128,8 +123,7 @@ async fn sign_out(State(console): Shared, request: axum::extract::Request) -> Re
         console.auth.sign_out(id);
     }
     let mut response = Redirect::to("/login").into_response();
-    let expired = format!("{SESSION_COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0");
-    if let Ok(value) = HeaderValue::from_str(&expired) {
+    if let Ok(value) = HeaderValue::from_str(&session_cookie("")) {
         response.headers_mut().insert(header::SET_COOKIE, value);
     }
     response
@@ -193,8 +187,13 @@ async fn api_images(State(console): Shared, Query(query): Query<ImagesQuery>) ->
 }
 
 async fn read_image(console: &Arc<Console>, id: String) -> Result<crate::provider::Image, Error> {
-    let all = read_images(console, None).await?;
-    all.into_iter().find(|i| i.id == id).ok_or(Error::NotFound { what: format!("image {id}") })
+    let images = console.images.clone();
+    let found = blocking(move || {
+        let image = images.find_image(&id).map_err(|source| Error::Images { source })?;
+        // `find_image` also takes names; the page is for ids.
+        image.filter(|i| i.id == id).ok_or(Error::NotFound { what: format!("image {id}") })
+    });
+    found.await
 }
 
 async fn image_page(State(console): Shared, Extension(viewer): Extension<Viewer>, Path(id): Path<String>) -> Response {
@@ -247,14 +246,17 @@ async fn api_group(State(console): Shared, Path((cluster, group)): Path<(String,
     api(read_cluster(&console, cluster).await.and_then(|v| group_of(&v, &group)))
 }
 
+fn action_of(console: &Console, id: &str) -> Result<Arc<Run>, Error> {
+    console.actions.get(id).ok_or(Error::NotFound { what: format!("action {id}") })
+}
+
 async fn action_page(State(console): Shared, Extension(viewer): Extension<Viewer>, Path(id): Path<String>) -> Response {
-    let run = console.actions.get(&id).ok_or(Error::NotFound { what: format!("action {id}") });
+    let run = action_of(&console, &id);
     page(&console, &viewer, run.map(|r| pages::action(&r.summary(), &header(&console, &viewer))))
 }
 
 async fn api_action(State(console): Shared, Path(id): Path<String>) -> Response {
-    let run = console.actions.get(&id).ok_or(Error::NotFound { what: format!("action {id}") });
-    match run {
+    match action_of(&console, &id) {
         Ok(run) => Json(run.summary()).into_response(),
         Err(error) => api::<()>(Err(error)),
     }
@@ -271,32 +273,60 @@ async fn api_action_events(
     State(console): Shared,
     Path(id): Path<String>,
     Query(query): Query<EventsQuery>,
+    headers: axum::http::HeaderMap,
 ) -> Response {
-    let Some(run) = console.actions.get(&id) else {
-        return api::<()>(Err(Error::NotFound { what: format!("action {id}") }));
+    let run = match action_of(&console, &id) {
+        Ok(run) => run,
+        Err(error) => return api::<()>(Err(error)),
     };
-    let follower = run.follow();
-    let start = (run, query.from.unwrap_or(0), follower, VecDeque::new(), false);
-    let stream = futures::stream::unfold(start, |(run, mut next, mut follower, mut pending, mut ended)| async move {
+    // A reconnecting EventSource says the last line it has; each line's id is its index.
+    let resumed = headers.get("last-event-id").and_then(|v| v.to_str().ok()?.parse::<usize>().ok()).map(|id| id + 1);
+    let following = Following {
+        follower: run.follow(),
+        run,
+        next: resumed.or(query.from).unwrap_or(0),
+        pending: VecDeque::new(),
+        ended: false,
+        cancel: console.cancel.clone(),
+    };
+    let stream = futures::stream::unfold(following, |mut at| async move {
         loop {
-            if let Some(event) = pending.pop_front() {
-                return Some((Ok::<SseEvent, Infallible>(event), (run, next, follower, pending, ended)));
+            if let Some(event) = at.pending.pop_front() {
+                return Some((Ok::<SseEvent, Infallible>(event), at));
             }
-            if ended {
+            if at.ended {
                 return None;
             }
-            let (lines, ending) = run.since(next);
-            next += lines.len();
-            pending.extend(lines.iter().filter_map(|line| SseEvent::default().event("line").json_data(line).ok()));
+            let (lines, ending) = at.run.since(at.next);
+            for (offset, line) in lines.iter().enumerate() {
+                let id = (at.next + offset).to_string();
+                at.pending.extend(SseEvent::default().event("line").id(id).json_data(line).ok());
+            }
+            at.next += lines.len();
             if let Some(ending) = ending {
-                pending.extend(SseEvent::default().event("end").json_data(&ending).ok());
-                ended = true;
-            } else if pending.is_empty() && follower.changed().await.is_err() {
-                return None;
+                at.pending.extend(SseEvent::default().event("end").json_data(&ending).ok());
+                at.ended = true;
+            } else if at.pending.is_empty() {
+                // Until the next line, or the console stopping.
+                tokio::select! {
+                    changed = at.follower.changed() => if changed.is_err() { return None },
+                    () = super::cancelled(at.cancel.clone()) => return None,
+                }
             }
         }
     });
     Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response()
+}
+
+/// Where a follower of an action's events is.
+struct Following {
+    run: Arc<Run>,
+    /// The index of the next line to send.
+    next: usize,
+    follower: tokio::sync::watch::Receiver<usize>,
+    pending: VecDeque<SseEvent>,
+    ended: bool,
+    cancel: Arc<std::sync::atomic::AtomicBool>,
 }
 
 // Actions.
@@ -339,8 +369,8 @@ struct DeployInput {
     target_groups: Option<String>,
     /// aws: the Cloud Map namespace.
     registry_namespace: Option<String>,
-    #[serde(default)]
-    confirmed: Option<String>,
+    /// The fingerprint of the plan the page reviewed: present, the deploy runs if it still holds.
+    plan: Option<String>,
 }
 
 fn split_list(text: Option<&str>) -> Vec<String> {
@@ -429,7 +459,11 @@ async fn deploy_page(
         blocking(move || {
             let app = views::cluster_name(&cluster)?.app;
             let images = views::images(console.images.as_ref(), Some(&app))?;
-            let view = views::cluster(console.cloud.as_ref(), console.images.as_ref(), &cluster).ok();
+            let view = match views::cluster(console.cloud.as_ref(), console.images.as_ref(), &cluster) {
+                Ok(view) => Some(view),
+                Err(Error::NotFound { .. }) => None,
+                Err(error) => return Err(error),
+            };
             let form = pages::DeployForm {
                 cluster: &cluster,
                 aws: console.cloud.kind() == "aws",
@@ -444,40 +478,37 @@ async fn deploy_page(
     page(&console, &viewer, rendered)
 }
 
-/// What a deploy will change, in words.
-fn deploy_changes(console: &Console, cluster: &str, request: &DeployRequest) -> Result<Vec<String>, Error> {
-    let image = views::images(console.images.as_ref(), None)?
-        .into_iter()
-        .find(|i| i.id == request.image_id)
-        .ok_or(Error::BadInput { message: format!("image {:?} not found", request.image_id) })?;
-    let view = views::cluster(console.cloud.as_ref(), console.images.as_ref(), cluster).ok();
-    let serving = view.as_ref().and_then(|v| v.serving());
-    let desired = request.desired.or(serving.map(|g| g.capacity.desired)).unwrap_or(3).max(3);
-    let what = |key: &str| image.tags.get(key).map(String::as_str).unwrap_or("?");
-    let mut changes = vec![format!(
-        "A new group of {cluster} starts {desired} instances of {} ({} {}), {}.",
-        image.id,
-        what("app"),
-        what("version"),
-        request.strategy.strategy().name()
-    )];
-    changes.push(match (serving, request.strategy) {
-        (None, _) => "It is the cluster's first group: it takes the traffic once every instance is healthy.".into(),
-        (Some(old), StrategyKind::RedBlack) => format!(
-            "Once every instance is healthy it takes the traffic, and {} leaves service but keeps running for a rollback.",
-            old.name
-        ),
-        (Some(_), StrategyKind::Highlander) => {
-            "Once every instance is healthy it takes the traffic, and every other group is destroyed.".into()
-        }
-    });
-    if let Some((soak, _)) = request.soak {
-        changes.push(format!(
-            "It is then watched for {} and switched back by itself if its errors or latency breach.",
-            humantime::format_duration(soak)
-        ));
+/// A page's action: the review of what it will do now, or, once confirmed, the action itself,
+/// but only while the plan is still the one reviewed (its fingerprint came back in `shown`);
+/// otherwise the new plan is shown for review again (409).
+async fn review_or_start(
+    console: Arc<Console>,
+    viewer: Viewer,
+    cluster: String,
+    request: ActionRequest,
+    shown: Option<String>,
+    mut fields: Vec<(&'static str, String)>,
+) -> Response {
+    let reviewed = {
+        let (console, cluster, request) = (console.clone(), cluster.clone(), request.clone());
+        blocking(move || views::review(console.cloud.as_ref(), &cluster, &request)).await
+    };
+    let review = match reviewed {
+        Ok(review) => review,
+        Err(error) => return page(&console, &viewer, Err(error)),
+    };
+    if shown.as_deref() == Some(review.fingerprint.as_str()) {
+        return follow(&console, &viewer, start(&console, &cluster, request, &viewer));
     }
-    Ok(changes)
+    let verb = request.name();
+    let action = format!("/clusters/{}/{verb}", url_part(&cluster));
+    let notice = shown.is_some().then_some("The cluster changed since the review: this is what would run now.");
+    fields.push(("plan", review.fingerprint.clone()));
+    let fields: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let title = format!("{verb} {cluster}?");
+    let html = pages::confirm(&title, &review.steps, notice, &action, &fields, &header(&console, &viewer));
+    let status = if shown.is_some() { StatusCode::CONFLICT } else { StatusCode::OK };
+    (status, Html(html)).into_response()
 }
 
 async fn deploy_from_page(
@@ -486,35 +517,24 @@ async fn deploy_from_page(
     Path(cluster): Path<String>,
     Form(input): Form<DeployInput>,
 ) -> Response {
-    let confirmed = input.confirmed.as_deref() == Some("yes");
     let request = match input.request(&cluster) {
         Ok(request) => request,
         Err(error) => return page(&console, &viewer, Err(error)),
     };
-    if confirmed {
-        return follow(&console, &viewer, start(&console, &cluster, ActionRequest::Deploy(Box::new(request)), &viewer));
-    }
-    let worker = console.clone();
-    let (target, request_cluster) = (cluster.clone(), cluster.clone());
-    let changes = blocking(move || deploy_changes(&worker, &request_cluster, &request)).await;
-    let rendered = changes.map(|changes| {
-        let fields: Vec<(&str, String)> = vec![
-            ("image", input.image.clone()),
-            ("strategy", input.strategy.clone().unwrap_or_default()),
-            ("min", count_text(&input.min)),
-            ("desired", count_text(&input.desired)),
-            ("max", count_text(&input.max)),
-            ("health_url", input.health_url.clone().unwrap_or_default()),
-            ("health_timeout", input.health_timeout.clone().unwrap_or_default()),
-            ("soak", input.soak.clone().unwrap_or_default()),
-            ("target_groups", input.target_groups.clone().unwrap_or_default()),
-            ("registry_namespace", input.registry_namespace.clone().unwrap_or_default()),
-        ];
-        let fields: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        let action = format!("/clusters/{}/deploy", url_part(&target));
-        pages::confirm(&format!("Deploy to {target}?"), &changes, &action, &fields, &header(&console, &viewer))
-    });
-    page(&console, &viewer, rendered)
+    let fields = vec![
+        ("image", input.image.clone()),
+        ("strategy", input.strategy.clone().unwrap_or_default()),
+        ("min", count_text(&input.min)),
+        ("desired", count_text(&input.desired)),
+        ("max", count_text(&input.max)),
+        ("health_url", input.health_url.clone().unwrap_or_default()),
+        ("health_timeout", input.health_timeout.clone().unwrap_or_default()),
+        ("soak", input.soak.clone().unwrap_or_default()),
+        ("target_groups", input.target_groups.clone().unwrap_or_default()),
+        ("registry_namespace", input.registry_namespace.clone().unwrap_or_default()),
+    ];
+    let request = ActionRequest::Deploy(Box::new(request));
+    review_or_start(console, viewer, cluster, request, input.plan, fields).await
 }
 
 fn count_text(count: &Option<Count>) -> String {
@@ -525,69 +545,10 @@ fn count_text(count: &Option<Count>) -> String {
     }
 }
 
+/// A rollback's or finish's review, or its confirmation (`plan`: the reviewed plan's fingerprint).
 #[derive(Deserialize)]
 struct Confirmation {
-    confirmed: Option<String>,
-}
-
-/// What a rollback will change, or why there is nothing to roll back to.
-fn rollback_changes(view: &ClusterView) -> Result<Vec<String>, Error> {
-    let (Some(serving), Some(previous)) = (view.serving(), view.previous()) else {
-        return Err(Error::BadInput {
-            message: format!("{} has no disabled group to roll back to", view.status.cluster),
-        });
-    };
-    let version = |image: &str| view.versions.get(image).cloned().unwrap_or_else(|| image.to_string());
-    Ok(vec![
-        format!(
-            "{} ({}) goes back in service, grown to at least {} instances, once healthy.",
-            previous.name,
-            version(&previous.image_id),
-            serving.capacity.desired
-        ),
-        format!("{} ({}) then leaves service and keeps running.", serving.name, version(&serving.image_id)),
-    ])
-}
-
-/// What finishing will destroy, or why there is nothing to finish.
-fn finish_changes(view: &ClusterView) -> Result<Vec<String>, Error> {
-    let disabled: Vec<String> = view
-        .status
-        .groups
-        .iter()
-        .filter(|g| !g.in_service)
-        .map(|g| {
-            format!(
-                "{} is destroyed: its {} instances stop and it can no longer be rolled back to.",
-                g.name,
-                g.members.len()
-            )
-        })
-        .collect();
-    if disabled.is_empty() {
-        return Err(Error::BadInput { message: format!("{} has no disabled group to finish", view.status.cluster) });
-    }
-    Ok(disabled)
-}
-
-async fn confirm_or_start(
-    console: Arc<Console>,
-    viewer: Viewer,
-    cluster: String,
-    confirmed: bool,
-    request: ActionRequest,
-    changes: fn(&ClusterView) -> Result<Vec<String>, Error>,
-) -> Response {
-    if confirmed {
-        return follow(&console, &viewer, start(&console, &cluster, request, &viewer));
-    }
-    let view = read_cluster(&console, cluster.clone()).await;
-    let rendered = view.and_then(|v| changes(&v)).map(|changes| {
-        let verb = request.name();
-        let action = format!("/clusters/{}/{verb}", url_part(&cluster));
-        pages::confirm(&format!("{verb} {cluster}?"), &changes, &action, &[], &header(&console, &viewer))
-    });
-    page(&console, &viewer, rendered)
+    plan: Option<String>,
 }
 
 /// A page's rollback waits as long as the command line's default.
@@ -600,19 +561,18 @@ async fn rollback_from_page(
     Form(form): Form<Confirmation>,
 ) -> Response {
     let request = ActionRequest::Rollback { health_timeout_secs: ROLLBACK_HEALTH_TIMEOUT_SECS };
-    let confirmed = form.confirmed.as_deref() == Some("yes");
-    confirm_or_start(console, viewer, cluster, confirmed, request, rollback_changes).await
+    review_or_start(console, viewer, cluster, request, form.plan, Vec::new()).await
 }
 
-/// From the console, finishing destroys every disabled group now: the confirmation names them.
+/// From the console, finishing destroys every disabled group now: the review names them.
 async fn finish_from_page(
     State(console): Shared,
     Extension(viewer): Extension<Viewer>,
     Path(cluster): Path<String>,
     Form(form): Form<Confirmation>,
 ) -> Response {
-    let confirmed = form.confirmed.as_deref() == Some("yes");
-    confirm_or_start(console, viewer, cluster, confirmed, ActionRequest::Finish { soak_secs: 0 }, finish_changes).await
+    let request = ActionRequest::Finish { soak_secs: 0 };
+    review_or_start(console, viewer, cluster, request, form.plan, Vec::new()).await
 }
 
 async fn api_deploy(
@@ -625,16 +585,18 @@ async fn api_deploy(
     started(request.and_then(|r| start(&console, &cluster, ActionRequest::Deploy(Box::new(r)), &viewer)))
 }
 
+/// The API's rollback and finish: a duration field, or the command line's default.
 #[derive(Deserialize)]
-struct RollbackInput {
+struct DurationInput {
     health_timeout: Option<String>,
+    soak: Option<String>,
 }
 
 async fn api_rollback(
     State(console): Shared,
     Extension(viewer): Extension<Viewer>,
     Path(cluster): Path<String>,
-    body: Option<Json<RollbackInput>>,
+    body: Option<Json<DurationInput>>,
 ) -> Response {
     let timeout = body.as_ref().and_then(|Json(b)| b.health_timeout.as_deref());
     let timeout = duration("health timeout", timeout, Some(Duration::from_secs(ROLLBACK_HEALTH_TIMEOUT_SECS)));
@@ -642,16 +604,11 @@ async fn api_rollback(
     started(request.and_then(|r| start(&console, &cluster, r, &viewer)))
 }
 
-#[derive(Deserialize)]
-struct FinishInput {
-    soak: Option<String>,
-}
-
 async fn api_finish(
     State(console): Shared,
     Extension(viewer): Extension<Viewer>,
     Path(cluster): Path<String>,
-    body: Option<Json<FinishInput>>,
+    body: Option<Json<DurationInput>>,
 ) -> Response {
     let soak = body.as_ref().and_then(|Json(b)| b.soak.as_deref());
     // As `launcher finish`: a group disabled less than 12 h ago stays for a rollback.

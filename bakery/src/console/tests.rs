@@ -62,6 +62,7 @@ fn serve_for_test(logins: Option<&str>) -> Served {
     cloud.create_group(&spec(1, &image)).unwrap();
     cloud.add_to_service("hello-prod-v001").unwrap();
     cloud.create_group(&spec(0, "ami-00000000000000000")).unwrap();
+    cloud.remove_from_service("hello-prod-v000", 999_000).unwrap();
     let logins = logins.map(auth::Logins::parse_for_test);
     let config = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -196,19 +197,20 @@ fn a_post_without_its_csrf_token_or_from_another_site_changes_nothing() {
         served.cloud.groups("hello-prod").unwrap().into_iter().map(|g| (g.name, g.in_service)).collect()
     };
     let groups_before = groups();
-    let confirmed = [("confirmed", "yes")];
+    let confirmed = [("plan", "0123456789abcdef01234567")];
     let no_token = post_form(&finish, &[("Cookie", &cookie)], &confirmed);
     assert_eq!(no_token.status, 403, "{}", no_token.body);
-    let wrong = post_form(&finish, &[("Cookie", &cookie)], &[("confirmed", "yes"), ("csrf", "0123")]);
+    let wrong = post_form(&finish, &[("Cookie", &cookie)], &[("plan", "0123456789abcdef01234567"), ("csrf", "0123")]);
     assert_eq!(wrong.status, 403);
     // Another session's token is no better.
     let (_, other_csrf) = browser_session(&served);
-    let stolen = post_form(&finish, &[("Cookie", &cookie)], &[("confirmed", "yes"), ("csrf", &other_csrf)]);
+    let stolen =
+        post_form(&finish, &[("Cookie", &cookie)], &[("plan", "0123456789abcdef01234567"), ("csrf", &other_csrf)]);
     assert_eq!(stolen.status, 403);
     let cross_site = post_form(
         &finish,
         &[("Cookie", &cookie), ("Origin", "http://evil.example")],
-        &[("confirmed", "yes"), ("csrf", &csrf)],
+        &[("plan", "0123456789abcdef01234567"), ("csrf", &csrf)],
     );
     assert_eq!(cross_site.status, 403);
     let api = agent()
@@ -221,11 +223,31 @@ fn a_post_without_its_csrf_token_or_from_another_site_changes_nothing() {
     // GET changes nothing either: it has no route that could.
     let get_finish = get(&finish, &[("Cookie", &cookie)]);
     assert_eq!(get_finish.status, 405);
-    // With its token, the same request asks for confirmation first, naming what goes.
+    // With its token, the same request shows what would run first; a plan other than the one
+    // running now (the cluster changed since) is shown again, not run.
     let review = post_form(&finish, &[("Cookie", &cookie)], &[("csrf", &csrf)]);
     assert_eq!(review.status, 200, "{}", review.body);
-    assert!(review.body.contains("hello-prod-v000 is destroyed"), "{}", review.body);
+    assert!(review.body.contains("destroy hello-prod-v000 and its launch template"), "{}", review.body);
+    let stale = post_form(&finish, &[("Cookie", &cookie)], &[("csrf", &csrf), ("plan", "0123456789abcdef01234567")]);
+    assert_eq!(stale.status, 409, "{}", stale.body);
+    assert!(stale.body.contains("The cluster changed since the review"), "{}", stale.body);
     assert_eq!(groups(), groups_before);
+    assert!(!served.state.path().join("console/audit.jsonl").exists());
+
+    // The reviewed plan, confirmed, runs: its page follows it, and the log says who and whence.
+    let plan = review.body.split("name=\"plan\" value=\"").nth(1).and_then(|rest| rest.split('"').next()).unwrap();
+    let confirmed = post_form(&finish, &[("Cookie", &cookie)], &[("csrf", &csrf), ("plan", plan)]);
+    assert_eq!(confirmed.status, 303, "{}", confirmed.body);
+    assert!(confirmed.location.as_deref().is_some_and(|l| l.starts_with("/actions/act-")), "{:?}", confirmed.location);
+    let audit = served.state.path().join("console/audit.jsonl");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&audit).unwrap_or_default().contains("\"result\":\"ok\"") {
+        assert!(std::time::Instant::now() < deadline, "the finish did not end");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let lines = std::fs::read_to_string(&audit).unwrap();
+    assert!(lines.lines().all(|l| l.contains("\"by\":\"root (console, from 127.0.0.1)\"")), "{lines}");
+    assert_eq!(groups(), [("hello-prod-v001".to_string(), true)]);
 }
 
 #[test]

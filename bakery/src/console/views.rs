@@ -2,14 +2,17 @@
 //! make (`launcher status`, `bakery images list`, `launcher registry list`): the API returns
 //! these as JSON, the pages render them.
 
+use super::actions::Request;
 use super::Error;
 use crate::launch::cloud::{Cloud, DeployRecord, Group, LockHolder, Phase};
 use crate::launch::engine::{Engine, Identity, Status, SystemClock};
 use crate::launch::names::Cluster;
 use crate::provider::{Image, ImageRegistry};
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::AtomicBool;
+use std::time::Duration;
 
 /// Images an application's row shows.
 const NEWEST_SHOWN: usize = 3;
@@ -108,11 +111,32 @@ impl ClusterView {
     pub fn serving(&self) -> Option<&Group> {
         self.status.groups.iter().filter(|g| g.in_service).max_by_key(|g| (g.created, &g.name))
     }
+}
 
-    /// The newest disabled group: where a rollback goes.
-    pub fn previous(&self) -> Option<&Group> {
-        self.status.groups.iter().filter(|g| !g.in_service).max_by_key(|g| (g.created, &g.name))
+/// What an action would do to a cluster now: the plan's steps as the launcher names them, and a
+/// fingerprint of them that a confirmation carries back (the action runs only if it still holds).
+pub struct Review {
+    pub steps: Vec<String>,
+    pub fingerprint: String,
+}
+
+pub fn review(cloud: &dyn Cloud, cluster: &str, request: &Request) -> Result<Review, Error> {
+    let engine = reader(cloud);
+    let plan = match request {
+        Request::Deploy(deploy) => engine.plan_deploy(deploy),
+        Request::Rollback { health_timeout_secs } => {
+            engine.plan_rollback(cluster, Duration::from_secs(*health_timeout_secs))
+        }
+        Request::Finish { soak_secs } => engine.plan_finish(cluster, Duration::from_secs(*soak_secs)),
+    };
+    let plan = plan.map_err(|source| Error::Engine { source: Box::new(source) })?;
+    if plan.steps.is_empty() {
+        let message = plan.message.unwrap_or_else(|| format!("nothing to {} on {cluster}", request.name()));
+        return Err(Error::Conflict { message });
     }
+    let steps: Vec<String> = plan.steps.iter().map(ToString::to_string).collect();
+    let fingerprint = hex::encode(&Sha256::digest(steps.join("\n").as_bytes())[..12]);
+    Ok(Review { steps, fingerprint })
 }
 
 /// Instances by registry status (`UP: 3`), where any registered.

@@ -363,6 +363,23 @@ impl<'a> Engine<'a> {
         })
     }
 
+    /// What a deploy would do now, planned on the cluster as it is, without doing it.
+    pub fn plan_deploy(&self, request: &DeployRequest) -> Result<Plan> {
+        self.cloud.check_request(request).context(RefusedSnafu { cluster: &request.cluster })?;
+        let state = self.state(&request.cluster)?;
+        request.strategy.strategy().plan_deploy(&state, request, "preview").context(PlanSnafu)
+    }
+
+    /// What a rollback would do now.
+    pub fn plan_rollback(&self, cluster: &str, health_timeout: Duration) -> Result<Plan> {
+        plan::plan_rollback(&self.state(cluster)?, health_timeout, None).context(PlanSnafu)
+    }
+
+    /// What a finish would do now.
+    pub fn plan_finish(&self, cluster: &str, soak: Duration) -> Result<Plan> {
+        Ok(plan::plan_finish(&self.state(cluster)?, soak, self.now()))
+    }
+
     pub fn rollback(&self, cluster: &str, health_timeout: Duration) -> Result<DeployRecord> {
         self.locked(cluster, |run, state| {
             let plan = plan::plan_rollback(state, health_timeout, None).context(PlanSnafu)?;
