@@ -913,6 +913,7 @@ fn the_console_deploys_and_rolls_back_from_a_real_browser() {
     browser.goto(&format!("{}images/{v1}", console.url));
     assert!(browser.text().contains(hostile), "the tag is shown as text");
     assert!(!browser.title().contains("owned"), "the tag ran as script");
+    browser.screenshot(&shots, "image");
 
     browser.goto(&console.url);
     browser.find(&format!("a[href='/clusters/{cluster}']")).click();
@@ -941,6 +942,7 @@ fn the_console_deploys_and_rolls_back_from_a_real_browser() {
     browser.find("#rollback").click();
     let review = browser.find("#changes").text();
     assert!(review.contains(&format!("put {v000} in service")), "{review}");
+    browser.screenshot(&shots, "rollback-review");
     browser.find("#confirm").click();
     follow_action(&browser);
     assert_eq!(versions_seen(&balancer, 10), BTreeSet::from(["9.1.0".to_string()]));

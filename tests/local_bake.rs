@@ -91,6 +91,10 @@ fn a_bake_installs_every_package_file_and_says_what_is_inside() {
     assert_eq!(manifest["base_image_id"], base.as_str());
     let files: Vec<&Value> = manifest["files"].as_array().unwrap().iter().filter(|f| f["kind"] == "file").collect();
     assert_eq!(files.len(), 6, "version.txt, three servlet classes, build and fault properties: {manifest}");
+    // The registry keeps the same manifest next to the image (the console links it).
+    let registry = bakery::local::registry::Registry::open(&state_dir()).unwrap();
+    let kept = registry.get_manifest(image_id).unwrap().expect("the manifest next to the image");
+    assert_eq!(serde_json::from_slice::<Value>(&kept).unwrap(), manifest);
     let tomcat_uid = passwd_uid(&mounted.path("/etc/passwd"), "tomcat");
     for file in files {
         let path = mounted.path(file["path"].as_str().unwrap());

@@ -253,6 +253,7 @@ fn register(build: &mut Build, tx: &mut Tx) -> StepResult {
         volume_size: snapshot.volume_size,
         tags,
         parent: None,
+        manifest: None,
     })?;
     tx.created(Resource::Image { id: image.id.clone() })?;
     tracing::info!(image = %image.id, build = %build.id, "registered the base image");

@@ -39,6 +39,9 @@ pub struct ImageRequest {
     /// The image this one derives from (the base of a bake, the local original of a push):
     /// architecture, root device, size and boot mode carry over from it.
     pub parent: Option<Image>,
+    /// The bake's manifest (`/var/lib/bakery/manifest.json` in the image), for a registry that
+    /// keeps it next to the image as well.
+    pub manifest: Option<Vec<u8>>,
 }
 
 /// The outcome of snapshotting a volume.
@@ -89,6 +92,11 @@ pub trait ImageRegistry: Send + Sync {
     /// Deregisters an image (and whatever the registry made of it, such as copies in other
     /// regions) and returns it, so that its snapshot can be deleted; None when it is gone.
     fn deregister_image(&self, image_id: &str) -> Result<Option<Image>>;
+    /// The image's manifest where the registry keeps one next to the image (local); None where
+    /// it is only inside the image (aws, for now).
+    fn manifest(&self, _image_id: &str) -> Result<Option<Vec<u8>>> {
+        Ok(None)
+    }
 }
 
 /// Volumes and snapshots. Every operation that removes something succeeds when it is already

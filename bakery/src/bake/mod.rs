@@ -77,6 +77,8 @@ pub struct Bake {
     /// The block device of the mounted root filesystem (a partition of `device`).
     pub root_device: Option<PathBuf>,
     pub install: Option<crate::package::InstallReport>,
+    /// The manifest written into the image, for the registry too.
+    pub manifest: Option<Vec<u8>>,
     pub snapshot: Option<SnapshotResult>,
     pub image: Option<Image>,
 }
@@ -132,6 +134,7 @@ pub fn bake(
         root: None,
         root_device: None,
         install: None,
+        manifest: None,
         snapshot: None,
         image: None,
     };

@@ -14,6 +14,7 @@ pub fn run(bake: &mut Bake, tx: &mut Tx) -> StepResult {
         volume_size: snapshot.volume_size,
         tags: bake.plan.tags.clone(),
         parent: Some(bake.plan.base.clone()),
+        manifest: bake.manifest.clone(),
     };
     let image = tx.provider.images().register_image(&request)?;
     tx.created(Resource::Image { id: image.id.clone() })?;

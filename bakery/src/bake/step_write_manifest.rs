@@ -58,5 +58,6 @@ pub fn run(bake: &mut Bake, _tx: &mut Tx) -> StepResult {
     };
     let json = serde_json::to_vec_pretty(&manifest)?;
     root.write_file(MANIFEST_PATH, &json, 0o644, 0, 0).map_err(StepError::input)?;
+    bake.manifest = Some(json);
     Ok(())
 }

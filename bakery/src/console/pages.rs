@@ -77,6 +77,7 @@ pub fn image(image: &Image, header: &Header) -> String {
         ("Size", format!("{} MiB", image.volume_size >> 20)),
         ("Architecture", escape(&image.architecture)),
         ("Created", escape(&image.created)),
+        ("Manifest", link(&format!("/images/{}/manifest", url_part(&image.id)), "every file the bake installed")),
         ("JSON", link(&format!("/api/images/{}", url_part(&image.id)), "as the API returns it")),
     ];
     let facts = table("image", &["", ""], facts.into_iter().map(|(k, v)| vec![k.to_string(), v]));

@@ -33,6 +33,7 @@ pub fn router(console: Arc<Console>) -> Router {
         .route("/", get(applications_page))
         .route("/images", get(images_page))
         .route("/images/{id}", get(image_page))
+        .route("/images/{id}/manifest", get(image_manifest))
         .route("/clusters/{cluster}", get(cluster_page))
         .route("/clusters/{cluster}/groups/{group}", get(group_page))
         .route("/clusters/{cluster}/deploy", get(deploy_page).post(deploy_from_page))
@@ -199,6 +200,23 @@ async fn read_image(console: &Arc<Console>, id: String) -> Result<crate::provide
 async fn image_page(State(console): Shared, Extension(viewer): Extension<Viewer>, Path(id): Path<String>) -> Response {
     let image = read_image(&console, id).await;
     page(&console, &viewer, image.map(|i| pages::image(&i, &header(&console, &viewer))))
+}
+
+/// The bake's manifest, as JSON, where the registry keeps it next to the image.
+async fn image_manifest(State(console): Shared, Path(id): Path<String>) -> Response {
+    let images = console.images.clone();
+    let found = blocking(move || {
+        let manifest = images.manifest(&id).map_err(|source| Error::Images { source })?;
+        manifest.ok_or(Error::NotFound {
+            what: format!(
+                "a manifest of image {id} next to it (it is inside the image, /var/lib/bakery/manifest.json)"
+            ),
+        })
+    });
+    match found.await {
+        Ok(manifest) => ([(header::CONTENT_TYPE, "application/json")], manifest).into_response(),
+        Err(error) => api::<()>(Err(error)),
+    }
 }
 
 async fn api_image(State(console): Shared, Path(id): Path<String>) -> Response {

@@ -57,6 +57,7 @@ fn serve_for_test(logins: Option<&str>) -> Served {
             (HOSTILE.to_string(), "key".to_string()),
         ]),
         parent: None,
+        manifest: Some(br#"{"app": "hello", "files": []}"#.to_vec()),
     };
     let image = registry.register_image(&request).unwrap().id;
     cloud.create_group(&spec(1, &image)).unwrap();
@@ -274,6 +275,9 @@ fn hostile_tags_render_as_text_under_a_policy_that_forbids_inline_script() {
             );
         }
     }
+    let manifest = agent().get(&format!("{}/images/{}/manifest", served.url, served.image)).call().unwrap();
+    assert_eq!(manifest.content_type(), "application/json");
+    assert_eq!(manifest.into_string().unwrap(), r#"{"app": "hello", "files": []}"#);
     let bad = get(&format!("{}/clusters/%3Cb%3E", served.url), &[]);
     assert_eq!(bad.status, 400);
     assert!(bad.body.contains("&lt;b&gt;") && !bad.body.contains("<b>"), "{}", bad.body);

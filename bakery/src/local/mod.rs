@@ -72,6 +72,9 @@ impl ImageRegistry for Registry {
             tags: request.tags.clone(),
         };
         self.register(&image)?;
+        if let Some(manifest) = &request.manifest {
+            self.put_manifest(&image.id, manifest)?;
+        }
         Ok(image)
     }
 
@@ -86,6 +89,10 @@ impl ImageRegistry for Registry {
         let Some(image) = self.get(image_id)? else { return Ok(None) };
         self.remove(image_id)?;
         Ok(Some(image))
+    }
+
+    fn manifest(&self, image_id: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.get_manifest(image_id)?)
     }
 }
 

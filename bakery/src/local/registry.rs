@@ -45,6 +45,24 @@ impl Registry {
         self.dir.join(format!("{id}.json"))
     }
 
+    /// Not `.json`: listings skip it.
+    fn manifest_path(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{id}.manifest"))
+    }
+
+    pub fn put_manifest(&self, id: &str, manifest: &[u8]) -> Result<()> {
+        let path = self.manifest_path(id);
+        crate::atomic::write(&path, manifest).context(IoSnafu { path })
+    }
+
+    pub fn get_manifest(&self, id: &str) -> Result<Option<Vec<u8>>> {
+        let path = self.manifest_path(id);
+        match fs::read(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            other => other.map(Some).context(IoSnafu { path }),
+        }
+    }
+
     pub fn register(&self, image: &Image) -> Result<()> {
         let _guard = self.lock()?;
         if let Some(existing) = self.list()?.into_iter().find(|i| i.name == image.name) {
@@ -96,10 +114,12 @@ impl Registry {
 
     pub fn remove(&self, id: &str) -> Result<()> {
         let _guard = self.lock()?;
-        let path = self.path(id);
-        match fs::remove_file(&path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e).context(IoSnafu { path }),
-            _ => Ok(()),
+        for path in [self.manifest_path(id), self.path(id)] {
+            match fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e).context(IoSnafu { path }),
+                _ => {}
+            }
         }
+        Ok(())
     }
 }
