@@ -623,9 +623,14 @@ impl Cloud for LocalCloud {
         write_json(&dir.join("deploy.json"), record)?;
         let history = dir.join("history");
         fs::create_dir_all(&history).context(IoSnafu { path: &history })?;
-        write_json(&history.join(format!("{:011}-{}.json", record.started, record.deploy_id)), record)?;
-        for old in self.history_files(&record.cluster)?.into_iter().skip(HISTORY_KEPT) {
-            fs::remove_file(&old).context(IoSnafu { path: old })?;
+        let copy = history.join(format!("{:011}-{}.json", record.started, record.deploy_id));
+        // A run saves after every step; only its first save adds a record to prune for.
+        let new_run = !copy.exists();
+        write_json(&copy, record)?;
+        if new_run {
+            for old in self.history_files(&record.cluster)?.into_iter().skip(HISTORY_KEPT) {
+                fs::remove_file(&old).context(IoSnafu { path: old })?;
+            }
         }
         Ok(())
     }
