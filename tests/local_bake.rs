@@ -4,6 +4,7 @@
 
 mod common;
 
+use bakery::provider::Document;
 use common::*;
 use flate2::{write::GzEncoder, Compression};
 use serde_json::Value;
@@ -93,7 +94,7 @@ fn a_bake_installs_every_package_file_and_says_what_is_inside() {
     assert_eq!(files.len(), 6, "version.txt, three servlet classes, build and fault properties: {manifest}");
     // The registry keeps the same manifest next to the image (the console links it).
     let registry = bakery::local::registry::Registry::open(&state_dir()).unwrap();
-    let kept = registry.get_manifest(image_id).unwrap().expect("the manifest next to the image");
+    let kept = registry.get_document(image_id, Document::Manifest).unwrap().expect("the manifest next to the image");
     assert_eq!(serde_json::from_slice::<Value>(&kept).unwrap(), manifest);
     let tomcat_uid = passwd_uid(&mounted.path("/etc/passwd"), "tomcat");
     for file in files {
@@ -323,9 +324,320 @@ fn a_broken_recipe_reports_every_problem_at_once() {
     let output = run(&["recipe", "check", "recipes/examples/broken.toml"]);
     assert_eq!(output.status.code(), Some(3));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    let problems = stderr.lines().filter(|l| l.contains("broken.toml: ")).count();
+    let problems = stderr.lines().filter(|l| l.contains("broken.toml:")).count();
     assert!(problems >= 4, "every problem is listed, each naming file and key: {stderr}");
     assert!(run(&["recipe", "check", RECIPE]).status.success());
+
+    // For CI: each problem as a record, most with the line that holds the key.
+    let (code, out, _) = run_json(&["recipe", "check", "recipes/examples/broken.toml", RECIPE]);
+    assert_eq!(code, 3);
+    let records = out["problems"].as_array().unwrap();
+    assert!(records.len() >= 4, "{out}");
+    for record in records {
+        assert!(record["file"].as_str().unwrap().ends_with("broken.toml"), "{record}");
+        assert!(record["key"].is_string() && record["message"].is_string(), "{record}");
+    }
+    let with_lines = records.iter().filter(|r| r["line"].as_u64().is_some_and(|line| line > 0)).count();
+    assert!(with_lines * 2 > records.len(), "most problems name their line: {out}");
+    let unparsable = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(unparsable.path(), "[package]\ninstall_root = \"/srv\n").unwrap();
+    let (code, out, _) = run_json(&["recipe", "check", &unparsable.path().to_string_lossy()]);
+    assert_eq!(code, 3);
+    assert_eq!(out["problems"][0]["line"], 2, "a syntax error names its line: {out}");
+}
+
+/// A recipe on top of the Tomcat webapp one, in `dir`.
+fn recipe_with(dir: &Path, name: &str, body: &str) -> String {
+    let path = dir.join(name);
+    let extends = workspace().join(RECIPE);
+    std::fs::write(&path, format!("extends = \"{}\"\n{body}", extends.display())).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+#[test]
+fn recipe_commands_install_debian_packages_and_the_image_carries_its_sbom_and_provenance() {
+    let _serial = serial();
+    base_image();
+    let dir = tempfile::tempdir().unwrap();
+    let package = sample_package(dir.path(), "5.0.0", 0);
+    let package_arg = package.to_string_lossy();
+    // cron has a service its postinst would start: policy-rc.d must keep it down, and the
+    // recipe disables it. Update and install in separate commands: the lists carry over.
+    let recipe = recipe_with(
+        dir.path(),
+        "with-cron.toml",
+        r#"commands = [
+    "apt-get update -q",
+    "apt-get install -y -q --no-install-recommends cron",
+    "if pgrep -x cron; then echo 'cron was started in the chroot' >&2; exit 1; fi",
+]
+[services]
+disable = ["cron"]
+"#,
+    );
+    let mut args = bake_args(&package_arg, "5.0.0");
+    args[4] = &recipe;
+    args.extend(["--commit", "5eed", "--rebake"]);
+    let (code, out, stderr) = run_json(&args);
+    assert_eq!(code, 0, "{stderr}");
+    let image_id = out["image_id"].as_str().unwrap();
+
+    let disk = dir.path().join("disk.raw");
+    let (code, _, stderr) = run_json(&["images", "export", image_id, "--output-file", &disk.to_string_lossy()]);
+    assert_eq!(code, 0, "{stderr}");
+    let mounted = MountedDisk::new(&disk);
+    let status = std::fs::read_to_string(mounted.path("/var/lib/dpkg/status")).unwrap();
+    assert!(status.contains("Package: cron\nStatus: install ok installed"), "cron is in the image's dpkg database");
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(mounted.path("/var/lib/bakery/manifest.json")).unwrap()).unwrap();
+    let cron = manifest["packages"].as_array().unwrap().iter().find(|p| p["name"] == "cron");
+    assert!(cron.is_some_and(|p| p["version"].as_str().is_some_and(|v| !v.is_empty())), "cron in the manifest");
+    let wants = mounted.path("/etc/systemd/system/multi-user.target.wants/cron.service");
+    assert!(wants.symlink_metadata().is_err(), "the recipe disabled cron");
+    assert!(mounted.path("/lib/systemd/system/cron.service").exists());
+    // Nothing of the host's, and none of apt's lists or downloads, stayed in the image.
+    let sources: Vec<_> = std::fs::read_dir(mounted.path("/etc/apt/sources.list.d"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(sources, ["debian.sources"], "the image's own sources only");
+    let lists = std::fs::read_dir(mounted.path("/var/lib/apt/lists")).unwrap().count();
+    assert!(lists <= 2, "no package lists in the image (lock and partial/ at most): {lists} entries");
+    let debs = std::fs::read_dir(mounted.path("/var/cache/apt/archives")).unwrap();
+    assert!(debs.flatten().all(|e| !e.file_name().to_string_lossy().ends_with(".deb")), "no downloads");
+    assert!(!mounted.path("/var/cache/apt/pkgcache.bin").exists());
+    for path in ["/run/bakery", "/run/systemd/resolve/stub-resolv.conf"] {
+        assert!(!mounted.path(path).exists(), "{path} was on the commands' own /run, not in the image");
+    }
+    let resolv = std::fs::read_link(mounted.path("/etc/resolv.conf")).unwrap();
+    assert_eq!(resolv, Path::new("../run/systemd/resolve/stub-resolv.conf"), "the image's resolver untouched");
+
+    // The SBOM: in the image, next to it, named by the image's tag, valid by the format's schema.
+    let in_image = std::fs::read(mounted.path("/var/lib/bakery/sbom.cdx.json")).unwrap();
+    let printed = run(&["images", "sbom", image_id]);
+    assert!(printed.status.success(), "{}", String::from_utf8_lossy(&printed.stderr));
+    assert_eq!(printed.stdout.trim_ascii_end(), in_image.as_slice());
+    let sbom_sha256 = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&in_image))
+    };
+    let (_, image, _) = run_json(&["images", "show", image_id]);
+    assert_eq!(image["tags"]["bakery:sbom-sha256"], sbom_sha256.as_str());
+    let sbom: Value = serde_json::from_slice(&in_image).unwrap();
+    let components = sbom["components"].as_array().unwrap();
+    let names: Vec<&str> = components.iter().filter_map(|c| c["name"].as_str()).collect();
+    for name in ["hello", "cron", "openjdk-17-jre-headless", "tomcat10"] {
+        assert!(names.contains(&name), "{name} in the SBOM");
+    }
+    assert_eq!(components[0]["hashes"][0]["content"], out["package_sha256"]);
+    assert_eq!(components[0]["components"].as_array().unwrap().len(), 6, "the app's six files");
+    let validator = workspace().join("tests/tools/validate_sbom.py");
+    let sbom_file = dir.path().join("sbom.json");
+    std::fs::write(&sbom_file, &in_image).unwrap();
+    let venv = std::env::var("BAKERY_VENV").unwrap_or_else(|_| "/opt/bakery/venv".into());
+    let checked = Command::new(format!("{venv}/bin/python")).arg(&validator).arg(&sbom_file).output().unwrap();
+    assert!(checked.status.success(), "the SBOM is valid CycloneDX 1.5: {}", String::from_utf8_lossy(&checked.stdout));
+
+    let (code, provenance, stderr) = run_json(&["images", "provenance", image_id]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(provenance["subject"][0]["digest"]["sha256"], sbom_sha256.as_str());
+    let definition = &provenance["predicate"]["buildDefinition"];
+    assert_eq!(definition["resolvedDependencies"][0]["digest"]["sha256"], out["package_sha256"]);
+    assert_eq!(
+        definition["resolvedDependencies"][1]["uri"],
+        format!("bakery-image:{}", out["base_image_id"].as_str().unwrap())
+    );
+    assert_eq!(definition["externalParameters"]["build"]["commit"], "5eed");
+    drop(mounted);
+    assert_no_leftovers("after a bake that ran apt");
+
+    // A command that fails: exit 3, apt's own words shown, nothing registered, nothing left.
+    let images_before = image_ids();
+    let failing =
+        recipe_with(dir.path(), "missing.toml", "commands = [\"apt-get install -y bakery-no-such-package\"]\n");
+    let mut args = bake_args(&package_arg, "5.0.1");
+    args[4] = &failing;
+    let (code, out, stderr) = run_json(&args);
+    assert_eq!(code, 3, "{out} {stderr}");
+    assert!(stderr.contains("Unable to locate package bakery-no-such-package"), "apt's output is shown: {stderr}");
+    assert_eq!(image_ids(), images_before, "nothing registered");
+    assert_no_leftovers("after a failed apt command");
+}
+
+#[test]
+fn packages_come_as_teams_build_them_deb_war_and_tar_zst() {
+    let _serial = serial();
+    base_image();
+    let dir = tempfile::tempdir().unwrap();
+    let export = |image_id: &str, name: &str| {
+        let disk = dir.path().join(name);
+        let (code, _, stderr) = run_json(&["images", "export", image_id, "--output-file", &disk.to_string_lossy()]);
+        assert_eq!(code, 0, "{stderr}");
+        MountedDisk::new(&disk)
+    };
+    let manifest_of = |mounted: &MountedDisk| -> Value {
+        serde_json::from_slice(&std::fs::read(mounted.path("/var/lib/bakery/manifest.json")).unwrap()).unwrap()
+    };
+
+    // A .deb: apt installs it with the dependency the base lacks; its postinst runs, and the
+    // Tomcat restart it asks for is refused; the manifest lists its files from dpkg.
+    let deb = sample_package_with(dir.path(), "5.1.0", &["--format", "deb"]);
+    let deb_arg = deb.to_string_lossy();
+    let mut args = bake_args(&deb_arg, "5.1.0");
+    args.push("--rebake");
+    let (code, out, stderr) = run_json(&args);
+    assert_eq!(code, 0, "{stderr}");
+    let mounted = export(out["image_id"].as_str().unwrap(), "deb.raw");
+    let status = std::fs::read_to_string(mounted.path("/var/lib/dpkg/status")).unwrap();
+    for package in ["hello", "jq"] {
+        assert!(status.contains(&format!("Package: {package}\nStatus: install ok installed")), "{package} installed");
+    }
+    assert!(mounted.path("/var/lib/hello/postinst-ran").exists(), "the maintainer script ran");
+    let manifest = manifest_of(&mounted);
+    let files = manifest["files"].as_array().unwrap();
+    let version = files.iter().find(|f| f["path"] == "/var/lib/tomcat10/webapps/hello/version.txt").unwrap();
+    assert_eq!(version["sha256"], sha256_file(&mounted.path("/var/lib/tomcat10/webapps/hello/version.txt")).as_str());
+    assert!(files.iter().all(|f| f["kind"] != "dir"), "files from dpkg, not the directories packages share");
+    assert_eq!(manifest["package"]["sha256"], sha256_file(&deb).as_str());
+    assert!(manifest["packages"].as_array().unwrap().iter().any(|p| p["name"] == "hello" && p["version"] == "5.1.0"));
+    let staged: Vec<_> = std::fs::read_dir(mounted.path("/var/cache/apt/archives")).unwrap().flatten().collect();
+    assert!(staged.iter().all(|e| !e.file_name().to_string_lossy().ends_with(".deb")));
+    drop(mounted);
+
+    // A .war, placed as APP.war for Tomcat (on the Tomcat base recipe: no exploded dir to chown).
+    let war = sample_package_with(dir.path(), "5.1.0", &["--format", "war"]);
+    let base_recipe = workspace().join("recipes/tomcat-base.toml");
+    let war_arg = war.to_string_lossy();
+    let mut args = bake_args(&war_arg, "5.1.0");
+    args[4] = base_recipe.to_str().unwrap();
+    let (code, out, stderr) = run_json(&args);
+    assert_eq!(code, 0, "{stderr}");
+    let mounted = export(out["image_id"].as_str().unwrap(), "war.raw");
+    let placed = mounted.path("/var/lib/tomcat10/webapps/hello.war");
+    assert_eq!(sha256_file(&placed), sha256_file(&war));
+    let manifest = manifest_of(&mounted);
+    assert_eq!(manifest["files"][0]["path"], "/var/lib/tomcat10/webapps/hello.war");
+    drop(mounted);
+
+    // A .tar.zst, unpacked as a .tar.gz is.
+    let zst = sample_package_with(dir.path(), "5.1.0", &["--format", "tar.zst"]);
+    let zst_arg = zst.to_string_lossy();
+    let mut args = bake_args(&zst_arg, "5.1.0");
+    args.push("--rebake");
+    let (code, out, stderr) = run_json(&args);
+    assert_eq!(code, 0, "{stderr}");
+    let mounted = export(out["image_id"].as_str().unwrap(), "zst.raw");
+    let version = std::fs::read_to_string(mounted.path("/var/lib/tomcat10/webapps/hello/version.txt")).unwrap();
+    assert_eq!(version.trim(), "5.1.0");
+    drop(mounted);
+
+    // A name that lies about the content: a clear error, nothing registered, nothing left.
+    let images_before = image_ids();
+    let liar = dir.path().join("hello-5.1.0.tar.gz");
+    std::fs::copy(&zst, &liar).unwrap();
+    std::fs::remove_file(dir.path().join("hello-5.1.0.tar.gz.sha256")).ok();
+    let liar_arg = liar.to_string_lossy();
+    let mut args = bake_args(&liar_arg, "5.1.1");
+    let sha = sha256_file(&liar);
+    args.extend(["--sha256", &sha]);
+    let (code, _, stderr) = run_json(&args);
+    assert_eq!(code, 3, "{stderr}");
+    assert!(
+        stderr.contains("is named as a gzip-compressed tar archive (.tar.gz) but holds a zstd-compressed"),
+        "{stderr}"
+    );
+    assert_eq!(image_ids(), images_before);
+    assert_no_leftovers("after baking .deb, .war and .tar.zst packages");
+}
+
+#[test]
+fn a_team_base_is_a_layer_on_the_standard_base_and_apps_bake_on_it() {
+    let _serial = serial();
+    let standard = base_image();
+    let team_recipe = "base-images/hello-team.toml";
+    let (code, out, stderr) = run_json(&["base", "build", team_recipe, "--rebuild"]);
+    assert_eq!(code, 0, "{stderr}");
+    let team = out["image_id"].as_str().unwrap().to_string();
+    let stored = out["stored_bytes"].as_u64().unwrap();
+    assert!(stored > 0 && stored < 200 << 20, "only the layer's blocks are stored: {stored}");
+    let (_, image, _) = run_json(&["images", "show", &team]);
+    assert_eq!(image["tags"]["bakery:base-name"], "hello-team");
+    assert_eq!(image["tags"]["bakery:base-parent"], standard.as_str());
+    // Cached: the same recipe over the same base is the same image.
+    let (code, again, stderr) = run_json(&["base", "build", team_recipe]);
+    assert_eq!(
+        (code, again["reused"].as_bool(), again["image_id"].as_str()),
+        (0, Some(true), Some(team.as_str())),
+        "{stderr}"
+    );
+    // Offline, the standard base is the cached one whatever the mirror publishes.
+    let (code, offline, stderr) = run_json(&["base", "build", "base-images/debian12-jre17-tomcat10.toml", "--offline"]);
+    assert_eq!((code, offline["image_id"].as_str()), (0, Some(standard.as_str())), "{stderr}");
+    let (code, listed, _) = run_json(&["base", "list"]);
+    assert_eq!(code, 0);
+    let ids: Vec<&str> = listed.as_array().unwrap().iter().filter_map(|i| i["id"].as_str()).collect();
+    assert!(ids.contains(&team.as_str()) && ids.contains(&standard.as_str()), "{listed}");
+    let (code, shown, _) = run_json(&["base", "show", "hello-team"]);
+    assert_eq!(code, 0);
+    let versions: std::collections::BTreeMap<&str, &str> = shown["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["name"].as_str().unwrap(), p["version"].as_str().unwrap()))
+        .collect();
+    assert!(
+        versions.contains_key("jq") && versions.contains_key("tomcat10") && !versions.contains_key("less"),
+        "{shown}"
+    );
+    let (_, standard_shown, _) = run_json(&["base", "show", &standard]);
+    assert!(
+        standard_shown["packages"].as_array().unwrap().iter().any(|p| p["name"] == "less"),
+        "the standard base lists its own"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("team.raw");
+    let (code, _, stderr) = run_json(&["images", "export", &team, "--output-file", &disk.to_string_lossy()]);
+    assert_eq!(code, 0, "{stderr}");
+    let mounted = MountedDisk::new(&disk);
+    let status = std::fs::read_to_string(mounted.path("/var/lib/dpkg/status")).unwrap();
+    assert!(status.contains("Package: jq\nStatus: install ok installed"), "the team's package is in");
+    assert!(!status.contains("Package: less\nStatus: install ok installed"), "the removed package is out");
+    assert_eq!(std::fs::read_to_string(mounted.path("/etc/hello/team")).unwrap(), "hello\n");
+    let profile = std::fs::read_to_string(mounted.path("/etc/profile.d/hello-team.sh")).unwrap();
+    assert!(profile.contains("export HELLO_TEAM=hello"), "{profile}");
+    drop(mounted);
+
+    // An app bakes on the team's base by its name.
+    let package = sample_package(dir.path(), "5.2.0", 0);
+    let package_arg = package.to_string_lossy();
+    let mut args = bake_args(&package_arg, "5.2.0");
+    args[2] = "hello-team";
+    args.push("--rebake");
+    let (code, baked, stderr) = run_json(&args);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(baked["base_image_id"], team.as_str());
+
+    // Both kinds of recipe check; a team base that fails in apt fails clearly and leaves nothing.
+    assert!(run(&["recipe", "check", team_recipe, "base-images/debian12-jre17-tomcat10.toml", RECIPE])
+        .status
+        .success());
+    let images_before = image_ids();
+    let broken = dir.path().join("broken-team.toml");
+    let standard_recipe = workspace().join("base-images/debian12-jre17-tomcat10.toml");
+    std::fs::write(
+        &broken,
+        format!(
+            "name = \"broken-team\"\ndescription = \"d\"\nextends = \"{}\"\npackages = [\"bakery-no-such-package\"]\n",
+            standard_recipe.display()
+        ),
+    )
+    .unwrap();
+    let (code, _, stderr) = run_json(&["base", "build", &broken.to_string_lossy()]);
+    assert_eq!(code, 3, "{stderr}");
+    assert!(stderr.contains("Unable to locate package bakery-no-such-package"), "{stderr}");
+    assert_eq!(image_ids(), images_before, "nothing registered");
+    assert_no_leftovers("after a team base build that failed");
 }
 
 /// Serves one file over HTTP/1.0 on loopback, for as many requests as come.

@@ -39,9 +39,43 @@ pub struct ImageRequest {
     /// The image this one derives from (the base of a bake, the local original of a push):
     /// architecture, root device, size and boot mode carry over from it.
     pub parent: Option<Image>,
-    /// The bake's manifest (`/var/lib/bakery/manifest.json` in the image), for a registry that
-    /// keeps it next to the image as well.
-    pub manifest: Option<Vec<u8>>,
+    /// What the bake wrote into the image's /var/lib/bakery/, for a registry that keeps them
+    /// next to the image as well.
+    pub documents: BTreeMap<Document, Vec<u8>>,
+}
+
+/// A document that says what is inside an image: a bake writes each into the image, in
+/// /var/lib/bakery/, and the registry keeps them next to it where it can.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Document {
+    /// What was installed, file by file with SHA-256, from which package onto which base.
+    Manifest,
+    /// Software bill of materials, CycloneDX 1.5 JSON: every Debian package and the app's files.
+    Sbom,
+    /// How the image was made: an in-toto statement with a SLSA provenance predicate.
+    Provenance,
+}
+
+impl Document {
+    pub const ALL: [Document; 3] = [Document::Manifest, Document::Sbom, Document::Provenance];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Document::Manifest => "manifest",
+            Document::Sbom => "sbom",
+            Document::Provenance => "provenance",
+        }
+    }
+
+    /// Where the bake writes it inside the image.
+    pub fn image_path(self) -> &'static str {
+        match self {
+            Document::Manifest => "/var/lib/bakery/manifest.json",
+            Document::Sbom => "/var/lib/bakery/sbom.cdx.json",
+            Document::Provenance => "/var/lib/bakery/provenance.intoto.json",
+        }
+    }
 }
 
 /// The outcome of snapshotting a volume.
@@ -92,9 +126,9 @@ pub trait ImageRegistry: Send + Sync {
     /// Deregisters an image (and whatever the registry made of it, such as copies in other
     /// regions) and returns it, so that its snapshot can be deleted; None when it is gone.
     fn deregister_image(&self, image_id: &str) -> Result<Option<Image>>;
-    /// The image's manifest where the registry keeps one next to the image (local); None where
-    /// it is only inside the image (aws, for now).
-    fn manifest(&self, _image_id: &str) -> Result<Option<Vec<u8>>> {
+    /// One of the image's documents where the registry keeps it next to the image (local);
+    /// None where it is only inside the image (aws, for now).
+    fn document(&self, _image_id: &str, _document: Document) -> Result<Option<Vec<u8>>> {
         Ok(None)
     }
 }

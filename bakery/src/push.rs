@@ -131,7 +131,7 @@ fn register(push: &mut Push, tx: &mut Tx) -> StepResult {
         volume_size: push.source.volume_size,
         tags,
         parent: Some(push.source.clone()),
-        manifest: None,
+        documents: Default::default(),
     };
     let registered = tx.provider.images().register_image(&request)?;
     tx.created(Resource::Image { id: registered.id.clone() })?;

@@ -226,6 +226,16 @@ impl RootDir {
         Ok(Some(id))
     }
 
+    /// Opens `path` as the image sees it: symlinks on the way resolve inside the root. With
+    /// `O_PATH | O_NOFOLLOW`, a symlink at the end is opened itself.
+    pub fn open_in_root(&self, path: &str, flags: OFlag) -> nix::Result<OwnedFd> {
+        let relative = match path.trim_start_matches('/') {
+            "" => ".",
+            relative => relative,
+        };
+        openat2(self.fd.as_fd(), relative, flags, ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS)
+    }
+
     /// Opens a directory (relative to the root, `.` for the root itself) as the image sees it.
     fn resolve_dir(&self, relative: &str) -> nix::Result<OwnedFd> {
         openat2(

@@ -6,6 +6,11 @@ pub const RESERVED_PREFIX: &str = "bakery:";
 
 /// The base image family an image was built as (`debian12-jre17-tomcat10`).
 pub const BASE_NAME: &str = "bakery:base-name";
+/// On a base from Debian packages: the digest of the suite's Release files it was built from
+/// (`unknown` when built offline).
+pub const BASE_UPSTREAM: &str = "bakery:base-upstream";
+/// On a team's base: the image of the base it extends.
+pub const BASE_PARENT: &str = "bakery:base-parent";
 /// Hash of the base recipe and builder: the base build cache key.
 pub const BASE_RECIPE_HASH: &str = "bakery:base-recipe-hash";
 /// Hash of everything a bake's result depends on: equal keys, equal images.
@@ -14,6 +19,8 @@ pub const BAKE_KEY: &str = "bakery:bake-key";
 pub const BAKE_ID: &str = "bakery:bake-id";
 pub const VERSION: &str = "bakery:version";
 pub const RECIPE: &str = "bakery:recipe";
+/// SHA-256 of the image's SBOM (`/var/lib/bakery/sbom.cdx.json`), the subject of its provenance.
+pub const SBOM_SHA256: &str = "bakery:sbom-sha256";
 /// On a pushed image: the local image it came from.
 pub const PUSHED_FROM: &str = "bakery:pushed-from";
 /// Copies of an image in other regions (`region=ami-…,…`), deleted with it.

@@ -68,18 +68,19 @@ pub fn sample_package(dir: &Path, version: &str, payload_mib: u32) -> PathBuf {
     sample_package_with(dir, version, &["--payload-mib", &payload_mib.to_string()])
 }
 
-/// The sample app package with more of the script's options (`--start-delay-ms`, faults…).
+/// The sample app package with more of the script's options (`--start-delay-ms`, faults,
+/// `--format deb`…): the path the script prints.
 pub fn sample_package_with(dir: &Path, version: &str, options: &[&str]) -> PathBuf {
-    let status = Command::new(workspace().join("scripts/build-sample-app"))
+    let output = Command::new(workspace().join("scripts/build-sample-app"))
         .args(["--version", version])
         .args(options)
         .arg("--out")
         .arg(dir)
-        .stdout(std::process::Stdio::null())
-        .status()
+        .stderr(std::process::Stdio::inherit())
+        .output()
         .unwrap();
-    assert!(status.success());
-    dir.join(format!("hello-{version}.tar.gz"))
+    assert!(output.status.success());
+    PathBuf::from(String::from_utf8(output.stdout).unwrap().trim())
 }
 
 pub fn sha256_file(path: &Path) -> String {

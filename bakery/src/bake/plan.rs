@@ -126,6 +126,13 @@ fn is_url(package: &str) -> bool {
     package.starts_with("http://") || package.starts_with("https://")
 }
 
+impl BakePlan {
+    /// The package's path or URL as it may be recorded: a URL without its password.
+    pub fn package_shown(&self) -> String {
+        crate::package::http::redacted(&self.package)
+    }
+}
+
 pub fn resolve(provider: &dyn Provider, request: &BakeRequest) -> Result<BakePlan> {
     ensure!(valid_app(&request.app), BadAppSnafu { app: &request.app });
     ensure!(valid_version(&request.version), BadVersionSnafu { version: &request.version });

@@ -1,13 +1,14 @@
 //! Writes `/var/lib/bakery/manifest.json` into the image: what was installed, from which
-//! package, onto which base, file by file with sha256, so an instance can say what it runs.
+//! package, onto which base, file by file with sha256, and the Debian packages the image
+//! holds once the recipe has run, so an instance can say what it runs.
 
 use super::Bake;
+use crate::dpkg;
 use crate::package::ManifestEntry;
+use crate::provider::Document;
 use crate::rootfs::RootDir;
 use crate::txn::{StepError, StepResult, Tx};
 use serde::Serialize;
-
-pub const MANIFEST_PATH: &str = "/var/lib/bakery/manifest.json";
 
 #[derive(Serialize)]
 struct Manifest<'a> {
@@ -23,6 +24,7 @@ struct Manifest<'a> {
     package: PackageInfo<'a>,
     recipe: serde_json::Value,
     files: &'a [ManifestEntry],
+    packages: &'a [dpkg::Package],
 }
 
 #[derive(Serialize)]
@@ -34,7 +36,9 @@ struct PackageInfo<'a> {
 }
 
 pub fn run(bake: &mut Bake, _tx: &mut Tx) -> StepResult {
-    let root = RootDir::open(bake.root.as_ref().expect("the mount step ran")).map_err(StepError::input)?;
+    let mount_point = bake.root.as_ref().expect("the mount step ran");
+    let root = RootDir::open(mount_point).map_err(StepError::input)?;
+    bake.packages = dpkg::installed(mount_point)?;
     let install = bake.install.as_ref().expect("the install step ran");
     let plan = &bake.plan;
     let manifest = Manifest {
@@ -48,16 +52,17 @@ pub fn run(bake: &mut Bake, _tx: &mut Tx) -> StepResult {
         base_image_id: &plan.base.id,
         base_image_name: &plan.base.name,
         package: PackageInfo {
-            source: &plan.package,
+            source: &plan.package_shown(),
             sha256: &install.package_sha256,
             compressed_bytes: install.compressed_bytes,
             expanded_bytes: install.expanded_bytes,
         },
         recipe: serde_json::from_str(&plan.recipe.canonical_json())?,
         files: &install.entries,
+        packages: &bake.packages,
     };
     let json = serde_json::to_vec_pretty(&manifest)?;
-    root.write_file(MANIFEST_PATH, &json, 0o644, 0, 0).map_err(StepError::input)?;
-    bake.manifest = Some(json);
+    root.write_file(Document::Manifest.image_path(), &json, 0o644, 0, 0).map_err(StepError::input)?;
+    bake.documents.insert(Document::Manifest, json);
     Ok(())
 }

@@ -2,12 +2,13 @@
 
 use bakery::bake::{self, BakeRequest};
 use bakery::instance::Method;
-use bakery::provider::Provider;
+use bakery::provider::{Document, Image, Provider};
 use bakery::ui::{OutputFormat, Ui};
 use bakery::verify::{self, Expect};
 use bakery::{base, gc, local, push, recipe};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
@@ -168,13 +169,31 @@ enum Commands {
 
 #[derive(Subcommand)]
 enum BaseCommand {
-    /// Build a base image from its recipe, or return the cached one with the same recipe hash.
+    /// Build a base image from its recipe, or return the cached one.
+    ///
+    /// A base from Debian packages is cached by its recipe, its builder and what the Debian
+    /// mirror publishes for its suite (the InRelease files): a security update upstream builds
+    /// a new base. A team's base (a recipe with `extends`) is a layer on the base it extends,
+    /// which is built or found first.
+    ///
+    /// Example:
+    ///   bakery base build base-images/hello-team.toml
     Build {
         /// A base recipe, e.g. base-images/debian12-jre17-tomcat10.toml.
         recipe: PathBuf,
-        /// Build even when an image with the same recipe hash exists.
+        /// Build even when a cached image matches (this recipe only).
         #[arg(long)]
         rebuild: bool,
+        /// Do not ask the Debian mirror what it publishes: reuse a cached image of the recipe.
+        #[arg(long)]
+        offline: bool,
+    },
+    /// List base images, newest first, with their recipe, upstream and age.
+    List,
+    /// Show a base image and the versions of its Debian packages.
+    Show {
+        /// An image id, an image name, or a base family such as hello-team.
+        id: String,
     },
 }
 
@@ -187,6 +206,9 @@ struct BakeArgs {
     #[arg(long)]
     recipe: PathBuf,
     /// The application package: a .tar.gz path or an http(s) URL (streamed, never stored whole).
+    /// A URL is fetched with BAKERY_HTTP_TOKEN (bearer) or BAKERY_HTTP_BASIC (user:token) for
+    /// its own host, or the netrc entry ($NETRC, ~/.netrc) of each host; a dropped download
+    /// resumes where it broke off.
     #[arg(long)]
     package: String,
     /// SHA-256 of the package; optional when a `<package>.sha256` sidecar exists.
@@ -254,11 +276,22 @@ enum ImagesCommand {
         #[arg(short, long)]
         output_file: PathBuf,
     },
+    /// Print what the bake installed, file by file with SHA-256, and the image's Debian packages.
+    Manifest { id: String },
+    /// Print the image's software bill of materials (CycloneDX 1.5 JSON): every Debian package
+    /// with its version and package URL, and the application with each file's SHA-256. The
+    /// image's `bakery:sbom-sha256` tag is its digest.
+    Sbom { id: String },
+    /// Print how the image was made: an in-toto statement with a SLSA provenance predicate
+    /// naming the base image and snapshot, the package and its SHA-256, the recipe and its
+    /// hash, the bakery version and the CI build.
+    Provenance { id: String },
 }
 
 #[derive(Subcommand)]
 enum RecipeCommand {
-    /// Check recipes; every problem in every file is reported.
+    /// Check app recipes and base recipes (those with a `name`); every problem in every file is
+    /// reported, each with its line.
     Check { files: Vec<PathBuf> },
 }
 
@@ -388,7 +421,7 @@ fn describe_verification(v: &verify::VerifyOutcome) -> String {
 
 fn run(cli: &Cli, ui: &Ui) -> Result<(), Failure> {
     if let Commands::Recipe(RecipeCommand::Check { files }) = &cli.command {
-        return check_recipes(files, ui);
+        return check_recipes(files, ui, cli.output);
     }
     let cancel = bakery::ui::cancellation();
     if let Commands::Push { image } = &cli.command {
@@ -417,12 +450,57 @@ fn run(cli: &Cli, ui: &Ui) -> Result<(), Failure> {
     let provider = provider.as_ref();
     match &cli.command {
         Commands::Recipe(_) | Commands::Push { .. } => unreachable!("handled above"),
-        Commands::Base(BaseCommand::Build { recipe, rebuild }) => {
-            let outcome = base::build(provider, &cli.state_dir, recipe, *rebuild, ui, &cancel)
+        Commands::Base(BaseCommand::Build { recipe, rebuild, offline }) => {
+            let options = base::BuildOptions { rebuild: *rebuild, offline: *offline };
+            let outcome = base::build(provider, &cli.state_dir, recipe, options, ui, &cancel)
                 .map_err(|e| failure(e.exit_code(), e))?;
             ui.print(&outcome, |o| {
                 let how = if o.reused { "cached" } else { "built" };
                 format!("{} {how}: {} ({}) in {:.1}s", o.name, o.image_id, o.snapshot_id, o.duration_ms as f64 / 1000.0)
+            });
+        }
+        Commands::Base(BaseCommand::List) => {
+            let bases = base::list(provider).map_err(|e| failure(1, e))?;
+            ui.print(&bases, |bases| {
+                let tag = |image: &Image, key: &str| image.tags.get(key).cloned().unwrap_or_else(|| "-".into());
+                let mut lines =
+                    vec![format!("{:<22} {:<26} {:<13} {:<13} {}", "IMAGE", "BASE", "RECIPE", "UPSTREAM", "CREATED")];
+                lines.extend(bases.iter().map(|image| {
+                    let short = |value: String| value.chars().take(12).collect::<String>();
+                    let upstream = match image.tags.get(bakery::tags::BASE_PARENT) {
+                        Some(parent) => format!("on {parent}"),
+                        None => short(tag(image, bakery::tags::BASE_UPSTREAM)),
+                    };
+                    format!(
+                        "{:<22} {:<26} {:<13} {:<13} {}",
+                        image.id,
+                        tag(image, bakery::tags::BASE_NAME),
+                        short(tag(image, bakery::tags::BASE_RECIPE_HASH)),
+                        upstream,
+                        image.created
+                    )
+                }));
+                lines.join("\n")
+            });
+        }
+        Commands::Base(BaseCommand::Show { id }) => {
+            let image = provider
+                .images()
+                .find_image(id)
+                .map_err(|e| failure(1, e))?
+                .ok_or_else(|| failure(4, format!("image {id} not found")))?;
+            let packages = base::packages(provider, &image.id).map_err(|e| failure(1, e))?.unwrap_or_default();
+            let result = serde_json::json!({ "image": image, "packages": packages });
+            ui.print(&result, |_| {
+                let mut lines = vec![format!("{} {}", image.id, image.name)];
+                lines.extend(image.tags.iter().map(|(k, v)| format!("  {k} = {v}")));
+                match packages.is_empty() {
+                    true => lines.push("packages: none recorded next to this image".into()),
+                    false => lines.push(format!("packages ({}):", packages.len())),
+                }
+                let text = |value: &serde_json::Value| value.as_str().unwrap_or_default().to_string();
+                lines.extend(packages.iter().map(|p| format!("  {:<40} {}", text(&p["name"]), text(&p["version"]))));
+                lines.join("\n")
             });
         }
         Commands::Bake(args) => {
@@ -551,23 +629,49 @@ fn images(provider: &dyn Provider, command: &ImagesCommand, ui: &Ui, cancel: &At
             let result = serde_json::json!({ "image_id": image.id, "path": output_file });
             ui.print(&result, |_| format!("wrote {} to {}", image.id, output_file.display()));
         }
+        ImagesCommand::Manifest { id } => print_document(provider, &find(id)?, Document::Manifest)?,
+        ImagesCommand::Sbom { id } => print_document(provider, &find(id)?, Document::Sbom)?,
+        ImagesCommand::Provenance { id } => print_document(provider, &find(id)?, Document::Provenance)?,
     }
     Ok(())
 }
 
-fn check_recipes(files: &[PathBuf], ui: &Ui) -> Result<(), Failure> {
-    let mut problems = Vec::new();
-    for file in files {
-        if let Err(error) = recipe::load(file) {
-            problems.push(error.to_string());
-        }
-    }
+/// Prints one of an image's documents as it was written: the document is the JSON result.
+fn print_document(provider: &dyn Provider, image: &Image, document: Document) -> Result<(), Failure> {
+    let content = provider.images().document(&image.id, document).map_err(|e| failure(1, e))?;
+    let content = content.ok_or_else(|| {
+        let (name, path) = (document.as_str(), document.image_path());
+        failure(
+            4,
+            format!(
+                "the {provider} registry keeps no {name} next to {}: it is inside the image, {path}",
+                image.id,
+                provider = provider.kind()
+            ),
+        )
+    })?;
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(&content).and_then(|()| stdout.write_all(b"\n")).map_err(|e| failure(1, e))
+}
+
+/// With `--output json`, the result lists every problem as {file, key, line, message}, also
+/// when there are problems (exit 3).
+fn check_recipes(files: &[PathBuf], ui: &Ui, output: OutputFormat) -> Result<(), Failure> {
+    let check = |file: &PathBuf| match recipe::is_base_recipe(file) {
+        true => recipe::load_base(file).err(),
+        false => recipe::load(file).err(),
+    };
+    let problems: Vec<recipe::Problem> = files.iter().filter_map(check).flat_map(|error| error.problems()).collect();
     let result = serde_json::json!({ "checked": files, "problems": problems });
     if problems.is_empty() {
         ui.print(&result, |_| format!("{} recipe(s) OK", files.len()));
         return Ok(());
     }
-    Err(failure(3, problems.join("\n")))
+    if output == OutputFormat::Json {
+        ui.print(&result, |_| String::new());
+        return Err(reported_failure(3, format!("{} problem(s) in the recipes", problems.len())));
+    }
+    Err(failure(3, problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n")))
 }
 
 #[cfg(test)]

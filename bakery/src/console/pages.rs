@@ -5,7 +5,7 @@ use super::actions::{Line, Summary};
 use super::html::{self, escape, link, post_form, table, url_part, Header};
 use super::views::{registry_counts, Application, ClusterView};
 use crate::launch::cloud::{DeployRecord, Group, Health, Outcome};
-use crate::provider::Image;
+use crate::provider::{Document, Image};
 use crate::tags;
 use std::fmt::Write as _;
 
@@ -69,6 +69,10 @@ pub fn images(list: &[Image], apps: &[String], app: Option<&str>, header: &Heade
     html::page("Images", header, &body)
 }
 
+fn document_link(image: &Image, document: Document, text: &str) -> String {
+    link(&format!("/images/{}/{}", url_part(&image.id), document.as_str()), text)
+}
+
 pub fn image(image: &Image, header: &Header) -> String {
     let facts = [
         ("Name", escape(&image.name)),
@@ -77,7 +81,9 @@ pub fn image(image: &Image, header: &Header) -> String {
         ("Size", format!("{} MiB", image.volume_size >> 20)),
         ("Architecture", escape(&image.architecture)),
         ("Created", escape(&image.created)),
-        ("Manifest", link(&format!("/images/{}/manifest", url_part(&image.id)), "every file the bake installed")),
+        ("Manifest", document_link(image, Document::Manifest, "every file the bake installed")),
+        ("SBOM", document_link(image, Document::Sbom, "every Debian package and the app's files (CycloneDX)")),
+        ("Provenance", document_link(image, Document::Provenance, "how it was made (in-toto, SLSA)")),
         ("JSON", link(&format!("/api/images/{}", url_part(&image.id)), "as the API returns it")),
     ];
     let facts = table("image", &["", ""], facts.into_iter().map(|(k, v)| vec![k.to_string(), v]));

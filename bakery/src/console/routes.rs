@@ -9,6 +9,7 @@ use super::views::{self, ClusterView};
 use super::{blocking, pages, Console, Error};
 use crate::launch::plan::{DeployRequest, StrategyKind};
 use crate::launch::soak::Thresholds;
+use crate::provider::Document;
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -33,7 +34,7 @@ pub fn router(console: Arc<Console>) -> Router {
         .route("/", get(applications_page))
         .route("/images", get(images_page))
         .route("/images/{id}", get(image_page))
-        .route("/images/{id}/manifest", get(image_manifest))
+        .route("/images/{id}/{document}", get(image_document))
         .route("/clusters/{cluster}", get(cluster_page))
         .route("/clusters/{cluster}/groups/{group}", get(group_page))
         .route("/clusters/{cluster}/deploy", get(deploy_page).post(deploy_from_page))
@@ -202,19 +203,26 @@ async fn image_page(State(console): Shared, Extension(viewer): Extension<Viewer>
     page(&console, &viewer, image.map(|i| pages::image(&i, &header(&console, &viewer))))
 }
 
-/// The bake's manifest, as JSON, where the registry keeps it next to the image.
-async fn image_manifest(State(console): Shared, Path(id): Path<String>) -> Response {
+/// One of the bake's documents (manifest, sbom, provenance), as JSON, where the registry keeps
+/// it next to the image.
+async fn image_document(State(console): Shared, Path((id, name)): Path<(String, String)>) -> Response {
     let images = console.images.clone();
     let found = blocking(move || {
-        let manifest = images.manifest(&id).map_err(|source| Error::Images { source })?;
-        manifest.ok_or(Error::NotFound {
-            what: format!(
-                "a manifest of image {id} next to it (it is inside the image, /var/lib/bakery/manifest.json)"
-            ),
+        let not_found = |what: String| Error::NotFound { what };
+        let document = Document::ALL
+            .into_iter()
+            .find(|d| d.as_str() == name)
+            .ok_or_else(|| not_found(format!("a document named {name} (manifest, sbom or provenance)")))?;
+        let content = images.document(&id, document).map_err(|source| Error::Images { source })?;
+        content.ok_or_else(|| {
+            not_found(format!(
+                "the {name} of image {id} next to it (it is inside the image, {})",
+                document.image_path()
+            ))
         })
     });
     match found.await {
-        Ok(manifest) => ([(header::CONTENT_TYPE, "application/json")], manifest).into_response(),
+        Ok(content) => ([(header::CONTENT_TYPE, "application/json")], content).into_response(),
         Err(error) => api::<()>(Err(error)),
     }
 }

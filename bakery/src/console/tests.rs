@@ -6,7 +6,7 @@ use super::*;
 use crate::launch::cloud::{Capacity, GroupSpec};
 use crate::launch::sim::{FakeClock, SimCloud};
 use crate::local::registry::Registry;
-use crate::provider::ImageRequest;
+use crate::provider::{Document, ImageRequest};
 use std::collections::BTreeMap;
 
 const ANN_TOKEN: &str = "ann-0123456789abcdef";
@@ -57,7 +57,7 @@ fn serve_for_test(logins: Option<&str>) -> Served {
             (HOSTILE.to_string(), "key".to_string()),
         ]),
         parent: None,
-        manifest: Some(br#"{"app": "hello", "files": []}"#.to_vec()),
+        documents: BTreeMap::from([(Document::Manifest, br#"{"app": "hello", "files": []}"#.to_vec())]),
     };
     let image = registry.register_image(&request).unwrap().id;
     cloud.create_group(&spec(1, &image)).unwrap();
@@ -278,6 +278,16 @@ fn hostile_tags_render_as_text_under_a_policy_that_forbids_inline_script() {
     let manifest = agent().get(&format!("{}/images/{}/manifest", served.url, served.image)).call().unwrap();
     assert_eq!(manifest.content_type(), "application/json");
     assert_eq!(manifest.into_string().unwrap(), r#"{"app": "hello", "files": []}"#);
+    for (document, status) in [("sbom", 404), ("passwords", 404)] {
+        let url = format!("{}/images/{}/{document}", served.url, served.image);
+        match agent().get(&url).call() {
+            Err(ureq::Error::Status(code, response)) => {
+                assert_eq!(code, status);
+                assert!(response.into_string().unwrap().contains(document), "the error names {document}");
+            }
+            other => panic!("{url}: {other:?}"),
+        }
+    }
     let bad = get(&format!("{}/clusters/%3Cb%3E", served.url), &[]);
     assert_eq!(bad.status, 400);
     assert!(bad.body.contains("&lt;b&gt;") && !bad.body.contains("<b>"), "{}", bad.body);

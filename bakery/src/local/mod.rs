@@ -4,7 +4,7 @@
 pub mod registry;
 
 use crate::blockstore::{self, store::SnapshotManifest, Volumes};
-use crate::provider::{Image, ImageRegistry, ImageRequest, Provider, Result, VolumeBackend};
+use crate::provider::{Document, Image, ImageRegistry, ImageRequest, Provider, Result, VolumeBackend};
 use crate::{ids, tags};
 use registry::Registry;
 use std::collections::BTreeMap;
@@ -72,8 +72,8 @@ impl ImageRegistry for Registry {
             tags: request.tags.clone(),
         };
         self.register(&image)?;
-        if let Some(manifest) = &request.manifest {
-            self.put_manifest(&image.id, manifest)?;
+        for (document, content) in &request.documents {
+            self.put_document(&image.id, *document, content)?;
         }
         Ok(image)
     }
@@ -91,8 +91,8 @@ impl ImageRegistry for Registry {
         Ok(Some(image))
     }
 
-    fn manifest(&self, image_id: &str) -> Result<Option<Vec<u8>>> {
-        Ok(self.get_manifest(image_id)?)
+    fn document(&self, image_id: &str, document: Document) -> Result<Option<Vec<u8>>> {
+        Ok(self.get_document(image_id, document)?)
     }
 }
 

@@ -1,7 +1,7 @@
 //! The local image registry: one JSON file per image, written atomically, with mutations
 //! serialised by a lock file so that concurrent bakes cannot register the same name twice.
 
-use crate::provider::Image;
+use crate::provider::{Document, Image};
 use nix::fcntl::{Flock, FlockArg};
 use snafu::{ensure, ResultExt, Snafu};
 use std::fs::{self, File};
@@ -45,18 +45,18 @@ impl Registry {
         self.dir.join(format!("{id}.json"))
     }
 
-    /// Not `.json`: listings skip it.
-    fn manifest_path(&self, id: &str) -> PathBuf {
-        self.dir.join(format!("{id}.manifest"))
+    /// `ID.manifest`, `ID.sbom`, …: not `.json`, so listings skip them.
+    fn document_path(&self, id: &str, document: Document) -> PathBuf {
+        self.dir.join(format!("{id}.{}", document.as_str()))
     }
 
-    pub fn put_manifest(&self, id: &str, manifest: &[u8]) -> Result<()> {
-        let path = self.manifest_path(id);
-        crate::atomic::write(&path, manifest).context(IoSnafu { path })
+    pub fn put_document(&self, id: &str, document: Document, content: &[u8]) -> Result<()> {
+        let path = self.document_path(id, document);
+        crate::atomic::write(&path, content).context(IoSnafu { path })
     }
 
-    pub fn get_manifest(&self, id: &str) -> Result<Option<Vec<u8>>> {
-        let path = self.manifest_path(id);
+    pub fn get_document(&self, id: &str, document: Document) -> Result<Option<Vec<u8>>> {
+        let path = self.document_path(id, document);
         match fs::read(&path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             other => other.map(Some).context(IoSnafu { path }),
@@ -114,7 +114,8 @@ impl Registry {
 
     pub fn remove(&self, id: &str) -> Result<()> {
         let _guard = self.lock()?;
-        for path in [self.manifest_path(id), self.path(id)] {
+        let documents = Document::ALL.map(|document| self.document_path(id, document));
+        for path in documents.into_iter().chain([self.path(id)]) {
             match fs::remove_file(&path) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e).context(IoSnafu { path }),
                 _ => {}

@@ -13,6 +13,7 @@ use nix::fcntl::{self, AtFlags, OFlag, ResolveFlag};
 use nix::sys::stat::{self, FchmodatFlags, Mode, SFlag, UtimensatFlags};
 use nix::sys::time::TimeSpec;
 use nix::unistd::{self, Gid, Uid, UnlinkatFlags};
+use ruzstd::decoding::{FrameDecoder, StreamingDecoder};
 use sha2::{Digest, Sha256};
 use snafu::{ensure, OptionExt, ResultExt};
 use std::cell::Cell;
@@ -113,7 +114,7 @@ fn fill(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     Ok(filled)
 }
 
-fn owned(fd: std::os::fd::RawFd) -> OwnedFd {
+pub(super) fn owned(fd: std::os::fd::RawFd) -> OwnedFd {
     // SAFETY: callers pass a descriptor a syscall just returned and nothing else owns.
     unsafe { OwnedFd::from_raw_fd(fd) }
 }
@@ -161,6 +162,8 @@ pub(super) struct Extractor<'a> {
     /// Name of the entry being or last processed, for messages about what follows it.
     last: Option<String>,
     buf: Vec<u8>,
+    /// The compression, for messages about bad data.
+    format: &'static str,
 }
 
 impl<'a> Extractor<'a> {
@@ -189,20 +192,25 @@ impl<'a> Extractor<'a> {
             expanded: 0,
             last: None,
             buf: vec![0; CHUNK_SIZE],
+            format: "gzip",
         }
     }
 
-    /// Unpacks every entry, then drains the input so that the reader thread hashes all of it.
-    /// Returns the manifest and the expanded size.
-    pub(super) fn run(mut self, mut input: super::source::Chunks<'_>) -> Result<(Vec<ManifestEntry>, u64)> {
+    /// Unpacks every entry of a `.tar.gz` or `.tar.zst`, then drains the input so that the
+    /// reader thread hashes all of it. Returns the manifest and the expanded size.
+    pub(super) fn run(mut self, input: super::source::Chunks<'_>, kind: Kind) -> Result<(Vec<ManifestEntry>, u64)> {
         let package = self.package;
-        // Only fails when cancelled, which the caller reports.
-        let head = input.fill_buf().context(ReadSourceSnafu { package })?;
-        ensure!(head.starts_with(&[0x1f, 0x8b]), NotGzipSnafu { package });
-
-        // Multi-member, as gzip and tar accept concatenated members (pigz, bgzip).
-        let mut archive =
-            tar::Archive::new(Metered { inner: MultiGzDecoder::new(input), meter: Rc::clone(&self.meter) });
+        let decompressed: Box<dyn Read + '_> = match kind {
+            Kind::TarZst => {
+                self.format = "zstd";
+                let frame = StreamingDecoder::new(input)
+                    .map_err(|e| decompression_error(package, "zstd", io::Error::new(io::ErrorKind::InvalidData, e)))?;
+                Box::new(ZstdFrames { decoder: Some(frame) })
+            }
+            // Multi-member, as gzip and tar accept concatenated members (pigz, bgzip).
+            _ => Box::new(MultiGzDecoder::new(input)),
+        };
+        let mut archive = tar::Archive::new(Metered { inner: decompressed, meter: Rc::clone(&self.meter) });
         self.meter.allow(HEADER_ALLOWANCE);
         let entries = archive.entries().map_err(|e| self.stream_error(e))?;
         for entry in entries {
@@ -227,7 +235,7 @@ impl<'a> Extractor<'a> {
                 }
                 .build()
             } else {
-                gzip_error(package, e)
+                decompression_error(package, self.format, e)
             }
         })?;
         Ok((self.manifest.into_values().collect(), self.expanded))
@@ -240,7 +248,7 @@ impl<'a> Extractor<'a> {
             let after = self.last.clone().unwrap_or_else(|| "(none yet)".to_string());
             OversizedHeadersSnafu { package, after }.build()
         } else if self.meter.inner_failed.get() {
-            gzip_error(package, e)
+            decompression_error(package, self.format, e)
         } else if let Some(after) = &self.last {
             Error::CorruptTar { package: package.to_string(), after: after.clone(), source: e }
         } else {
@@ -578,11 +586,37 @@ impl<'a> Extractor<'a> {
     }
 }
 
-fn gzip_error(package: &str, source: io::Error) -> Error {
+/// Every frame of a zstd stream in turn: zstd writes one, but pzstd and concatenated files
+/// hold several.
+struct ZstdFrames<R: BufRead> {
+    decoder: Option<StreamingDecoder<R, FrameDecoder>>,
+}
+
+impl<R: BufRead> Read for ZstdFrames<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            let Some(decoder) = self.decoder.as_mut() else { return Ok(0) };
+            let n = decoder.read(buf)?;
+            if n > 0 || buf.is_empty() {
+                return Ok(n);
+            }
+            // This frame is done; another follows unless the input ends here.
+            let (mut source, frame) = self.decoder.take().expect("checked above").into_parts();
+            if source.fill_buf()?.is_empty() {
+                return Ok(0);
+            }
+            let next = StreamingDecoder::new_with_decoder(source, frame);
+            self.decoder = Some(next.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?);
+        }
+    }
+}
+
+/// A failure of the decompressor (or of the input under it), named.
+fn decompression_error(package: &str, format: &'static str, source: io::Error) -> Error {
     let package = package.to_string();
     if source.kind() == io::ErrorKind::UnexpectedEof {
-        Error::TruncatedGzip { package, source }
+        Error::Truncated { package, format, source }
     } else {
-        Error::CorruptGzip { package, source }
+        Error::Corrupt { package, format, source }
     }
 }

@@ -9,15 +9,19 @@
 //! caller discards the whole volume, so what was written by then does no harm.
 
 mod extract;
+pub mod http;
+mod kind;
 mod manifest;
+mod place;
 mod source;
 
+pub use kind::Kind;
 pub use manifest::{EntryKind, ManifestEntry};
 pub use source::{open_source, sidecar_sha256, PackageSource};
 
 use crate::rootfs::{self, RootDir};
 use nix::errno::Errno;
-use snafu::{ensure, ResultExt, Snafu};
+use snafu::{ensure, OptionExt, ResultExt, Snafu};
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -28,8 +32,8 @@ pub enum Error {
     #[snafu(display("cannot open package {path}: {source}"))]
     OpenFile { path: String, source: io::Error },
 
-    #[snafu(display("cannot download {url}: {source}"))]
-    Http { url: String, source: Box<ureq::Error> },
+    #[snafu(display("cannot download {source}"))]
+    Http { source: http::HttpError },
 
     #[snafu(display("cannot read checksum file {path}: {source}"))]
     ReadSidecar { path: String, source: io::Error },
@@ -46,14 +50,19 @@ pub enum Error {
     #[snafu(display("reading package {package} failed: {source}"))]
     ReadSource { package: String, source: io::Error },
 
-    #[snafu(display("package {package} is not gzip-compressed (it lacks the gzip magic number)"))]
-    NotGzip { package: String },
+    #[snafu(display(
+        "package {package} is not a package bakery installs: it {what} (a .tar.gz, .tar.zst, .deb or .war is)"
+    ))]
+    UnknownKind { package: String, what: String },
 
-    #[snafu(display("package {package} is truncated: its gzip stream ends early ({source})"))]
-    TruncatedGzip { package: String, source: io::Error },
+    #[snafu(display("package {package} is named as {named} but holds {actual}"))]
+    KindMismatch { package: String, named: Kind, actual: Kind },
 
-    #[snafu(display("package {package} has corrupt gzip data: {source}"))]
-    CorruptGzip { package: String, source: io::Error },
+    #[snafu(display("package {package} is truncated: its {format} stream ends early ({source})"))]
+    Truncated { package: String, format: &'static str, source: io::Error },
+
+    #[snafu(display("package {package} has corrupt {format} data: {source}"))]
+    Corrupt { package: String, format: &'static str, source: io::Error },
 
     #[snafu(display("package {package} is not a tar archive: {source}"))]
     NotTar { package: String, source: io::Error },
@@ -115,6 +124,12 @@ pub enum Error {
     #[snafu(display("package SHA-256 is {actual}, expected {expected}"))]
     ChecksumMismatch { expected: String, actual: String },
 
+    #[snafu(display("package {package} is a Debian package, which this install cannot take"))]
+    DebNotHere { package: String },
+
+    #[snafu(display("cannot stage the Debian package at {}: {source}", path.display()))]
+    Stage { path: std::path::PathBuf, source: io::Error },
+
     #[snafu(display("package installation was cancelled"))]
     Cancelled,
 }
@@ -134,15 +149,22 @@ pub struct InstallOptions {
     pub allow_device_nodes: bool,
     /// Allow hard links to files under the install root that this package did not extract.
     pub allow_external_hardlinks: bool,
+    /// The file name a `.war` is placed as in the install root (`APP.war`).
+    pub war_name: String,
+    /// Where on the host a `.deb` is staged for apt to install in the image; None where the
+    /// caller cannot install one.
+    pub deb_staging: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone)]
 pub struct InstallReport {
+    pub kind: Kind,
     pub package_sha256: String,
     pub compressed_bytes: u64,
     /// Sum of the sizes of the package's entries.
     pub expanded_bytes: u64,
     /// Sorted by path; an entry repeated in the package appears once, as it was last written.
+    /// Empty for a `.deb` until it is installed.
     pub entries: Vec<ManifestEntry>,
 }
 
@@ -166,14 +188,14 @@ pub fn install(
     let reader = source.reader;
 
     let (sender, receiver) = mpsc::sync_channel(source::CHANNEL_DEPTH);
-    let (extracted, pumped) = thread::scope(|scope| {
+    let (consumed, pumped) = thread::scope(|scope| {
         let pump = scope.spawn(move || source::pump(reader, sender, cancel, progress));
         let chunks = source::Chunks { receiver, chunk: Vec::new(), pos: 0, cancel };
-        // The extractor owns (and on return drops) the receiving end, which stops a reader
+        // The consumer owns (and on return drops) the receiving end, which stops a reader
         // blocked on a full channel.
-        let extracted = extract::Extractor::new(install_dir, opts, cancel, &package).run(chunks);
+        let consumed = consume(chunks, install_dir, opts, cancel, &package);
         let pumped = pump.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-        (extracted, pumped)
+        (consumed, pumped)
     });
 
     // Cancellation surfaces as whatever broke first (often an early end of input), so it is
@@ -181,13 +203,49 @@ pub fn install(
     ensure!(!cancel.load(Ordering::Relaxed), CancelledSnafu);
     // A failed read ends the input early too; its error is the real cause.
     let (package_sha256, compressed_bytes) = pumped.context(ReadSourceSnafu { package: &package })?;
-    let (entries, expanded_bytes) = extracted?;
+    let (kind, entries, expanded_bytes) = consumed?;
     ensure!(
         package_sha256.eq_ignore_ascii_case(expected_sha256),
         ChecksumMismatchSnafu { expected: expected_sha256.to_ascii_lowercase(), actual: &package_sha256 }
     );
     tracing::debug!(package, entries = entries.len(), compressed_bytes, expanded_bytes, "installed package");
-    Ok(InstallReport { package_sha256, compressed_bytes, expanded_bytes, entries })
+    Ok(InstallReport { kind, package_sha256, compressed_bytes, expanded_bytes, entries })
+}
+
+/// Tells the package's kind from its first bytes (and checks it against its name), then
+/// unpacks, places or stages it. Returns the kind, the entries installed and their size.
+fn consume(
+    mut chunks: source::Chunks<'_>,
+    install_dir: std::os::fd::OwnedFd,
+    opts: &InstallOptions,
+    cancel: &AtomicBool,
+    package: &str,
+) -> Result<(Kind, Vec<ManifestEntry>, u64)> {
+    use std::io::BufRead;
+    // Only fails when cancelled, which the caller reports.
+    let head = chunks.fill_buf().context(ReadSourceSnafu { package })?;
+    let Some(kind) = Kind::sniff(head) else {
+        return UnknownKindSnafu { package, what: Kind::describe_unknown(head) }.fail();
+    };
+    if let Some(named) = Kind::from_name(package) {
+        ensure!(named == kind, KindMismatchSnafu { package, named, actual: kind });
+    }
+    match kind {
+        Kind::TarGz | Kind::TarZst => {
+            let (entries, expanded) = extract::Extractor::new(install_dir, opts, cancel, package).run(chunks, kind)?;
+            Ok((kind, entries, expanded))
+        }
+        Kind::War => {
+            let entry = place::war(&install_dir, opts, chunks, cancel)?;
+            let size = entry.size;
+            Ok((kind, vec![entry], size))
+        }
+        Kind::Deb => {
+            let staged = opts.deb_staging.as_deref().context(DebNotHereSnafu { package })?;
+            place::stage_deb(staged, chunks, cancel)?;
+            Ok((kind, Vec::new(), 0))
+        }
+    }
 }
 
 fn is_sha256(text: &str) -> bool {
@@ -248,6 +306,14 @@ mod tests {
             install(source, &self.root, expected, opts, cancel, progress)
         }
 
+        /// Installs `package` saved under `name`, whose suffix says what it is.
+        fn install_named(&self, name: &str, package: &[u8], opts: &InstallOptions) -> Result<InstallReport> {
+            let path = self.packages.path().join(name);
+            fs::write(&path, package).unwrap();
+            let source = open_source(path.to_str().unwrap()).unwrap();
+            install(source, &self.root, &sha256(package), opts, &AtomicBool::new(false), &|_| {})
+        }
+
         fn app(&self) -> PathBuf {
             self.root_path.join("opt/app")
         }
@@ -275,6 +341,8 @@ mod tests {
             max_expanded_bytes: 1 << 30,
             allow_device_nodes: false,
             allow_external_hardlinks: false,
+            war_name: "app.war".to_string(),
+            deb_staging: None,
         }
     }
 
@@ -474,7 +542,96 @@ mod tests {
         let image = image();
         let package = Package::new().file("a", &noise(100_000, 2)).finish();
         let err = image.install(&package[..package.len() / 2], &options()).unwrap_err();
-        assert!(matches!(err, Error::TruncatedGzip { .. }), "{err}");
+        assert!(matches!(err, Error::Truncated { format: "gzip", .. }), "{err}");
+        image.assert_contained();
+    }
+
+    fn tar_of(files: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut builder = tar::Builder::new(Vec::new());
+        for (name, data) in files {
+            let mut header = Header::new_gnu();
+            header.set_size(data.len() as u64);
+            header.set_mode(0o644);
+            header.set_mtime(MTIME);
+            builder.append_data(&mut header, name, *data).unwrap();
+        }
+        builder.into_inner().unwrap()
+    }
+
+    fn zstd(bytes: &[u8]) -> Vec<u8> {
+        ruzstd::encoding::compress_to_vec(bytes, ruzstd::encoding::CompressionLevel::Fastest)
+    }
+
+    #[test]
+    fn tar_zst_packages_unpack_frame_after_frame() {
+        let image = image();
+        let jar = noise(2 * CHUNK_SIZE + 17, 9);
+        let tar = tar_of(&[("lib/app.jar", &jar), ("version.txt", b"7\n")]);
+        let report = image.install_named("hello.tar.zst", &zstd(&tar), &options()).unwrap();
+        assert_eq!(report.kind, Kind::TarZst);
+        assert_eq!(fs::read(image.app().join("lib/app.jar")).unwrap(), jar);
+        assert_eq!(entry(&report, "/opt/app/lib/app.jar").sha256.as_deref(), Some(sha256(&jar).as_str()));
+
+        // Two frames, as pzstd writes: the second frame's files are there too.
+        let split = tar.len() / 2;
+        let two_frames = [zstd(&tar[..split]), zstd(&tar[split..])].concat();
+        let report = image.install_named("again.tzst", &two_frames, &options()).unwrap();
+        assert_eq!(fs::read_to_string(image.app().join("version.txt")).unwrap(), "7\n");
+        assert_eq!(report.entries.len(), 2, "lib/app.jar and version.txt");
+
+        let truncated = zstd(&tar);
+        let err = image.install_named("cut.tar.zst", &truncated[..truncated.len() / 2], &options()).unwrap_err();
+        assert!(
+            matches!(err, Error::Truncated { format: "zstd", .. } | Error::Corrupt { format: "zstd", .. }),
+            "{err}"
+        );
+        image.assert_contained();
+    }
+
+    #[test]
+    fn a_war_is_placed_whole_as_app_war() {
+        let image = image();
+        let war = [b"PK\x03\x04".as_slice(), &noise(CHUNK_SIZE + 5, 3)].concat();
+        // A symlink where the war goes is replaced, not followed.
+        fs::create_dir_all(image.app()).unwrap();
+        std::os::unix::fs::symlink(image.outside(), image.app().join("app.war")).unwrap();
+        let err = image.install_named("hello.war", &war, &options()).unwrap_err();
+        assert!(matches!(err, Error::Unpack { .. }), "a symlink is never followed: {err}");
+        fs::remove_file(image.app().join("app.war")).unwrap();
+
+        let report = image.install_named("hello.war", &war, &options()).unwrap();
+        assert_eq!(report.kind, Kind::War);
+        let placed = image.app().join("app.war");
+        assert_eq!(fs::read(&placed).unwrap(), war);
+        let meta = fs::metadata(&placed).unwrap();
+        assert_eq!((meta.uid(), meta.gid(), meta.mode() & 0o7777), (1234, 5678, 0o644));
+        assert_eq!(report.entries.len(), 1);
+        assert_eq!(report.entries[0].path, "/opt/app/app.war");
+        assert_eq!(report.entries[0].sha256.as_deref(), Some(sha256(&war).as_str()));
+        image.assert_contained();
+    }
+
+    #[test]
+    fn a_deb_is_staged_for_apt_and_a_name_that_lies_is_refused() {
+        let image = image();
+        let deb = [b"!<arch>\ndebian-binary   ".as_slice(), &noise(1000, 5)].concat();
+        let err = image.install_named("hello_1.0_all.deb", &deb, &options()).unwrap_err();
+        assert!(matches!(err, Error::DebNotHere { .. }), "{err}");
+        let staged = image.packages.path().join("staged.deb");
+        let opts = InstallOptions { deb_staging: Some(staged.clone()), ..options() };
+        let report = image.install_named("hello_1.0_all.deb", &deb, &opts).unwrap();
+        assert_eq!((report.kind, report.entries.len()), (Kind::Deb, 0));
+        assert_eq!(fs::read(&staged).unwrap(), deb);
+
+        let tar = zstd(&tar_of(&[("a", b"a")]));
+        let err = image.install_named("hello.tar.gz", &tar, &options()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "package {} is named as a gzip-compressed tar archive (.tar.gz) but holds a zstd-compressed tar archive (.tar.zst)",
+                image.packages.path().join("hello.tar.gz").display()
+            )
+        );
         image.assert_contained();
     }
 
@@ -482,9 +639,10 @@ mod tests {
     fn non_gzip_and_non_tar_packages_are_reported() {
         let image = image();
         let err = image.install(b"just some text", &options()).unwrap_err();
-        assert!(matches!(err, Error::NotGzip { .. }), "{err}");
+        assert!(matches!(err, Error::UnknownKind { .. }), "{err}");
+        assert!(err.to_string().contains("starts with \"just som\""), "{err}");
         let err = image.install(b"", &options()).unwrap_err();
-        assert!(matches!(err, Error::NotGzip { .. }), "{err}");
+        assert!(err.to_string().contains("it is empty"), "{err}");
 
         let mut text = GzEncoder::new(Vec::new(), Compression::fast());
         text.write_all(&b"lorem ipsum dolor sit amet ".repeat(100)).unwrap();

@@ -2,14 +2,13 @@
 //! reader thread that pulls it in whole chunks, hashing and counting as it goes, into a bounded
 //! channel the extractor reads from.
 
-use super::{BadSidecarSnafu, HttpSnafu, OpenFileSnafu, ReadSidecarSnafu, Result};
+use super::{http, BadSidecarSnafu, HttpSnafu, OpenFileSnafu, ReadSidecarSnafu, Result};
 use sha2::{Digest, Sha256};
 use snafu::{OptionExt, ResultExt};
 use std::fs::File;
 use std::io::{self, BufRead, Read};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender};
-use std::time::Duration;
 
 /// Unit of reading, hashing and writing: large enough for throughput, small enough that the
 /// few chunks in flight stay well under the memory budget.
@@ -18,9 +17,6 @@ pub(super) const CHUNK_SIZE: usize = 256 * 1024;
 pub(super) const CHANNEL_DEPTH: usize = 4;
 /// A checksum file holds one digest and a name; anything bigger is not one.
 const SIDECAR_LIMIT: u64 = 64 * 1024;
-const HTTP_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
-/// Per read, so a stalled server fails the bake instead of hanging it.
-const HTTP_READ_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// An opened package, not yet read.
 pub struct PackageSource {
@@ -31,12 +27,12 @@ pub struct PackageSource {
     pub display: String,
 }
 
-/// Opens a package given as a local path or an `http(s)://` URL.
+/// Opens a package given as a local path or an `http(s)://` URL (with the environment's or
+/// netrc's credentials, see [`http`]).
 pub fn open_source(spec: &str) -> Result<PackageSource> {
     if is_url(spec) {
-        let response = agent().get(spec).call().map_err(Box::new).context(HttpSnafu { url: spec })?;
-        let len = response.header("Content-Length").and_then(|len| len.parse().ok());
-        return Ok(PackageSource { reader: response.into_reader(), len, display: spec.to_string() });
+        let (reader, len) = http::open(spec, http::Credentials::from_environment()).context(HttpSnafu)?;
+        return Ok(PackageSource { reader, len, display: http::redacted(spec) });
     }
     let file = File::open(spec).context(OpenFileSnafu { path: spec })?;
     let metadata = file.metadata().context(OpenFileSnafu { path: spec })?;
@@ -51,35 +47,32 @@ pub fn open_source(spec: &str) -> Result<PackageSource> {
 /// lowercase; `None` when there is no such file.
 pub fn sidecar_sha256(spec: &str) -> Result<Option<String>> {
     let path = format!("{spec}.sha256");
-    let reader: Box<dyn Read> = if is_url(spec) {
-        match agent().get(&path).call() {
-            Ok(response) => response.into_reader(),
-            Err(ureq::Error::Status(404, _)) => return Ok(None),
-            Err(e) => return Err(Box::new(e)).context(HttpSnafu { url: path }),
+    let text = if is_url(spec) {
+        match http::get_text(&path, &http::Credentials::from_environment(), SIDECAR_LIMIT).context(HttpSnafu)? {
+            Some(text) => text,
+            None => return Ok(None),
         }
     } else {
-        match File::open(&path) {
-            Ok(file) => Box::new(file),
+        let file = match File::open(&path) {
+            Ok(file) => file,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e).context(ReadSidecarSnafu { path }),
-        }
+        };
+        let mut text = String::new();
+        file.take(SIDECAR_LIMIT).read_to_string(&mut text).context(ReadSidecarSnafu { path: &path })?;
+        text
     };
-    let mut text = String::new();
-    reader.take(SIDECAR_LIMIT).read_to_string(&mut text).context(ReadSidecarSnafu { path: &path })?;
+    let shown = http::redacted(&path);
     let digest = text
         .split_whitespace()
         .next()
         .filter(|token| super::is_sha256(token))
-        .context(BadSidecarSnafu { path: &path })?;
+        .context(BadSidecarSnafu { path: shown })?;
     Ok(Some(digest.to_ascii_lowercase()))
 }
 
 fn is_url(spec: &str) -> bool {
     spec.starts_with("http://") || spec.starts_with("https://")
-}
-
-fn agent() -> ureq::Agent {
-    ureq::AgentBuilder::new().timeout_connect(HTTP_CONNECT_TIMEOUT).timeout_read(HTTP_READ_TIMEOUT).build()
 }
 
 /// The reader thread: reads the raw package in chunks, hashing and counting it, until the end

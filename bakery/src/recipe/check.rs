@@ -42,8 +42,9 @@ pub(super) struct Checker<'a> {
 }
 
 impl Checker<'_> {
-    fn report(&mut self, key: &str, message: impl Into<String>) {
-        self.problems.push(Problem { file: self.file.to_path_buf(), key: key.to_string(), message: message.into() });
+    pub(super) fn report(&mut self, key: &str, message: impl Into<String>) {
+        let (file, key, message) = (self.file.to_path_buf(), key.to_string(), message.into());
+        self.problems.push(Problem { file, key, line: None, message });
     }
 
     pub(super) fn layer(&mut self, table: &Table) -> Layer {
@@ -71,16 +72,7 @@ impl Checker<'_> {
                     }
                 }
                 "files" => self.files(value, &mut layer),
-                "commands" => {
-                    for (i, command) in self.strings(key, value).into_iter().enumerate() {
-                        let command = command.unwrap_or_default();
-                        if command.trim().is_empty() {
-                            self.report(&format!("commands[{i}]"), "must not be empty");
-                        }
-                        // Invalid entries stay as placeholders so indexes keep naming entries.
-                        layer.commands.push(command);
-                    }
-                }
+                "commands" => self.commands(value, &mut layer),
                 "services" => {
                     if let Some(services) = self.table(key, value) {
                         self.services(services, &mut layer);
@@ -95,6 +87,17 @@ impl Checker<'_> {
             }
         }
         layer
+    }
+
+    pub(super) fn commands(&mut self, value: &Value, layer: &mut Layer) {
+        for (i, command) in self.strings("commands", value).into_iter().enumerate() {
+            let command = command.unwrap_or_default();
+            if command.trim().is_empty() {
+                self.report(&format!("commands[{i}]"), "must not be empty");
+            }
+            // Invalid entries stay as placeholders so indexes keep naming entries.
+            layer.commands.push(command);
+        }
     }
 
     fn package(&mut self, table: &Table, layer: &mut Layer) {
@@ -127,7 +130,7 @@ impl Checker<'_> {
         }
     }
 
-    fn vars(&mut self, table: &Table, layer: &mut Layer) {
+    pub(super) fn vars(&mut self, table: &Table, layer: &mut Layer) {
         for (name, value) in table {
             let key = format!("vars.{name}");
             if BUILTIN_VARS.contains(&name.as_str()) {
@@ -140,7 +143,7 @@ impl Checker<'_> {
         }
     }
 
-    fn files(&mut self, value: &Value, layer: &mut Layer) {
+    pub(super) fn files(&mut self, value: &Value, layer: &mut Layer) {
         let Some(entries) = value.as_array() else {
             let found = value.type_str();
             self.report("files", format!("must be an array of [[files]] tables, not {found}"));
@@ -240,7 +243,7 @@ impl Checker<'_> {
         }
     }
 
-    fn template(&mut self, key: &str, text: &str, known: &BTreeSet<&str>) {
+    pub(super) fn template(&mut self, key: &str, text: &str, known: &BTreeSet<&str>) {
         let pieces = match parse_template(text) {
             Ok(pieces) => pieces,
             Err(message) => return self.report(key, message),
@@ -259,7 +262,7 @@ impl Checker<'_> {
         }
     }
 
-    fn unknown(&mut self, key: &str, name: &str, known: &[&str]) {
+    pub(super) fn unknown(&mut self, key: &str, name: &str, known: &[&str]) {
         let hint = if let Some(near) = closest(name, known.iter().copied()) {
             format!(" (did you mean \"{near}\"?)")
         } else if key != name {
@@ -275,7 +278,7 @@ impl Checker<'_> {
         self.report(key, format!("must be {expected}, not {found}"));
     }
 
-    fn string(&mut self, key: &str, value: &Value) -> Option<String> {
+    pub(super) fn string(&mut self, key: &str, value: &Value) -> Option<String> {
         match value {
             Value::String(text) => Some(text.clone()),
             _ => {
@@ -299,7 +302,7 @@ impl Checker<'_> {
         }
     }
 
-    fn integer(&mut self, key: &str, value: &Value) -> Option<i64> {
+    pub(super) fn integer(&mut self, key: &str, value: &Value) -> Option<i64> {
         match value {
             Value::Integer(n) => Some(*n),
             _ => {
@@ -319,7 +322,7 @@ impl Checker<'_> {
         }
     }
 
-    fn table<'v>(&mut self, key: &str, value: &'v Value) -> Option<&'v Table> {
+    pub(super) fn table<'v>(&mut self, key: &str, value: &'v Value) -> Option<&'v Table> {
         match value {
             Value::Table(table) => Some(table),
             _ => {
@@ -330,7 +333,7 @@ impl Checker<'_> {
     }
 
     /// An array of strings; entries of the wrong type are reported and come back as `None`.
-    fn strings(&mut self, key: &str, value: &Value) -> Vec<Option<String>> {
+    pub(super) fn strings(&mut self, key: &str, value: &Value) -> Vec<Option<String>> {
         let Value::Array(entries) = value else {
             self.wrong_type(key, "an array of strings", value);
             return Vec::new();
@@ -391,7 +394,7 @@ impl Checker<'_> {
 
     /// Reports and returns false unless `path` is absolute and has no `..`, which could
     /// otherwise point outside the image.
-    fn absolute_path(&mut self, key: &str, path: &str) -> bool {
+    pub(super) fn absolute_path(&mut self, key: &str, path: &str) -> bool {
         if !path.starts_with('/') {
             self.report(key, format!("\"{path}\" is not an absolute path"));
             false

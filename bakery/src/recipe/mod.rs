@@ -12,8 +12,12 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use toml::Table;
 
+mod base;
 mod check;
+mod lines;
 mod template;
+
+pub use base::{is_base_recipe, load_base, AptSource, BaseRecipe, Origin, TeamLayer};
 
 use check::{check_templates, Checker};
 use template::render;
@@ -32,7 +36,7 @@ pub enum Error {
     Read { path: PathBuf, source: std::io::Error },
 
     #[snafu(display("{}: {source}", path.display()))]
-    Parse { path: PathBuf, source: toml::de::Error },
+    Parse { path: PathBuf, line: Option<usize>, source: Box<toml::de::Error> },
 
     #[snafu(display("{}", problems.iter().map(Problem::to_string).collect::<Vec<_>>().join("\n")))]
     Invalid { problems: Vec<Problem> },
@@ -41,17 +45,43 @@ pub enum Error {
     Render { what: String, message: String },
 }
 
-/// One thing wrong with a recipe; `key` is a path such as `files[1].mode`.
+/// One thing wrong with a recipe; `key` is a path such as `files[1].mode` (empty where the
+/// whole file is wrong), `line` where it is in the file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Problem {
     pub file: PathBuf,
     pub key: String,
+    pub line: Option<usize>,
     pub message: String,
 }
 
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}: {}", self.file.display(), self.key, self.message)
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        match self.key.as_str() {
+            "" => write!(f, ": {}", self.message),
+            key => write!(f, ": {key}: {}", self.message),
+        }
+    }
+}
+
+impl Error {
+    /// What is wrong, as problem records (`recipe check --output json`): a file that cannot be
+    /// read or parsed is one problem.
+    pub fn problems(&self) -> Vec<Problem> {
+        let whole_file =
+            |path: &Path, line, message: String| Problem { file: path.into(), key: String::new(), line, message };
+        match self {
+            Error::Invalid { problems } => problems.clone(),
+            Error::Read { path, source } => vec![whole_file(path, None, format!("could not read it: {source}"))],
+            Error::Parse { path, line, source } => vec![whole_file(path, *line, source.message().to_string())],
+            Error::Render { what, message } => {
+                vec![whole_file(Path::new(""), None, format!("could not render {what}: {message}"))]
+            }
+        }
     }
 }
 
@@ -118,7 +148,8 @@ pub fn load(path: &Path) -> Result<Recipe, Error> {
             break;
         };
         let parent = child.file.parent().unwrap_or(Path::new("")).join(extends);
-        let extends_problem = |message: String| Problem { file: child.file.clone(), key: "extends".into(), message };
+        let extends_problem =
+            |message: String| Problem { file: child.file.clone(), key: "extends".into(), line: None, message };
         let unreadable = |e: &std::io::Error| format!("cannot read {}: {e}", parent.display());
         let canonical = match fs::canonicalize(&parent) {
             Ok(canonical) => canonical,
@@ -166,12 +197,19 @@ pub fn load(path: &Path) -> Result<Recipe, Error> {
         problems.push(Problem {
             file: path.to_path_buf(),
             key: "package.install_root".into(),
+            line: None,
             message: "is required (in this recipe or one it extends)".into(),
         });
     }
     match install_root {
         Some(install_root) if problems.is_empty() => Ok(merge(layers, install_root)),
         _ => {
+            let texts: BTreeMap<&Path, String> =
+                layers.iter().filter_map(|l| Some((l.file.as_path(), fs::read_to_string(&l.file).ok()?))).collect();
+            for problem in &mut problems {
+                let text = texts.get(problem.file.as_path());
+                problem.line = problem.line.or_else(|| lines::line_of(text?, &problem.key));
+            }
             // Group by file, in chain order; within a file, discovery order.
             let order: Vec<&Path> = layers.iter().map(|l| l.file.as_path()).collect();
             problems.sort_by_key(|p| order.iter().position(|f| *f == p.file));
@@ -259,7 +297,10 @@ struct Layer {
 fn read_layer(path: &Path, problems: &mut Vec<Problem>) -> Result<(Layer, bool), Error> {
     tracing::debug!(recipe = %path.display(), "loading recipe");
     let text = fs::read_to_string(path).context(ReadSnafu { path })?;
-    let table: Table = text.parse().context(ParseSnafu { path })?;
+    let table: Table = text.parse().map_err(|source: toml::de::Error| {
+        let line = source.span().map(|span| lines::line_at(&text, span.start));
+        Error::Parse { path: path.to_path_buf(), line, source: Box::new(source) }
+    })?;
     let mut checker = Checker { file: path, problems };
     Ok((checker.layer(&table), table.contains_key("extends")))
 }
@@ -408,13 +449,19 @@ mod tests {
              [[files]]\npath = \"/b\"\ncontent = \"\"\nmode = \"0999\"\n",
         );
         let error = load(&path).unwrap_err();
-        assert_eq!(error.to_string(), format!("{}: files[1].mode: \"0999\" is not an octal file mode", path.display()));
+        assert_eq!(
+            error.to_string(),
+            format!("{}:9: files[1].mode: \"0999\" is not an octal file mode", path.display())
+        );
 
         write(dir.path(), "bad.toml", "[package]\ninstal_root = \"/srv\"\n");
         let lines = load(&path).unwrap_err().to_string();
         let lines: Vec<&str> = lines.lines().collect();
         assert_eq!(lines.len(), 2, "{lines:?}");
-        assert!(lines[0].ends_with("package.instal_root: unknown key (did you mean \"install_root\"?)"));
+        assert!(
+            lines[0].ends_with(":2: package.instal_root: unknown key (did you mean \"install_root\"?)"),
+            "{lines:?}"
+        );
         assert!(lines[1].ends_with("package.install_root: is required (in this recipe or one it extends)"));
     }
 

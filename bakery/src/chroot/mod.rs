@@ -4,6 +4,13 @@
 //! inside the private mount namespace (so none of them can leak onto the host), and when the
 //! command ends the kernel kills every process it left behind, so no daemon started by a
 //! postinst can keep the image busy. Services are also kept from starting by policy-rc.d.
+//!
+//! A command finds a working network as a build would: a fresh tmpfs on the image's /run (as
+//! at boot), the host's resolver wherever the image's /etc/resolv.conf leads, and apt set up
+//! to reach the host's mirrors ([`apt`]). All of it lives in the private mount namespace, so
+//! it is gone when the command ends and nothing of the host's is left in the image.
+
+pub mod apt;
 
 use snafu::{ResultExt, Snafu};
 use std::fs::File;
@@ -29,16 +36,38 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// Mounts the pseudo filesystems inside the new mount namespace, then enters the image.
+/// Mounts the pseudo filesystems, /run, name resolution and apt's directory (`$3`, when
+/// given) inside the new mount namespace, then enters the image.
 const ENTER: &str = r#"set -e
-root="$1"
+root="$1" apt="$3"
 mount -t proc proc "$root/proc"
 mount -t sysfs sysfs "$root/sys"
 mount --rbind /dev "$root/dev"
+mount -t tmpfs -o mode=0755,nosuid,nodev bakery-run "$root/run"
+resolv=$(chroot "$root" readlink -m /etc/resolv.conf)
+if [ -r /etc/resolv.conf ]; then
+    case $resolv in
+    /run/*) mkdir -p "$root${resolv%/*}" && cat /etc/resolv.conf >"$root$resolv" ;;
+    *) if [ -f "$root$resolv" ]; then mount --bind /etc/resolv.conf "$root$resolv"; fi ;;
+    esac
+fi
+if [ -n "$apt" ]; then
+    mkdir -p "$root$4"
+    mount --bind "$apt" "$root$4"
+    export APT_CONFIG="$4/apt.conf"
+fi
 exec chroot "$root" /bin/sh -ec "$2""#;
 
-/// Runs `script` with /bin/sh inside the image mounted at `root`; output goes to `log`.
-pub fn run(root: &Path, script: &str, env: &[(&str, &str)], log: &Path, cancel: &AtomicBool) -> Result<()> {
+/// Runs `script` with /bin/sh inside the image mounted at `root`; output goes to `log`. With
+/// `apt_dir` (made by [`apt::prepare`]), apt in the image uses it.
+pub fn run(
+    root: &Path,
+    script: &str,
+    env: &[(&str, &str)],
+    apt_dir: Option<&Path>,
+    log: &Path,
+    cancel: &AtomicBool,
+) -> Result<()> {
     let out = File::create(log).context(LogSnafu { path: log })?;
     let err = out.try_clone().context(LogSnafu { path: log })?;
     let mut command = Command::new("unshare");
@@ -47,6 +76,8 @@ pub fn run(root: &Path, script: &str, env: &[(&str, &str)], log: &Path, cancel: 
         .args(["/bin/sh", "-c", ENTER, "bakery-chroot"])
         .arg(root)
         .arg(script)
+        .arg(apt_dir.unwrap_or(Path::new("")))
+        .arg(apt::MOUNT_POINT)
         .env_clear()
         .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
         .env("HOME", "/root")
