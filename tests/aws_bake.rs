@@ -465,3 +465,62 @@ fn a_direct_bake_killed_while_uploading_is_cleaned_up_by_gc() {
     assert_eq!(images_before, images_after);
     assert_no_leftovers("after gc of a killed bake");
 }
+
+#[test]
+fn an_image_s_documents_go_to_the_artifact_bucket_and_go_with_the_image() {
+    let (_serial, ami, _) = fresh_cloud_with_base();
+    boto("boto3.client('s3').create_bucket(Bucket='bakery-artifacts')");
+    let dir = tempfile::tempdir().unwrap();
+    let package = sample_package(dir.path(), "3.6.0", 0);
+    let package = package.to_str().unwrap();
+    let mut args = bake_args(&ami, package, "3.6.0");
+    args.extend(["--artifact-bucket", "bakery-artifacts"]);
+    let (code, baked, stderr) = run_aws_json(&args, &[]);
+    assert_eq!(code, 0, "{stderr}");
+    let image = baked["image_id"].as_str().unwrap();
+    let (_, shown, _) = run_aws_json(&["images", "show", image], &[]);
+    let prefix = format!("s3://bakery-artifacts/bakery/images/{image}/");
+    for (tag, file) in [
+        ("bakery:manifest-url", "manifest.json"),
+        ("bakery:sbom-url", "sbom.cdx.json"),
+        ("bakery:provenance-url", "provenance.intoto.json"),
+    ] {
+        assert_eq!(shown["tags"][tag], format!("{prefix}{file}"), "{shown}");
+    }
+    let stored = |key: &str| {
+        boto(&format!(
+            "body = boto3.client('s3').get_object(Bucket='bakery-artifacts', Key='bakery/images/{image}/{key}')['Body'].read()\n\
+             print(json.dumps(body.decode()))"
+        ))
+    };
+    // `images sbom` fetches what the tag links; the SBOM's digest is the image's tag.
+    let (code, sbom, stderr) = run_aws_json(&["images", "sbom", image], &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(sbom, serde_json::from_str::<Value>(stored("sbom.cdx.json").as_str().unwrap()).unwrap());
+    let digest = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(stored("sbom.cdx.json").as_str().unwrap().as_bytes()))
+    };
+    assert_eq!(shown["tags"]["bakery:sbom-sha256"], digest.as_str());
+    let (code, provenance, _) = run_aws_json(&["images", "provenance", image], &[]);
+    assert_eq!(code, 0);
+    assert_eq!(provenance["subject"][0]["digest"]["sha256"], digest.as_str());
+
+    // The image goes, its documents go.
+    let (code, _, stderr) = run_aws_json(&["images", "rm", image], &[]);
+    assert_eq!(code, 0, "{stderr}");
+    let left =
+        boto("print(json.dumps(boto3.client('s3').list_objects_v2(Bucket='bakery-artifacts').get('KeyCount', 0)))");
+    assert_eq!(left, json!(0));
+
+    // A bucket that is not there: the bake fails clearly, and leaves no image behind.
+    let mut args = bake_args(&ami, package, "3.6.1");
+    args.extend(["--artifact-bucket", "bakery-no-such-bucket"]);
+    let (code, _, stderr) = run_aws_json(&args, &[]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("bakery-no-such-bucket"), "{stderr}");
+    let images = boto("print(json.dumps(len(ec2.describe_images(Owners=['self'])['Images'])))");
+    assert_eq!(images, json!(1), "only the pushed base: {images}");
+    assert_eq!(cloud_leftovers(), json!([]));
+    assert_no_leftovers("after a bake whose artifact bucket is missing");
+}

@@ -787,9 +787,13 @@ fn ctrl_c_undoes_everything_and_exits_130() {
 fn help_teaches() {
     let output = Command::new(env!("CARGO_BIN_EXE_bakery")).args(["bake", "--help"]).output().unwrap();
     let help = String::from_utf8_lossy(&output.stdout);
-    for needle in ["--base", "--recipe", "--package", "--sha256", "--rebake", "Example"] {
+    for needle in ["--base", "--recipe", "--package", "--sha256", "--rebake", "Example", "BAKERY_HTTP_TOKEN", "netrc"] {
         assert!(help.contains(needle), "bake --help mentions {needle}");
     }
+    // An aws-only option on the local provider is a usage error that says why, before anything runs.
+    let output = run(&["images", "list", "--artifact-bucket", "b"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--artifact-bucket is for --provider aws"));
 }
 
 #[test]

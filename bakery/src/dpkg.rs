@@ -105,12 +105,7 @@ fn parse_status(text: &str) -> Vec<Package> {
     let mut packages: Vec<Package> = text
         .split("\n\n")
         .filter_map(|stanza| {
-            let field = |name: &str| {
-                stanza.lines().find_map(|line| {
-                    let value = line.strip_prefix(name)?.strip_prefix(':')?;
-                    Some(value.trim().to_string())
-                })
-            };
+            let field = |name: &str| crate::deb822::field(stanza, name);
             if !field("Status")?.ends_with(" installed") {
                 return None;
             }

@@ -23,6 +23,7 @@ pub mod blockstore;
 mod chroot;
 mod command;
 pub mod console;
+pub mod deb822;
 pub mod dpkg;
 pub mod events;
 pub mod gc;

@@ -19,6 +19,12 @@ pub const BAKE_KEY: &str = "bakery:bake-key";
 pub const BAKE_ID: &str = "bakery:bake-id";
 pub const VERSION: &str = "bakery:version";
 pub const RECIPE: &str = "bakery:recipe";
+/// Where one of the image's documents is kept outside it: `bakery:manifest-url`,
+/// `bakery:sbom-url`, `bakery:provenance-url` (aws, with `--artifact-bucket`: an `s3://` URL).
+pub fn document_url(document: crate::provider::Document) -> String {
+    format!("bakery:{}-url", document.as_str())
+}
+
 /// SHA-256 of the image's SBOM (`/var/lib/bakery/sbom.cdx.json`), the subject of its provenance.
 pub const SBOM_SHA256: &str = "bakery:sbom-sha256";
 /// On a pushed image: the local image it came from.

@@ -9,6 +9,7 @@
 //!   block store ([`mirror`], once per snapshot), the bake runs on a loop device, and only the
 //!   blocks that differ from the base are uploaded into a child snapshot with the EBS direct APIs.
 
+pub mod artifacts;
 pub mod attach;
 pub mod direct;
 pub mod ebs;
@@ -58,6 +59,8 @@ pub struct Options {
     pub kms_key: Option<String>,
     pub copy_to_regions: Vec<String>,
     pub share_with: Vec<String>,
+    /// Where images' documents (manifest, SBOM, provenance) are stored, linked from their tags.
+    pub artifact_bucket: Option<String>,
     /// gc leaves bake-tagged volumes and unfinished snapshots younger than this alone: they may
     /// belong to a bake running on another host.
     pub gc_older_than: Duration,
@@ -99,6 +102,19 @@ fn ec2(config: &aws_config::SdkConfig, cancel: Arc<AtomicBool>) -> Ec2 {
     Ec2 { client: aws_sdk_ec2::Client::new(config), policy, timeout: Duration::from_secs(1800), cancel }
 }
 
+fn artifacts(config: &aws_config::SdkConfig, bucket: Option<String>) -> artifacts::Artifacts {
+    use aws_sdk_s3::config::{RequestChecksumCalculation, ResponseChecksumValidation};
+    // Path-style addressing and plain (not aws-chunked) uploads work with every endpoint,
+    // S3-compatible stores and local stand-ins too; the documents are small and their digests
+    // are in the image's tags anyway.
+    let s3 = aws_sdk_s3::config::Builder::from(config)
+        .force_path_style(true)
+        .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+        .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+        .build();
+    artifacts::Artifacts { client: aws_sdk_s3::Client::from_conf(s3), policy: retry::Policy::from_env(), bucket }
+}
+
 /// The images alone (the console's view), with no volumes and nothing on this host.
 pub fn image_registry(region: Option<String>) -> std::result::Result<registry::Ec2Registry, crate::provider::Error> {
     let (runtime, config) = sdk(region)?;
@@ -106,6 +122,7 @@ pub fn image_registry(region: Option<String>) -> std::result::Result<registry::E
     Ok(registry::Ec2Registry {
         ec2: ec2(&config, Arc::default()),
         runtime: Arc::new(runtime),
+        artifacts: artifacts(&config, None),
         config,
         region,
         kms_key: None,
@@ -149,6 +166,7 @@ impl AwsProvider {
         let registry = registry::Ec2Registry {
             ec2,
             runtime,
+            artifacts: artifacts(&config, options.artifact_bucket),
             config,
             region,
             kms_key: options.kms_key,

@@ -1,9 +1,11 @@
 //! Images in EC2: registered with the base's architecture, root device and boot mode, ENA and
 //! IMDSv2, tagged (with CreateTags too, so DescribeImages shows them), shared, and copied to
-//! other regions in parallel. Deleting an image deletes its copies.
+//! other regions in parallel; its documents stored in S3 and linked from its tags where a bucket
+//! is given. Deleting an image deletes its copies and its documents.
 
+use super::artifacts::Artifacts;
 use super::ec2::{Ec2, Registration};
-use crate::provider::{Image, ImageRegistry, ImageRequest, Result};
+use crate::provider::{Document, Image, ImageRegistry, ImageRequest, Result};
 use crate::tags;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -17,6 +19,7 @@ pub struct Ec2Registry {
     pub kms_key: Option<String>,
     pub copy_to_regions: Vec<String>,
     pub share_with: Vec<String>,
+    pub artifacts: Artifacts,
 }
 
 /// The copies an image lists in its [`tags::COPIES`] tag: (region, image id).
@@ -26,6 +29,13 @@ fn copies(image: &Image) -> Vec<(String, String)> {
         .get(tags::COPIES)
         .map(|list| list.split(',').filter_map(|c| c.split_once('=')).map(|(r, i)| (r.into(), i.into())).collect())
         .unwrap_or_default()
+}
+
+/// What registering made besides the image, for its undo when a later part fails.
+#[derive(Default)]
+struct Made {
+    copies: Vec<(String, String)>,
+    links: BTreeMap<String, String>,
 }
 
 impl Ec2Registry {
@@ -87,6 +97,8 @@ impl Ec2Registry {
             Box::pin(self.delete_everywhere(&self.ec2_in(&region), &copy)).await?;
         }
         ec2.deregister(image_id).await?;
+        // Its copies link the same documents: deleting them twice is fine.
+        self.artifacts.delete(&image.tags).await;
         Ok(Some(image))
     }
 
@@ -99,14 +111,13 @@ impl Ec2Registry {
         Ok(())
     }
 
-    async fn finish_registration(
-        &self,
-        id: &str,
-        request: &ImageRequest,
-        copies: &mut Vec<(String, String)>,
-    ) -> Result<Image> {
+    async fn finish_registration(&self, id: &str, request: &ImageRequest, made: &mut Made) -> Result<Image> {
         self.ec2.tag(&[id, &request.snapshot_id], &request.tags).await?;
         self.ec2.wait_image_available(id).await?;
+        made.links = self.artifacts.put(id, &request.documents).await?;
+        if !made.links.is_empty() {
+            self.ec2.tag(&[id], &made.links).await?;
+        }
         let registered = BTreeMap::from([(tags::STATUS.to_string(), "registered".to_string())]);
         self.ec2.tag(&[&request.snapshot_id], &registered).await?;
         if !self.share_with.is_empty() {
@@ -119,9 +130,9 @@ impl Ec2Registry {
             .into_iter()
             .next()
             .ok_or_else(|| format!("image {id} vanished right after it was registered"))?;
-        *copies = self.copy_to_regions(&image).await?;
-        if !copies.is_empty() {
-            let list = copies.iter().map(|(r, i)| format!("{r}={i}")).collect::<Vec<_>>().join(",");
+        made.copies = self.copy_to_regions(&image).await?;
+        if !made.copies.is_empty() {
+            let list = made.copies.iter().map(|(r, i)| format!("{r}={i}")).collect::<Vec<_>>().join(",");
             let tag = BTreeMap::from([(tags::COPIES.to_string(), list)]);
             self.ec2.tag(&[id], &tag).await?;
             image.tags.extend(tag);
@@ -179,12 +190,13 @@ impl ImageRegistry for Ec2Registry {
                     tags: &request.tags,
                 })
                 .await?;
-            let mut copies = Vec::new();
-            match self.finish_registration(&id, request, &mut copies).await {
+            let mut made = Made::default();
+            match self.finish_registration(&id, request, &mut made).await {
                 Ok(image) => Ok(image),
                 Err(error) => {
                     // The journal only learns of the image once this returns: undo it here.
-                    self.delete_copies(&copies).await;
+                    self.delete_copies(&made.copies).await;
+                    self.artifacts.delete(&made.links).await;
                     if let Err(cleanup) = self.ec2.deregister(&id).await {
                         tracing::error!(image = %id, %cleanup, "could not deregister the unfinished image");
                     }
@@ -200,5 +212,12 @@ impl ImageRegistry for Ec2Registry {
 
     fn deregister_image(&self, image_id: &str) -> Result<Option<Image>> {
         self.runtime.block_on(self.deregister_with_copies(&self.ec2, image_id))
+    }
+
+    fn document(&self, image_id: &str, document: Document) -> Result<Option<Vec<u8>>> {
+        self.runtime.block_on(async {
+            let Some(image) = self.ec2.images(&[image_id], &[]).await?.into_iter().next() else { return Ok(None) };
+            self.artifacts.get(&image, document).await
+        })
     }
 }

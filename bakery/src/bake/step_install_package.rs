@@ -66,9 +66,7 @@ fn deb_identity(deb: &Path) -> Result<(String, String), StepError> {
         .output()
         .map_err(|e| StepError::from(format!("cannot run dpkg-deb (Debian's dpkg) to read the package: {e}")))?;
     let text = String::from_utf8_lossy(&output.stdout);
-    let field = |name: &str| {
-        text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(':').map(|v| v.trim().to_string()))
-    };
+    let field = |name: &str| crate::deb822::field(&text, name);
     match (output.status.success(), field("Package"), field("Architecture")) {
         (true, Some(name), Some(architecture)) => Ok((name, architecture)),
         _ => Err(StepError::input(format!(

@@ -44,12 +44,7 @@ pub fn host_sources(etc_apt: &Path, suite: &str) -> Vec<Source> {
         match file.extension().and_then(|e| e.to_str()) {
             Some("sources") => {
                 for stanza in text.split("\n\n") {
-                    let field = |name: &str| {
-                        stanza.lines().find_map(|line| {
-                            let (key, value) = line.split_once(':')?;
-                            key.trim().eq_ignore_ascii_case(name).then(|| value.trim().to_string())
-                        })
-                    };
+                    let field = |name: &str| crate::deb822::field(stanza, name);
                     let enabled = field("Enabled").is_none_or(|e| !e.eq_ignore_ascii_case("no"));
                     let binary = field("Types").is_some_and(|t| t.split_whitespace().any(|t| t == "deb"));
                     let debian = field("Signed-By").is_none_or(|key| key.contains("debian-archive"));

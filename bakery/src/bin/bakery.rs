@@ -71,6 +71,11 @@ struct AwsArgs {
     /// private otherwise.
     #[arg(long = "share-with", global = true, value_name = "ACCOUNT")]
     share_with: Vec<String>,
+    /// Store each baked image's manifest, SBOM and provenance in this S3 bucket
+    /// (s3://BUCKET/bakery/images/IMAGE/…), linked from the image's tags (bakery:sbom-url, …);
+    /// `images sbom` and the console fetch them there, `images rm` deletes them.
+    #[arg(long, global = true, value_name = "BUCKET")]
+    artifact_bucket: Option<String>,
 }
 
 /// How `verify` boots an image.
@@ -345,6 +350,10 @@ fn main() -> ExitCode {
 
 fn open_provider(cli: &Cli, cancel: &Arc<AtomicBool>) -> Result<Box<dyn Provider>, Failure> {
     match cli.provider {
+        ProviderKind::Local if cli.aws.artifact_bucket.is_some() => Err(failure(
+            2,
+            "--artifact-bucket is for --provider aws: the local registry keeps each image's documents next to it",
+        )),
         ProviderKind::Local => open_local(cli).map(|p| Box::new(p) as Box<dyn Provider>),
         ProviderKind::Aws => open_aws(cli, cancel),
     }
@@ -365,6 +374,7 @@ fn open_aws(cli: &Cli, cancel: &Arc<AtomicBool>) -> Result<Box<dyn Provider>, Fa
         kms_key: cli.aws.kms_key.clone(),
         copy_to_regions: cli.aws.copy_to_regions.clone(),
         share_with: cli.aws.share_with.clone(),
+        artifact_bucket: cli.aws.artifact_bucket.clone(),
         gc_older_than: match &cli.command {
             Commands::Gc { older_than, .. } => *older_than,
             _ => std::time::Duration::from_secs(2 * 3600),

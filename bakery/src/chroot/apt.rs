@@ -173,12 +173,7 @@ fn filter_deb822(text: &str, has_key: &dyn Fn(&str) -> bool) -> (String, Vec<(St
     let mut kept = Vec::new();
     let mut dropped = Vec::new();
     for stanza in text.split("\n\n") {
-        let field = |name: &str| {
-            stanza.lines().find_map(|line| {
-                let (key, value) = line.split_once(':')?;
-                key.trim().eq_ignore_ascii_case(name).then(|| value.trim().to_string())
-            })
-        };
+        let field = |name: &str| crate::deb822::field(stanza, name);
         match verifiable(&field("Signed-By").unwrap_or_default(), has_key) {
             Ok(()) => kept.push(stanza),
             Err(keys) => dropped.push((field("URIs").unwrap_or_default(), keys)),
