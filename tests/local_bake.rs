@@ -361,15 +361,15 @@ fn recipe_commands_install_debian_packages_and_the_image_carries_its_sbom_and_pr
     let dir = tempfile::tempdir().unwrap();
     let package = sample_package(dir.path(), "5.0.0", 0);
     let package_arg = package.to_string_lossy();
-    // cron has a service its postinst would start: policy-rc.d must keep it down, and the
-    // recipe disables it. Update and install in separate commands: the lists carry over.
+    // cron has a service its postinst would start: policy-rc.d must keep it down (checked in
+    // the same command: what a command starts dies with it), and the recipe disables it.
+    // Update and install in separate commands: the lists carry over.
     let recipe = recipe_with(
         dir.path(),
         "with-cron.toml",
         r#"commands = [
     "apt-get update -q",
-    "apt-get install -y -q --no-install-recommends cron",
-    "if pgrep -x cron; then echo 'cron was started in the chroot' >&2; exit 1; fi",
+    "apt-get install -y -q --no-install-recommends cron && command -v pgrep && if pgrep -x cron; then echo 'cron was started in the chroot' >&2; exit 1; fi",
 ]
 [services]
 disable = ["cron"]
@@ -500,8 +500,13 @@ fn packages_come_as_teams_build_them_deb_war_and_tar_zst() {
     assert!(files.iter().all(|f| f["kind"] != "dir"), "files from dpkg, not the directories packages share");
     assert_eq!(manifest["package"]["sha256"], sha256_file(&deb).as_str());
     assert!(manifest["packages"].as_array().unwrap().iter().any(|p| p["name"] == "hello" && p["version"] == "5.1.0"));
-    let staged: Vec<_> = std::fs::read_dir(mounted.path("/var/cache/apt/archives")).unwrap().flatten().collect();
-    assert!(staged.iter().all(|e| !e.file_name().to_string_lossy().ends_with(".deb")));
+    // Names only: a DirEntry would keep the directory open, and the image busy.
+    let cached: Vec<String> = std::fs::read_dir(mounted.path("/var/cache/apt/archives"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(cached.iter().all(|name| !name.ends_with(".deb")), "no .deb left in the image: {cached:?}");
     drop(mounted);
 
     // A .war, placed as APP.war for Tomcat (on the Tomcat base recipe: no exploded dir to chown).
@@ -638,6 +643,15 @@ fn a_team_base_is_a_layer_on_the_standard_base_and_apps_bake_on_it() {
     assert!(stderr.contains("Unable to locate package bakery-no-such-package"), "{stderr}");
     assert_eq!(image_ids(), images_before, "nothing registered");
     assert_no_leftovers("after a team base build that failed");
+
+    // Bases that extend each other: named, refused before anything is built.
+    for (name, other) in [("a", "b"), ("b", "a")] {
+        let text = format!("name = \"{name}\"\ndescription = \"d\"\nextends = \"{other}.toml\"\n");
+        std::fs::write(dir.path().join(format!("{name}.toml")), text).unwrap();
+    }
+    let (code, _, stderr) = run_json(&["base", "build", &dir.path().join("a.toml").to_string_lossy()]);
+    assert_eq!(code, 3, "{stderr}");
+    assert!(stderr.contains("in a cycle") && stderr.contains("b.toml"), "{stderr}");
 }
 
 /// Serves one file over HTTP/1.0 on loopback, for as many requests as come.

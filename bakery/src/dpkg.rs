@@ -39,13 +39,19 @@ pub struct Package {
 }
 
 /// The packages installed in the image at `root`, sorted by name and architecture; empty
-/// where the image has no dpkg database.
+/// where the image has no dpkg database. Read as the image sees it: a symlink in the image
+/// never leads to the host's database.
 pub fn installed(root: &Path) -> Result<Vec<Package>, Error> {
     let path = root.join(STATUS);
-    match std::fs::read_to_string(&path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-        read => Ok(parse_status(&read.context(ReadSnafu { path })?)),
-    }
+    let unreadable = |source: std::io::Error| Error::Read { path: path.clone(), source };
+    let image = RootDir::open(root).map_err(|e| unreadable(std::io::Error::other(e)))?;
+    let mut file = match image.open_in_root(STATUS, OFlag::O_RDONLY) {
+        Err(Errno::ENOENT) => return Ok(Vec::new()),
+        opened => File::from(opened.map_err(|e| unreadable(e.into()))?),
+    };
+    let mut text = String::new();
+    file.read_to_string(&mut text).map_err(unreadable)?;
+    Ok(parse_status(&text))
 }
 
 /// The files and symlinks package `name` installed in the image, as dpkg lists them, each

@@ -45,7 +45,7 @@ impl Artifacts {
             })
             .await;
             if let Err(error) = put {
-                self.delete(&links).await;
+                self.delete(image_id, &links).await;
                 return Err(format!("storing the {} of {image_id} in s3://{bucket}: {error}", document.as_str()).into());
             }
             links.insert(crate::tags::document_url(*document), format!("s3://{bucket}/{key}"));
@@ -64,14 +64,13 @@ impl Artifacts {
         Ok(Some(body.into_bytes().to_vec()))
     }
 
-    /// Deletes what the tags link (the tags of an image, or links just made); an object already
-    /// gone is fine.
-    pub async fn delete(&self, tags: &BTreeMap<String, String>) {
+    /// Deletes the documents of image `image_id` its tags link (copies in other regions link
+    /// the original's: those stay until the original goes); an object already gone is fine.
+    pub async fn delete(&self, image_id: &str, tags: &BTreeMap<String, String>) {
+        let own = format!("bakery/images/{image_id}/");
         for document in Document::ALL {
-            let Some((bucket, key)) = tags.get(&crate::tags::document_url(document)).and_then(|url| parse_url(url))
-            else {
-                continue;
-            };
+            let link = tags.get(&crate::tags::document_url(document)).and_then(|url| parse_url(url));
+            let Some((bucket, key)) = link.filter(|(_, key)| key.starts_with(&own)) else { continue };
             let deleted =
                 retry(self.policy, "DeleteObject", || self.client.delete_object().bucket(bucket).key(key).send());
             if let Err(error) = deleted.await {

@@ -97,8 +97,7 @@ impl Ec2Registry {
             Box::pin(self.delete_everywhere(&self.ec2_in(&region), &copy)).await?;
         }
         ec2.deregister(image_id).await?;
-        // Its copies link the same documents: deleting them twice is fine.
-        self.artifacts.delete(&image.tags).await;
+        self.artifacts.delete(image_id, &image.tags).await;
         Ok(Some(image))
     }
 
@@ -196,7 +195,7 @@ impl ImageRegistry for Ec2Registry {
                 Err(error) => {
                     // The journal only learns of the image once this returns: undo it here.
                     self.delete_copies(&made.copies).await;
-                    self.artifacts.delete(&made.links).await;
+                    self.artifacts.delete(&id, &made.links).await;
                     if let Err(cleanup) = self.ec2.deregister(&id).await {
                         tracing::error!(image = %id, %cleanup, "could not deregister the unfinished image");
                     }

@@ -129,7 +129,8 @@ impl Bake {
         let commands = self.commands.as_ref().expect("the prepare step ran");
         let host_apt = std::path::Path::new(crate::chroot::apt::HOST_APT);
         // Warned once per bake: every command would leave out the same sources.
-        let left_out = crate::chroot::apt::sync_sources(&commands.apt_dir, host_apt, root)?;
+        let image = crate::rootfs::RootDir::open(root).map_err(txn::StepError::input)?;
+        let left_out = crate::chroot::apt::sync_sources(&commands.apt_dir, host_apt, &image)?;
         if !commands.warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
             for line in left_out {
                 tracing::warn!("{line}");

@@ -158,9 +158,12 @@ pub fn resolve(provider: &dyn Provider, request: &BakeRequest) -> Result<BakePla
             ensure!(given.len() == 64 && given.bytes().all(|b| b.is_ascii_hexdigit()), BadSha256Snafu { given });
             given.to_ascii_lowercase()
         }
-        None => crate::package::sidecar_sha256(&request.package)
-            .context(PackageSnafu { package: &request.package })?
-            .context(MissingChecksumSnafu { package: &request.package })?,
+        None => {
+            let shown = crate::package::http::redacted(&request.package);
+            crate::package::sidecar_sha256(&request.package)
+                .context(PackageSnafu { package: &shown })?
+                .context(MissingChecksumSnafu { package: &shown })?
+        }
     };
     let base = provider
         .images()

@@ -44,6 +44,9 @@ pub enum Error {
     #[snafu(display("the extended base's image {id} is gone"))]
     ParentGone { id: String },
 
+    #[snafu(display("base recipes extend each other in a cycle: {cycle}"))]
+    ExtendsCycle { cycle: String },
+
     #[snafu(display("{source}"))]
     Run { source: txn::Error },
 
@@ -60,7 +63,7 @@ pub enum Error {
 impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::Read { .. } | Error::Recipe { .. } => 3,
+            Error::Read { .. } | Error::Recipe { .. } | Error::ExtendsCycle { .. } => 3,
             Error::Run { source } => source.exit_code(),
             Error::Layer { source } => source.exit_code(),
             _ => 1,
@@ -204,7 +207,26 @@ pub fn build(
     events: &dyn Sink,
     cancel: &AtomicBool,
 ) -> Result<BaseOutcome> {
+    build_extending(provider, state_dir, path, options, events, cancel, &mut Vec::new())
+}
+
+/// [`build`], with the recipes that extend this one (`chain`), so a cycle is named, not followed.
+fn build_extending(
+    provider: &dyn Provider,
+    state_dir: &Path,
+    path: &Path,
+    options: BuildOptions,
+    events: &dyn Sink,
+    cancel: &AtomicBool,
+    chain: &mut Vec<PathBuf>,
+) -> Result<BaseOutcome> {
     let started = Instant::now();
+    let canonical = std::fs::canonicalize(path).context(ReadSnafu { path })?;
+    if let Some(start) = chain.iter().position(|p| *p == canonical) {
+        let cycle: Vec<String> = chain[start..].iter().chain([&canonical]).map(|p| p.display().to_string()).collect();
+        return ExtendsCycleSnafu { cycle: cycle.join(" -> ") }.fail();
+    }
+    chain.push(canonical);
     let extends = match recipe::load_base(path).context(RecipeSnafu)?.from {
         Origin::Base(layer) => Some(layer.extends),
         Origin::Debian { .. } => None,
@@ -212,7 +234,7 @@ pub fn build(
     let parent = match &extends {
         Some(extends) => {
             let parent_options = BuildOptions { rebuild: false, ..options };
-            Some(build(provider, state_dir, extends, parent_options, events, cancel)?)
+            Some(build_extending(provider, state_dir, extends, parent_options, events, cancel, chain)?)
         }
         None => None,
     };

@@ -60,6 +60,12 @@ pub fn host_sources(etc_apt: &Path, suite: &str) -> Vec<Source> {
                         Some(options) => options.split_once(']').map_or("", |(_, rest)| rest),
                         None => rest,
                     };
+                    let options = line.split_once('[').and_then(|(_, rest)| rest.split_once(']')).map(|(o, _)| o);
+                    let signed_by =
+                        options.into_iter().flat_map(str::split_whitespace).find_map(|o| o.strip_prefix("signed-by="));
+                    if signed_by.is_some_and(|key| !key.contains("debian-archive")) {
+                        continue;
+                    }
                     let mut words = rest.split_whitespace();
                     if let (Some(uri), Some(suite)) = (words.next(), words.next()) {
                         add(uri, suite);
@@ -126,7 +132,8 @@ mod tests {
         .unwrap();
         std::fs::write(
             etc.path().join("sources.list"),
-            "# comment\ndeb [arch=amd64] http://old.invalid/debian bookworm main\n",
+            "# comment\ndeb [arch=amd64] http://old.invalid/debian bookworm main\n\
+             deb [signed-by=/etc/apt/keyrings/vendor.gpg] http://vendor.invalid/apt bookworm main\n",
         )
         .unwrap();
         let found: Vec<(String, String)> =

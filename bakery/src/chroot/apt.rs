@@ -9,9 +9,13 @@
 //! reach the image. A host source signed by a key the image lacks is left out, since apt in
 //! the image would refuse it and fail the whole update.
 
+use crate::rootfs::RootDir;
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
 use snafu::{ResultExt, Snafu};
-use std::fs;
-use std::io;
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -21,8 +25,8 @@ pub enum Error {
     #[snafu(display("cannot prepare apt's directory {}: {source}", path.display()))]
     Write { path: PathBuf, source: io::Error },
 
-    #[snafu(display("cannot read apt sources in {}: {source}", path.display()))]
-    ReadSources { path: PathBuf, source: io::Error },
+    #[snafu(display("cannot read apt sources {path}: {source}"))]
+    ReadSources { path: String, source: io::Error },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -48,9 +52,11 @@ pub fn prepare(dir: &Path, host_acquire: &str) -> Result<()> {
 }
 
 /// Puts in `dir` the sources apt is to read for the next command: the image's own (as they are
-/// now: an earlier command or the recipe may have added one) and the host's from `host_apt`.
-/// Returns one line for each host source left out, for the log.
-pub fn sync_sources(dir: &Path, host_apt: &Path, image_root: &Path) -> Result<Vec<String>> {
+/// now: an earlier command or the recipe may have added one), read as the image sees them, and
+/// the host's from `host_apt`, narrowed to the image's release (a trixie host baking a bookworm
+/// image lends its mirror, never its suites). Returns one line for each host source left out
+/// for another reason, for the log.
+pub fn sync_sources(dir: &Path, host_apt: &Path, image: &RootDir) -> Result<Vec<String>> {
     let sources_dir = dir.join("sources.list.d");
     // What an earlier command's image had and this one's does not must go too.
     match fs::remove_dir_all(&sources_dir) {
@@ -59,35 +65,124 @@ pub fn sync_sources(dir: &Path, host_apt: &Path, image_root: &Path) -> Result<Ve
     }
     fs::create_dir_all(&sources_dir).context(WriteSnafu { path: &sources_dir })?;
     let mut left_out = Vec::new();
+    let codename = image_codename(image);
+    if codename.is_none() {
+        left_out
+            .push("the host's apt sources are left out: the image's /etc/os-release names no VERSION_CODENAME".into());
+    }
+    let has_key = |key: &str| image.open_in_root(key, OFlag::O_PATH).is_ok();
+    let image_tree = Tree::Image(image);
+    let host_tree = Tree::Host(host_apt);
+    let trees: Vec<&Tree> = match &codename {
+        Some(_) => vec![&image_tree, &host_tree],
+        None => vec![&image_tree],
+    };
     let mut one_line_list = String::new();
-    let has_key = |key: &str| image_root.join(key.trim_start_matches('/')).exists();
-    for (etc_apt, from_host) in [(image_root.join("etc/apt"), false), (host_apt.to_path_buf(), true)] {
-        let mut keep = |text: &str, file: &Path, deb822: bool| -> String {
+    for tree in trees {
+        let from_host = matches!(tree, Tree::Host(_));
+        let mut keep = |text: &str, file: &str, deb822: bool| -> String {
             if !from_host {
                 return text.to_string();
             }
-            let (kept, dropped) = if deb822 { filter_deb822(text, &has_key) } else { filter_one_line(text, &has_key) };
+            let release = codename.as_deref().expect("host sources are read only when the release is known");
+            let (kept, dropped) =
+                if deb822 { filter_deb822(text, release, &has_key) } else { filter_one_line(text, release, &has_key) };
             left_out.extend(dropped.into_iter().map(|(source, key)| {
-                format!("host apt source {source} ({}) left out: its key {key} is not in the image", file.display())
+                format!("host apt source {source} ({file}) left out: its key {key} is not in the image")
             }));
             kept
         };
-        let list = etc_apt.join("sources.list");
-        if let Some(text) = read_regular(&list)? {
-            one_line_list.push_str(&keep(&text, &list, false));
+        if let Some(text) = tree.read("sources.list")? {
+            one_line_list.push_str(&keep(&text, &tree.shown("sources.list"), false));
             one_line_list.push('\n');
         }
-        for file in source_files(&etc_apt.join("sources.list.d"))? {
-            let Some(text) = read_regular(&file)? else { continue };
-            let deb822 = file.extension().is_some_and(|e| e == "sources");
-            let copy = sources_dir.join(file.file_name().expect("listed files have names"));
-            let text = keep(&text, &file, deb822);
+        for name in tree.source_files()? {
+            let relative = format!("sources.list.d/{name}");
+            let Some(text) = tree.read(&relative)? else { continue };
+            let text = keep(&text, &tree.shown(&relative), name.ends_with(".sources"));
+            let copy = sources_dir.join(&name);
             fs::write(&copy, text).context(WriteSnafu { path: &copy })?;
         }
     }
     let list = dir.join("sources.list");
     fs::write(&list, one_line_list).context(WriteSnafu { path: &list })?;
     Ok(left_out)
+}
+
+/// The image's release (`VERSION_CODENAME` in its /etc/os-release), read as the image sees it.
+fn image_codename(image: &RootDir) -> Option<String> {
+    let mut text = String::new();
+    let fd = image.open_in_root("/etc/os-release", OFlag::O_RDONLY).ok()?;
+    File::from(fd).take(64 * 1024).read_to_string(&mut text).ok()?;
+    let value = text.lines().find_map(|line| line.strip_prefix("VERSION_CODENAME="))?;
+    Some(value.trim().trim_matches('"').to_string()).filter(|codename| !codename.is_empty())
+}
+
+/// Where apt sources are read from: the host's /etc/apt, or the image's, resolved as the image
+/// sees it (a symlink in the image never leads to a host file).
+enum Tree<'a> {
+    Host(&'a Path),
+    Image(&'a RootDir),
+}
+
+impl Tree<'_> {
+    /// A path under the tree's etc/apt, for messages.
+    fn shown(&self, relative: &str) -> String {
+        match self {
+            Tree::Host(etc_apt) => etc_apt.join(relative).display().to_string(),
+            Tree::Image(_) => format!("the image's /etc/apt/{relative}"),
+        }
+    }
+
+    /// A file's text; None when it is missing or not a regular file.
+    fn read(&self, relative: &str) -> Result<Option<String>> {
+        let file = match self {
+            Tree::Host(etc_apt) => File::open(etc_apt.join(relative)),
+            Tree::Image(image) => image
+                .open_in_root(&format!("/etc/apt/{relative}"), OFlag::O_RDONLY)
+                .map(File::from)
+                .map_err(io::Error::from),
+        };
+        let mut file = match file {
+            Ok(file) if file.metadata().is_ok_and(|meta| meta.is_file()) => file,
+            Ok(_) => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).context(ReadSourcesSnafu { path: self.shown(relative) }),
+        };
+        let mut text = String::new();
+        file.read_to_string(&mut text).context(ReadSourcesSnafu { path: self.shown(relative) })?;
+        Ok(Some(text))
+    }
+
+    /// The names apt reads in sources.list.d, sorted; none where it is missing.
+    fn source_files(&self) -> Result<Vec<String>> {
+        let names: Vec<String> = match self {
+            Tree::Host(etc_apt) => match fs::read_dir(etc_apt.join("sources.list.d")) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+                Err(e) => return Err(e).context(ReadSourcesSnafu { path: self.shown("sources.list.d") }),
+                Ok(entries) => entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect(),
+            },
+            Tree::Image(image) => {
+                let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY;
+                match image.open_in_root("/etc/apt/sources.list.d", flags) {
+                    Err(Errno::ENOENT | Errno::ENOTDIR) => Vec::new(),
+                    Err(e) => {
+                        return Err(io::Error::from(e)).context(ReadSourcesSnafu { path: self.shown("sources.list.d") })
+                    }
+                    // The directory the image sees, listed through its open descriptor.
+                    Ok(fd) => fs::read_dir(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+                        .context(ReadSourcesSnafu { path: self.shown("sources.list.d") })?
+                        .flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect(),
+                }
+            }
+        };
+        let mut names: Vec<String> =
+            names.into_iter().filter(|n| n.ends_with(".list") || n.ends_with(".sources")).collect();
+        names.sort();
+        Ok(names)
+    }
 }
 
 /// The host's `Acquire::` settings, as `apt-config dump` prints them; empty where the host
@@ -124,34 +219,6 @@ fn apt_conf(host_acquire: &str) -> String {
     conf
 }
 
-/// The files apt reads in a sources.list.d, sorted; none where the directory is missing.
-fn source_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let entries = match fs::read_dir(dir) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        other => other.context(ReadSourcesSnafu { path: dir })?,
-    };
-    let mut files = Vec::new();
-    for entry in entries {
-        let path = entry.context(ReadSourcesSnafu { path: dir })?.path();
-        if path.extension().is_some_and(|e| e == "list" || e == "sources") {
-            files.push(path);
-        }
-    }
-    files.sort();
-    Ok(files)
-}
-
-/// A regular file's text; None for a missing file or anything else (a symlink in the image
-/// is not followed onto the host).
-fn read_regular(path: &Path) -> Result<Option<String>> {
-    match fs::symlink_metadata(path) {
-        Ok(meta) if meta.is_file() => fs::read_to_string(path).map(Some).context(ReadSourcesSnafu { path }),
-        Ok(_) => Ok(None),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e).context(ReadSourcesSnafu { path }),
-    }
-}
-
 /// A source's keys that are files (not inline keys or fingerprints).
 fn key_files(signed_by: &str) -> Vec<&str> {
     signed_by.split([',', ' ', '\t']).filter(|token| token.starts_with('/')).collect()
@@ -167,39 +234,67 @@ fn verifiable(signed_by: &str, has_key: &dyn Fn(&str) -> bool) -> std::result::R
     }
 }
 
-/// A deb822 `.sources` file without the stanzas the image cannot verify; also what was left
-/// out, as (URIs, key).
-fn filter_deb822(text: &str, has_key: &dyn Fn(&str) -> bool) -> (String, Vec<(String, String)>) {
+/// The suites of the image's release a host source may lend: the release and its updates.
+fn of_release(suite: &str, release: &str) -> bool {
+    suite == release
+        || suite.strip_prefix(release).is_some_and(|rest| ["-updates", "-security", "-backports"].contains(&rest))
+}
+
+/// A host's deb822 `.sources` file narrowed to the image's release: each stanza keeps only
+/// the suites of that release, and goes when none is left or the image cannot verify it; also
+/// what was left out for want of a key, as (URIs, key).
+fn filter_deb822(text: &str, release: &str, has_key: &dyn Fn(&str) -> bool) -> (String, Vec<(String, String)>) {
     let mut kept = Vec::new();
     let mut dropped = Vec::new();
     for stanza in text.split("\n\n") {
         let field = |name: &str| crate::deb822::field(stanza, name);
-        match verifiable(&field("Signed-By").unwrap_or_default(), has_key) {
-            Ok(()) => kept.push(stanza),
-            Err(keys) => dropped.push((field("URIs").unwrap_or_default(), keys)),
+        let suites: Vec<String> = field("Suites")
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter(|suite| of_release(suite, release))
+            .map(str::to_string)
+            .collect();
+        if suites.is_empty() {
+            continue;
         }
+        if let Err(keys) = verifiable(&field("Signed-By").unwrap_or_default(), has_key) {
+            dropped.push((field("URIs").unwrap_or_default(), keys));
+            continue;
+        }
+        let narrowed: Vec<String> = stanza
+            .lines()
+            .map(|line| match line.split_once(':') {
+                Some((key, _)) if key.trim().eq_ignore_ascii_case("Suites") => format!("Suites: {}", suites.join(" ")),
+                _ => line.to_string(),
+            })
+            .collect();
+        kept.push(narrowed.join("\n"));
     }
     (kept.join("\n\n"), dropped)
 }
 
-/// A one-line sources.list without the entries the image cannot verify.
-fn filter_one_line(text: &str, has_key: &dyn Fn(&str) -> bool) -> (String, Vec<(String, String)>) {
+/// A host's one-line sources.list narrowed to the image's release and to what it can verify.
+fn filter_one_line(text: &str, release: &str, has_key: &dyn Fn(&str) -> bool) -> (String, Vec<(String, String)>) {
     let mut kept = Vec::new();
     let mut dropped = Vec::new();
-    for line in text.lines() {
-        let options = line.split_once('[').and_then(|(_, rest)| rest.split_once(']')).map(|(options, _)| options);
+    for line in text.lines().filter(|line| line.trim_start().starts_with("deb")) {
+        let (options, rest) = match line.split_once('[') {
+            Some((_, rest)) => rest.split_once(']').unwrap_or(("", rest)),
+            None => ("", line.trim_start().split_once(' ').map_or("", |(_, rest)| rest)),
+        };
+        let mut words = rest.split_whitespace();
+        let (uri, suite) = (words.next().unwrap_or_default(), words.next().unwrap_or_default());
+        if !of_release(suite, release) {
+            continue;
+        }
         let signed_by = options
-            .into_iter()
-            .flat_map(str::split_whitespace)
+            .split_whitespace()
             .filter_map(|option| option.strip_prefix("signed-by="))
             .collect::<Vec<_>>()
             .join(",");
         match verifiable(&signed_by, has_key) {
             Ok(()) => kept.push(line),
-            Err(keys) => {
-                let uri = line.split_whitespace().find(|word| word.contains("://")).unwrap_or(line);
-                dropped.push((uri.to_string(), keys));
-            }
+            Err(keys) => dropped.push((uri.to_string(), keys)),
         }
     }
     (kept.join("\n"), dropped)
@@ -209,10 +304,11 @@ fn filter_one_line(text: &str, has_key: &dyn Fn(&str) -> bool) -> (String, Vec<(
 mod tests {
     use super::*;
 
-    const DEBIAN: &str = "Types: deb\nURIs: http://mirror.invalid/debian\nSuites: bookworm\nComponents: main\n\
-                          Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n";
-    const VENDOR: &str = "Types: deb\nURIs: https://vendor.invalid/apt\nSuites: stable\nComponents: main\n\
+    const DEBIAN: &str = "Types: deb\nURIs: http://mirror.invalid/debian\nSuites: bookworm bookworm-updates trixie\n\
+                          Components: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n";
+    const VENDOR: &str = "Types: deb\nURIs: https://vendor.invalid/apt\nSuites: bookworm\nComponents: main\n\
                           Signed-By: /etc/apt/keyrings/vendor.gpg\n";
+    const TRIXIE: &str = "Types: deb\nURIs: http://mirror.invalid/debian\nSuites: trixie\nComponents: main\n";
 
     fn write(path: &Path, text: &str) {
         fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -220,35 +316,46 @@ mod tests {
     }
 
     #[test]
-    fn host_sources_join_the_image_s_without_what_the_image_cannot_verify() {
+    fn host_sources_lend_their_mirror_for_the_image_s_release_only_and_only_what_it_can_verify() {
         let image = tempfile::tempdir().unwrap();
         let host = tempfile::tempdir().unwrap();
         let out = tempfile::tempdir().unwrap();
+        write(&image.path().join("etc/os-release"), "ID=debian\nVERSION_CODENAME=bookworm\n");
         write(&image.path().join("usr/share/keyrings/debian-archive-keyring.gpg"), "key");
         write(&image.path().join("etc/apt/sources.list.d/debian.sources"), "Types: deb\nURIs: http://old.invalid/\n");
         write(&image.path().join("etc/apt/sources.list.d/team.sources"), VENDOR);
         write(&image.path().join("etc/apt/sources.list.d/notes.txt"), "not a source");
+        // An absolute symlink in the image leads inside the image, never to the host's file.
+        let host_secret = host.path().join("secret.list");
+        write(&host_secret, "deb http://secret.invalid/ bookworm main");
+        std::os::unix::fs::symlink(&host_secret, image.path().join("etc/apt/sources.list.d/evil.list")).unwrap();
         write(&host.path().join("sources.list.d/debian.sources"), DEBIAN);
-        write(&host.path().join("sources.list.d/mixed.sources"), &format!("{DEBIAN}\n{VENDOR}"));
-        write(&host.path().join("sources.list.d/off.list.disabled"), "deb http://off.invalid/ x main");
+        write(&host.path().join("sources.list.d/mixed.sources"), &format!("{TRIXIE}\n{VENDOR}"));
+        write(&host.path().join("sources.list.d/off.list.disabled"), "deb http://off.invalid/ bookworm main");
         write(
             &host.path().join("sources.list"),
-            "deb [arch=amd64 signed-by=/etc/apt/keyrings/gone.gpg] http://gone.invalid/ x main\n\
-             deb http://plain.invalid/ x main\n",
+            "# a comment\ndeb [arch=amd64 signed-by=/etc/apt/keyrings/gone.gpg] http://gone.invalid/ bookworm main\n\
+             deb http://plain.invalid/ bookworm-security main\ndeb http://other.invalid/ trixie main\n",
         );
         let acquire = "Acquire::Check-Valid-Until \"false\";\nAcquire::IndexTargets::deb::Packages::MetaKey \"x\";\n\
                        APT::Architecture \"amd64\";\nDPkg::Post-Invoke:: \"host-hook\";\n";
 
         prepare(out.path(), acquire).unwrap();
-        let left_out = sync_sources(out.path(), host.path(), image.path()).unwrap();
+        let root = RootDir::open(image.path()).unwrap();
+        let left_out = sync_sources(out.path(), host.path(), &root).unwrap();
 
         let read = |name: &str| fs::read_to_string(out.path().join(name)).unwrap();
-        assert_eq!(read("sources.list.d/debian.sources"), DEBIAN, "the host's file wins");
+        assert_eq!(
+            read("sources.list.d/debian.sources"),
+            DEBIAN.replace("bookworm bookworm-updates trixie", "bookworm bookworm-updates").trim_end(),
+            "the host's file wins, narrowed to the image's release"
+        );
         assert_eq!(read("sources.list.d/team.sources"), VENDOR, "the image's own sources stay, unfiltered");
-        assert_eq!(read("sources.list.d/mixed.sources"), DEBIAN.trim_end_matches('\n'));
+        assert_eq!(read("sources.list.d/mixed.sources"), "", "another release's stanza and an unverifiable one go");
+        assert!(!out.path().join("sources.list.d/evil.list").exists(), "the host's file was not read");
         assert!(!out.path().join("sources.list.d/notes.txt").exists());
         assert!(!out.path().join("sources.list.d/off.list.disabled").exists());
-        assert_eq!(read("sources.list"), "deb http://plain.invalid/ x main\n");
+        assert_eq!(read("sources.list"), "deb http://plain.invalid/ bookworm-security main\n");
         assert_eq!(left_out.len(), 2, "{left_out:?}");
         assert!(left_out[0].contains("http://gone.invalid/") && left_out[0].contains("/etc/apt/keyrings/gone.gpg"));
         assert!(left_out[1].contains("https://vendor.invalid/apt") && left_out[1].contains("mixed.sources"));
@@ -263,16 +370,23 @@ mod tests {
 
         // Sources the image drops are dropped here too, at the next sync.
         fs::remove_file(image.path().join("etc/apt/sources.list.d/team.sources")).unwrap();
-        sync_sources(out.path(), host.path(), image.path()).unwrap();
+        sync_sources(out.path(), host.path(), &root).unwrap();
         assert!(!out.path().join("sources.list.d/team.sources").exists());
+
+        // An image whose release is unknown borrows nothing from the host.
+        write(&image.path().join("etc/os-release"), "ID=debian\n");
+        let left_out = sync_sources(out.path(), host.path(), &root).unwrap();
+        assert!(left_out[0].contains("VERSION_CODENAME"), "{left_out:?}");
+        assert_eq!(read("sources.list"), "");
+        assert_eq!(read("sources.list.d/debian.sources"), "Types: deb\nURIs: http://old.invalid/\n");
     }
 
     #[test]
     fn inline_keys_and_unsigned_sources_are_kept() {
-        let inline = "Types: deb\nURIs: http://a.invalid/\nSigned-By:\n -----BEGIN PGP PUBLIC KEY BLOCK-----\n .\n";
-        let (kept, dropped) = filter_deb822(inline, &|_| false);
-        assert_eq!((kept.as_str(), dropped.len()), (inline, 0));
-        let (kept, dropped) = filter_one_line("deb http://a.invalid/ x main", &|_| false);
-        assert_eq!((kept.as_str(), dropped.len()), ("deb http://a.invalid/ x main", 0));
+        let inline = "Types: deb\nURIs: http://a.invalid/\nSuites: bookworm\nSigned-By:\n -----BEGIN PGP PUBLIC KEY BLOCK-----\n .\n";
+        let (kept, dropped) = filter_deb822(inline, "bookworm", &|_| false);
+        assert_eq!((kept.as_str(), dropped.len()), (inline.trim_end(), 0));
+        let (kept, dropped) = filter_one_line("deb http://a.invalid/ bookworm main", "bookworm", &|_| false);
+        assert_eq!((kept.as_str(), dropped.len()), ("deb http://a.invalid/ bookworm main", 0));
     }
 }

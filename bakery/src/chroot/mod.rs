@@ -37,7 +37,10 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// Mounts the pseudo filesystems, /run, name resolution and apt's directory (`$3`, when
-/// given) inside the new mount namespace, then enters the image.
+/// given, on `$4`) inside the new mount namespace, then enters the image. The resolver is a
+/// copy on the private /run, so nothing in the image can write the host's; apt's directory is
+/// read-only but for its lists and downloads, so nothing in the image can change what the host
+/// writes there.
 const ENTER: &str = r#"set -e
 root="$1" apt="$3"
 mount -t proc proc "$root/proc"
@@ -48,12 +51,18 @@ resolv=$(chroot "$root" readlink -m /etc/resolv.conf)
 if [ -r /etc/resolv.conf ]; then
     case $resolv in
     /run/*) mkdir -p "$root${resolv%/*}" && cat /etc/resolv.conf >"$root$resolv" ;;
-    *) if [ -f "$root$resolv" ]; then mount --bind /etc/resolv.conf "$root$resolv"; fi ;;
+    *) if [ -f "$root$resolv" ]; then
+        mkdir -p "$root/run/bakery" && cat /etc/resolv.conf >"$root/run/bakery/resolv.conf"
+        mount --bind "$root/run/bakery/resolv.conf" "$root$resolv"
+    fi ;;
     esac
 fi
 if [ -n "$apt" ]; then
     mkdir -p "$root$4"
     mount --bind "$apt" "$root$4"
+    mount -o remount,bind,ro "$root$4"
+    mount --bind "$apt/lists" "$root$4/lists"
+    mount --bind "$apt/archives" "$root$4/archives"
     export APT_CONFIG="$4/apt.conf"
 fi
 exec chroot "$root" /bin/sh -ec "$2""#;

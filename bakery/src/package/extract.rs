@@ -586,8 +586,8 @@ impl<'a> Extractor<'a> {
     }
 }
 
-/// Every frame of a zstd stream in turn: zstd writes one, but pzstd and concatenated files
-/// hold several.
+/// Every frame of a zstd stream in turn: zstd writes one, concatenated `.zst` files hold
+/// several. (pzstd's skippable frames are refused as corrupt data.)
 struct ZstdFrames<R: BufRead> {
     decoder: Option<StreamingDecoder<R, FrameDecoder>>,
 }

@@ -70,15 +70,15 @@ impl Credentials {
         Credentials { environment, netrc }
     }
 
-    /// What to send to `host`: the environment's credentials on the package's own host, else
-    /// the netrc entry for the host (or its `default`).
-    fn for_host(&self, host: &str, package_host: &str) -> Option<Authorization> {
-        if host == package_host {
+    /// What to send to `url`: the environment's credentials at the package's own origin
+    /// (scheme, host and port), else the netrc entry for the host (or its `default`).
+    fn for_url(&self, url: &str, package_url: &str) -> Option<Authorization> {
+        if origin(url) == origin(package_url) {
             if let Some(authorization) = &self.environment {
                 return Some(authorization.clone());
             }
         }
-        let (login, password) = netrc_entry(self.netrc.as_deref()?, host)?;
+        let (login, password) = netrc_entry(self.netrc.as_deref()?, &host_of(url))?;
         Some(basic_authorization(&format!("{login}:{password}")))
     }
 }
@@ -114,17 +114,26 @@ fn netrc_entry(text: &str, host: &str) -> Option<(String, String)> {
     Some((entry.1.clone().unwrap_or_default(), entry.2.clone()?))
 }
 
-/// The URL as it may be shown: without a `user:password@`.
+/// The URL as it may be shown or recorded: without a `user:password@`, and without its query
+/// and fragment, where tokens travel too (`?private_token=`, a presigned URL's signature).
 pub fn redacted(url: &str) -> String {
-    match url.split_once("://") {
-        Some((scheme, rest)) => {
-            let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-            match rest[..authority_end].rsplit_once('@') {
-                Some((_, host)) => format!("{scheme}://{host}{}", &rest[authority_end..]),
-                None => url.to_string(),
-            }
-        }
-        None => url.to_string(),
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let rest = rest.split(['?', '#']).next().unwrap_or_default();
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let host = rest[..authority_end].rsplit_once('@').map_or(&rest[..authority_end], |(_, host)| host);
+    format!("{scheme}://{host}{}", &rest[authority_end..])
+}
+
+/// Scheme, host and port: where the environment's credentials may go.
+fn origin(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, host)| host).to_ascii_lowercase();
+    let scheme = scheme.to_ascii_lowercase();
+    let default_port = if scheme == "https" { ":443" } else { ":80" };
+    match host_port.rsplit_once(':').filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit())) {
+        Some(_) => format!("{scheme}://{host_port}"),
+        None => format!("{scheme}://{host_port}{default_port}"),
     }
 }
 
@@ -165,11 +174,10 @@ fn get(
     credentials: &Credentials,
     range_from: Option<u64>,
 ) -> Result<ureq::Response, HttpError> {
-    let package_host = host_of(url);
     let mut current = url.to_string();
     for _ in 0..=MAX_REDIRECTS {
         let mut request = agent.get(&current);
-        if let Some(authorization) = credentials.for_host(&host_of(&current), &package_host) {
+        if let Some(authorization) = credentials.for_url(&current, url) {
             request = request.set("Authorization", &authorization.0);
         }
         if let Some(from) = range_from {
@@ -183,7 +191,12 @@ fn get(
         let Some(location) = location else { return Ok(response) };
         let next = url::Url::parse(&current).and_then(|base| base.join(&location));
         let unusable = |e| HttpError::new(format!("{}: a redirect to an unusable address ({e})", redacted(&current)));
-        current = next.map_err(unusable)?.into();
+        let next: String = next.map_err(unusable)?.into();
+        if current.starts_with("https:") && !next.starts_with("https:") {
+            let shown = redacted(&current);
+            return Err(HttpError::new(format!("{shown}: a redirect from https to {} is refused", redacted(&next))));
+        }
+        current = next;
     }
     Err(HttpError::new(format!("{}: more than {MAX_REDIRECTS} redirects", redacted(url))))
 }
@@ -374,6 +387,17 @@ mod tests {
     }
 
     #[test]
+    fn the_token_does_not_follow_a_redirect_to_another_port() {
+        let (other, other_log) = serve("127.0.0.1", |_, stream| ok(stream, &body()));
+        let (ci, _) = serve("127.0.0.1", move |_, stream| {
+            write!(stream, "HTTP/1.1 302 Found\r\nLocation: {other}/blob\r\nContent-Length: 0\r\n\r\n").unwrap();
+        });
+        let bearer = Credentials { environment: Some(Authorization("Bearer s3cr3t".into())), netrc: None };
+        assert_eq!(read_all(&format!("{ci}/artifact"), bearer).unwrap(), body());
+        assert_eq!(other_log.lock().unwrap()[0].header("authorization"), None, "another port is another service");
+    }
+
+    #[test]
     fn a_dropped_download_resumes_with_a_range_request() {
         let (base, log) = serve("127.0.0.1", |seen, stream| {
             let body = body();
@@ -436,9 +460,12 @@ mod tests {
     }
 
     #[test]
-    fn urls_are_shown_without_their_password() {
-        assert_eq!(redacted("https://u:p@ci.invalid:8443/a@b?x=1"), "https://ci.invalid:8443/a@b?x=1");
-        assert_eq!(redacted("https://ci.invalid/job/1"), "https://ci.invalid/job/1");
+    fn urls_are_shown_without_their_password_or_query() {
+        assert_eq!(redacted("https://u:p@ci.invalid:8443/a@b?private_token=x"), "https://ci.invalid:8443/a@b");
+        assert_eq!(redacted("https://ci.invalid/job/1#frag"), "https://ci.invalid/job/1");
+        assert_eq!(redacted("https://ci.invalid?x=1"), "https://ci.invalid");
+        assert_eq!(origin("https://CI.invalid/x"), "https://ci.invalid:443");
+        assert_eq!(origin("http://u:p@ci.invalid:8080/x"), "http://ci.invalid:8080");
         assert_eq!(host_of("https://u:p@CI.invalid:8443/x"), "ci.invalid");
         assert_eq!(host_of("http://[::1]:80/x"), "::1");
     }

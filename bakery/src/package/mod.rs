@@ -572,7 +572,7 @@ mod tests {
         assert_eq!(fs::read(image.app().join("lib/app.jar")).unwrap(), jar);
         assert_eq!(entry(&report, "/opt/app/lib/app.jar").sha256.as_deref(), Some(sha256(&jar).as_str()));
 
-        // Two frames, as pzstd writes: the second frame's files are there too.
+        // Two frames, as concatenated .zst files hold: the second frame's files are there too.
         let split = tar.len() / 2;
         let two_frames = [zstd(&tar[..split]), zstd(&tar[split..])].concat();
         let report = image.install_named("again.tzst", &two_frames, &options()).unwrap();
