@@ -90,8 +90,8 @@ fn push_and_direct_bake_upload_only_changed_blocks_and_the_result_holds_the_pack
     // Rebuild the image from base + changed blocks in a cold cache, and check every file.
     let cold = tempfile::tempdir().unwrap();
     let disk = cold.path().join("disk.raw");
+    let state = cold.path().join("state");
     let (code, _, stderr) = {
-        let state = cold.path().join("state");
         let disk = disk.to_str().unwrap();
         run_aws_json(&["--state-dir", state.to_str().unwrap(), "images", "export", image, "-o", disk], &[])
     };
@@ -107,6 +107,11 @@ fn push_and_direct_bake_upload_only_changed_blocks_and_the_result_holds_the_pack
         assert_eq!(sha256_file(&path), file["sha256"].as_str().unwrap(), "{}", path.display());
     }
     drop(mounted);
+    // The cold state directory made its own copy-on-write pool: it goes with the directory.
+    let pool = state.join("cow");
+    if pool.exists() {
+        assert!(std::process::Command::new("umount").arg(&pool).status().unwrap().success(), "unmount {pool:?}");
+    }
 
     // Same inputs: the image is found by its bake-key tag, nothing is uploaded.
     let mut again = bake_args(&ami, package, "3.0.0");

@@ -914,6 +914,9 @@ fn the_console_deploys_and_rolls_back_from_a_real_browser() {
     assert!(browser.text().contains(hostile), "the tag is shown as text");
     assert!(!browser.title().contains("owned"), "the tag ran as script");
     browser.screenshot(&shots, "image");
+    // The bake wrote an SBOM: the page links it, and the link serves it.
+    browser.find(&format!("a[href='/images/{v1}/sbom']")).click();
+    assert!(browser.text().contains("\"bomFormat\": \"CycloneDX\""), "{}", browser.text());
 
     browser.goto(&console.url);
     browser.find(&format!("a[href='/clusters/{cluster}']")).click();

@@ -552,6 +552,18 @@ fn packages_come_as_teams_build_them_deb_war_and_tar_zst() {
         "{stderr}"
     );
     assert_eq!(image_ids(), images_before);
+
+    // A .deb in name and magic number only: dpkg cannot read it, and the bake says so.
+    let broken = dir.path().join("broken_1.0_all.deb");
+    std::fs::write(&broken, b"!<arch>\ndebian-binary   this is not a Debian package\n").unwrap();
+    let broken_arg = broken.to_string_lossy();
+    let sha = sha256_file(&broken);
+    let mut args = bake_args(&broken_arg, "5.1.2");
+    args.extend(["--sha256", &sha]);
+    let (code, _, stderr) = run_json(&args);
+    assert_eq!(code, 3, "{stderr}");
+    assert!(stderr.contains("the Debian package has no readable control file"), "{stderr}");
+    assert_eq!(image_ids(), images_before);
     assert_no_leftovers("after baking .deb, .war and .tar.zst packages");
 }
 

@@ -6,7 +6,7 @@ use crate::rootfs::RootDir;
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
 use nix::sys::stat::{self, SFlag};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use snafu::{ResultExt, Snafu};
 use std::fs::File;
@@ -28,7 +28,7 @@ pub enum Error {
 /// Where dpkg keeps what is installed, inside an image.
 pub const STATUS: &str = "var/lib/dpkg/status";
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Package {
     pub name: String,
     pub version: String,
@@ -101,9 +101,21 @@ pub fn files(root: &RootDir, name: &str, architecture: &str) -> Result<Vec<Manif
     Ok(entries)
 }
 
-/// What a base image keeps next to it as its manifest: `{"packages": [...]}`.
+/// What a base image keeps next to it as its manifest.
+#[derive(Serialize, Deserialize)]
+struct ListDocument {
+    packages: Vec<Package>,
+}
+
+/// The manifest a base image keeps next to it: `{"packages": [...]}`.
 pub fn list_document(packages: &[Package]) -> Vec<u8> {
-    serde_json::to_vec_pretty(&serde_json::json!({ "packages": packages })).expect("packages serialize")
+    let document = ListDocument { packages: packages.to_vec() };
+    serde_json::to_vec_pretty(&document).expect("packages serialize")
+}
+
+/// The packages of a [`list_document`].
+pub fn read_list_document(bytes: &[u8]) -> serde_json::Result<Vec<Package>> {
+    Ok(serde_json::from_slice::<ListDocument>(bytes)?.packages)
 }
 
 /// The installed packages of a dpkg status file: stanzas whose status ends `installed`.
@@ -149,6 +161,13 @@ mod tests {
         assert_eq!(packages[2].source.as_deref(), Some("zlib"));
         assert_eq!(packages[1].source, None, "a source named as the package is not repeated");
         assert_eq!(packages[0].architecture, "amd64");
+    }
+
+    #[test]
+    fn a_package_list_reads_back_as_written() {
+        let packages =
+            parse_status("Package: tzdata\nStatus: install ok installed\nSource: tz\nVersion: 1\nArchitecture: all\n");
+        assert_eq!(read_list_document(&list_document(&packages)).unwrap(), packages);
     }
 
     #[test]

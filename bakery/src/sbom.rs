@@ -128,14 +128,13 @@ pub fn cyclonedx(inputs: &Inputs) -> Vec<u8> {
             ..Component::default()
         })
         .collect();
-    let url = |source: &str| source.starts_with("http://") || source.starts_with("https://");
     let application = Component {
         kind: "application",
         bom_ref: APP_REF.to_string(),
         name: inputs.app.to_string(),
         version: inputs.version.to_string(),
         hashes: sha256(inputs.package_sha256),
-        external_references: url(inputs.package_source)
+        external_references: crate::package::is_url(inputs.package_source)
             .then(|| Reference { kind: "distribution", url: inputs.package_source.to_string() })
             .into_iter()
             .collect(),

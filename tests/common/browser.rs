@@ -127,11 +127,20 @@ impl Browser {
         self.session_call("GET", "/url", None).as_str().unwrap_or_default().to_string()
     }
 
+    /// The first element `css` selects, waiting up to 10 s for it: a click that submits a form
+    /// returns before the next page has loaded.
     pub fn find(&self, css: &str) -> Element<'_> {
-        self.try_find(css).unwrap_or_else(|| {
-            let page = self.try_find("body").map(|body| body.text()).unwrap_or_default();
-            panic!("no element {css} on {}: {page}", self.url())
-        })
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(element) = self.try_find(css) {
+                return element;
+            }
+            if Instant::now() > deadline {
+                let page = self.try_find("body").map(|body| body.text()).unwrap_or_default();
+                panic!("no element {css} on {}: {page}", self.url())
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     pub fn try_find(&self, css: &str) -> Option<Element<'_>> {

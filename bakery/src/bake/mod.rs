@@ -26,7 +26,7 @@ use crate::txn::{self, Step};
 use serde::Serialize;
 use snafu::{ResultExt, Snafu};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
@@ -99,8 +99,6 @@ pub struct Commands {
     pub apt_dir: PathBuf,
     /// Where a command's output goes (its tail is shown when it fails).
     pub log: PathBuf,
-    /// Whether the host sources the image cannot verify were warned about.
-    pub warned: AtomicBool,
 }
 
 impl Bake {
@@ -122,23 +120,27 @@ impl Bake {
         }
     }
 
+    /// Writes one of the bake's documents into the image (see [`Document::image_path`]) and
+    /// keeps it for the registry.
+    fn write_document(&mut self, document: Document, content: Vec<u8>) -> txn::StepResult {
+        let root = crate::rootfs::RootDir::open(self.root.as_ref().expect("the mount step ran"))
+            .map_err(txn::StepError::input)?;
+        root.write_file(document.image_path(), &content, 0o644, 0, 0).map_err(txn::StepError::input)?;
+        self.documents.insert(document, content);
+        Ok(())
+    }
+
     /// Runs `command` with /bin/sh in the image, with the bake's apt and `BAKERY_APP` and
     /// `BAKERY_VERSION` set; a failure is bad input (exit 3) that shows the command's output.
     fn run_in_image(&self, command: &str, cancel: &AtomicBool) -> txn::StepResult {
         let root = self.root.as_ref().expect("the mount step ran");
         let commands = self.commands.as_ref().expect("the prepare step ran");
-        let host_apt = std::path::Path::new(crate::chroot::apt::HOST_APT);
-        // Warned once per bake: every command would leave out the same sources.
+        // The image's sources as they are now: an earlier command may have added one. What the
+        // host lends was told once, when the directory was prepared.
         let image = crate::rootfs::RootDir::open(root).map_err(txn::StepError::input)?;
-        let left_out = crate::chroot::apt::sync_sources(&commands.apt_dir, host_apt, &image)?;
-        if !commands.warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
-            for line in left_out {
-                tracing::warn!("{line}");
-            }
-        }
+        crate::chroot::apt::sync_sources(&commands.apt_dir, Path::new(crate::chroot::apt::HOST_APT), &image)?;
         let env = [("BAKERY_APP", self.plan.app.as_str()), ("BAKERY_VERSION", self.plan.version.as_str())];
-        crate::chroot::run(root, command, &env, Some(&commands.apt_dir), &commands.log, cancel)
-            .map_err(txn::StepError::input)
+        crate::chroot::run(root, command, &env, &commands.apt_dir, &commands.log, cancel).map_err(txn::StepError::input)
     }
 }
 

@@ -122,10 +122,6 @@ fn valid_version(version: &str) -> bool {
     !version.is_empty() && version.bytes().all(|b| b.is_ascii_alphanumeric() || b"._~+-".contains(&b))
 }
 
-fn is_url(package: &str) -> bool {
-    package.starts_with("http://") || package.starts_with("https://")
-}
-
 impl BakePlan {
     /// The package's path or URL as it may be recorded: a URL without its password.
     pub fn package_shown(&self) -> String {
@@ -149,7 +145,7 @@ pub fn resolve(provider: &dyn Provider, request: &BakeRequest) -> Result<BakePla
 
     // Read everything the user gave us first, so one run reports input problems before any lookup.
     let recipe = recipe::load(&request.recipe).context(RecipeSnafu)?;
-    if !is_url(&request.package) {
+    if !crate::package::is_url(&request.package) {
         let path = Path::new(&request.package);
         ensure!(path.is_file(), NoPackageSnafu { path });
     }

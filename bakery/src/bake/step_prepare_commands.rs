@@ -5,7 +5,9 @@
 use super::Bake;
 use crate::chroot::apt;
 use crate::journal::Resource;
-use crate::txn::{StepResult, Tx};
+use crate::rootfs::RootDir;
+use crate::txn::{StepError, StepResult, Tx};
+use std::path::Path;
 
 pub fn run(bake: &mut Bake, tx: &mut Tx) -> StepResult {
     let scratch = bake.state_dir.join("tmp");
@@ -15,6 +17,11 @@ pub fn run(bake: &mut Bake, tx: &mut Tx) -> StepResult {
     let apt_dir = scratch.join(format!("{}-apt", bake.plan.bake_id));
     tx.created(Resource::Dir { path: apt_dir.clone() })?;
     apt::prepare(&apt_dir, &apt::host_acquire_settings())?;
-    bake.commands = Some(super::Commands { apt_dir, log, warned: Default::default() });
+    // Told once: each command's sync leaves out the same host sources.
+    let image = RootDir::open(bake.root.as_ref().expect("the mount step ran")).map_err(StepError::input)?;
+    for line in apt::sync_sources(&apt_dir, Path::new(apt::HOST_APT), &image)? {
+        tracing::warn!("{line}");
+    }
+    bake.commands = Some(super::Commands { apt_dir, log });
     Ok(())
 }

@@ -6,8 +6,7 @@ use super::Bake;
 use crate::dpkg;
 use crate::package::ManifestEntry;
 use crate::provider::Document;
-use crate::rootfs::RootDir;
-use crate::txn::{StepError, StepResult, Tx};
+use crate::txn::{StepResult, Tx};
 use serde::Serialize;
 
 #[derive(Serialize)]
@@ -36,9 +35,7 @@ struct PackageInfo<'a> {
 }
 
 pub fn run(bake: &mut Bake, _tx: &mut Tx) -> StepResult {
-    let mount_point = bake.root.as_ref().expect("the mount step ran");
-    let root = RootDir::open(mount_point).map_err(StepError::input)?;
-    bake.packages = dpkg::installed(mount_point)?;
+    bake.packages = dpkg::installed(bake.root.as_ref().expect("the mount step ran"))?;
     let install = bake.install.as_ref().expect("the install step ran");
     let plan = &bake.plan;
     let manifest = Manifest {
@@ -62,7 +59,5 @@ pub fn run(bake: &mut Bake, _tx: &mut Tx) -> StepResult {
         packages: &bake.packages,
     };
     let json = serde_json::to_vec_pretty(&manifest)?;
-    root.write_file(Document::Manifest.image_path(), &json, 0o644, 0, 0).map_err(StepError::input)?;
-    bake.documents.insert(Document::Manifest, json);
-    Ok(())
+    bake.write_document(Document::Manifest, json)
 }

@@ -4,21 +4,20 @@
 
 use super::Bake;
 use crate::provider::Document;
-use crate::rootfs::RootDir;
-use crate::txn::{StepError, StepResult, Tx};
+use crate::txn::{StepResult, Tx};
 use crate::{provenance, sbom};
 use sha2::{Digest, Sha256};
 
 pub fn run(bake: &mut Bake, tx: &mut Tx) -> StepResult {
-    let root = RootDir::open(bake.root.as_ref().expect("the mount step ran")).map_err(StepError::input)?;
     let install = bake.install.as_ref().expect("the install step ran");
     let plan = &bake.plan;
     let now = crate::ids::now_rfc3339();
+    let package = plan.package_shown();
     let sbom = sbom::cyclonedx(&sbom::Inputs {
         image_name: &plan.name,
         app: &plan.app,
         version: &plan.version,
-        package_source: &plan.package_shown(),
+        package_source: &package,
         package_sha256: &install.package_sha256,
         files: &install.entries,
         packages: &bake.packages,
@@ -30,7 +29,7 @@ pub fn run(bake: &mut Bake, tx: &mut Tx) -> StepResult {
         sbom_sha256: &hex::encode(Sha256::digest(&sbom)),
         app: &plan.app,
         version: &plan.version,
-        package: &plan.package_shown(),
+        package: &package,
         package_sha256: &install.package_sha256,
         recipe_path: &plan.recipe_path.to_string_lossy(),
         recipe_sha256: &hex::encode(Sha256::digest(plan.recipe.canonical_json())),
@@ -44,9 +43,6 @@ pub fn run(bake: &mut Bake, tx: &mut Tx) -> StepResult {
         started: &bake.started,
         finished: &now,
     });
-    for (document, content) in [(Document::Sbom, sbom), (Document::Provenance, statement)] {
-        root.write_file(document.image_path(), &content, 0o644, 0, 0).map_err(StepError::input)?;
-        bake.documents.insert(document, content);
-    }
-    Ok(())
+    bake.write_document(Document::Sbom, sbom)?;
+    bake.write_document(Document::Provenance, statement)
 }

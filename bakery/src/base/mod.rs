@@ -18,7 +18,7 @@ use crate::tags;
 use crate::txn::{self, Step, StepResult, Tx};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use snafu::{ensure, OptionExt, ResultExt, Snafu};
+use snafu::{ensure, ResultExt, Snafu};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -40,9 +40,6 @@ pub enum Error {
 
     #[snafu(display("{source}"))]
     Layer { source: crate::bake::Error },
-
-    #[snafu(display("the extended base's image {id} is gone"))]
-    ParentGone { id: String },
 
     #[snafu(display("base recipes extend each other in a cycle: {cycle}"))]
     ExtendsCycle { cycle: String },
@@ -84,10 +81,9 @@ pub struct BaseOutcome {
     pub reused: bool,
 }
 
-/// The recipe and its cache key: the recipe's text and what it is built from besides (the
-/// builder's files, or the extended base's key and the apt sources' keys).
-fn load(path: &Path, parent_image: Option<&str>) -> Result<(BaseRecipe, String)> {
-    let recipe = recipe::load_base(path).context(RecipeSnafu)?;
+/// The recipe's cache key: its text and what it is built from besides (the builder's files, or
+/// the extended base's image and the apt sources' keys).
+fn cache_key(path: &Path, recipe: &BaseRecipe, parent: Option<&Image>) -> Result<String> {
     let mut hasher = Sha256::new();
     hasher.update(std::fs::read(path).context(ReadSnafu { path })?);
     match &recipe.from {
@@ -98,13 +94,13 @@ fn load(path: &Path, parent_image: Option<&str>) -> Result<(BaseRecipe, String)>
             }
         }
         Origin::Base(layer) => {
-            hasher.update(parent_image.unwrap_or_default());
+            hasher.update(parent.map(|p| p.id.as_str()).unwrap_or_default());
             for source in &layer.apt_sources {
                 hasher.update(&source.key);
             }
         }
     }
-    Ok((recipe, hex::encode(hasher.finalize())))
+    Ok(hex::encode(hasher.finalize()))
 }
 
 /// The newest image built from the recipe with this key and, when known, from this upstream.
@@ -132,15 +128,18 @@ fn upstream_identity(suite: &str, offline: bool) -> Option<String> {
     }
 }
 
-fn reused(image: Image, hash: String, started: Instant) -> BaseOutcome {
-    BaseOutcome {
-        image_id: image.id,
-        name: image.name,
-        snapshot_id: image.snapshot_id,
-        recipe_hash: hash,
-        stored_bytes: 0,
-        duration_ms: started.elapsed().as_millis() as u64,
-        reused: true,
+impl BaseOutcome {
+    /// `image`, built now (`snapshot`: what it stored) or found in the cache (None).
+    fn of(image: &Image, snapshot: Option<&SnapshotResult>, hash: String, started: Instant) -> BaseOutcome {
+        BaseOutcome {
+            image_id: image.id.clone(),
+            name: image.name.clone(),
+            snapshot_id: image.snapshot_id.clone(),
+            recipe_hash: hash,
+            stored_bytes: snapshot.map_or(0, |s| s.stored_bytes),
+            duration_ms: started.elapsed().as_millis() as u64,
+            reused: snapshot.is_none(),
+        }
     }
 }
 
@@ -207,10 +206,13 @@ pub fn build(
     events: &dyn Sink,
     cancel: &AtomicBool,
 ) -> Result<BaseOutcome> {
-    build_extending(provider, state_dir, path, options, events, cancel, &mut Vec::new())
+    let started = Instant::now();
+    let (image, snapshot, hash) = build_extending(provider, state_dir, path, options, events, cancel, &mut Vec::new())?;
+    Ok(BaseOutcome::of(&image, snapshot.as_ref(), hash, started))
 }
 
 /// [`build`], with the recipes that extend this one (`chain`), so a cycle is named, not followed.
+/// Returns the image, its snapshot when it was built now, and its cache key.
 fn build_extending(
     provider: &dyn Provider,
     state_dir: &Path,
@@ -219,41 +221,31 @@ fn build_extending(
     events: &dyn Sink,
     cancel: &AtomicBool,
     chain: &mut Vec<PathBuf>,
-) -> Result<BaseOutcome> {
-    let started = Instant::now();
+) -> Result<(Image, Option<SnapshotResult>, String)> {
     let canonical = std::fs::canonicalize(path).context(ReadSnafu { path })?;
     if let Some(start) = chain.iter().position(|p| *p == canonical) {
         let cycle: Vec<String> = chain[start..].iter().chain([&canonical]).map(|p| p.display().to_string()).collect();
         return ExtendsCycleSnafu { cycle: cycle.join(" -> ") }.fail();
     }
     chain.push(canonical);
-    let extends = match recipe::load_base(path).context(RecipeSnafu)?.from {
-        Origin::Base(layer) => Some(layer.extends),
-        Origin::Debian { .. } => None,
-    };
-    let parent = match &extends {
-        Some(extends) => {
+    let recipe = recipe::load_base(path).context(RecipeSnafu)?;
+    let (parent, upstream) = match &recipe.from {
+        Origin::Base(layer) => {
             let parent_options = BuildOptions { rebuild: false, ..options };
-            Some(build_extending(provider, state_dir, extends, parent_options, events, cancel, chain)?)
+            let (parent, ..) =
+                build_extending(provider, state_dir, &layer.extends, parent_options, events, cancel, chain)?;
+            (Some(parent), None)
         }
-        None => None,
+        Origin::Debian { suite, .. } => (None, upstream_identity(suite, options.offline)),
     };
-    let (recipe, hash) = load(path, parent.as_ref().map(|p| p.image_id.as_str()))?;
-    let upstream = match &recipe.from {
-        Origin::Debian { suite, .. } => upstream_identity(suite, options.offline),
-        Origin::Base(_) => None,
-    };
+    let hash = cache_key(path, &recipe, parent.as_ref())?;
     if !options.rebuild {
         if let Some(image) = cached(provider, &hash, upstream.as_deref())? {
-            return Ok(reused(image, hash, started));
+            return Ok((image, None, hash));
         }
     }
-    match (&recipe.from, parent) {
+    let (image, snapshot) = match (&recipe.from, parent) {
         (Origin::Base(layer), Some(parent)) => {
-            let found = provider.images().find_image(&parent.image_id);
-            let parent = found
-                .context(ProviderSnafu { step: "finding the extended base" })?
-                .context(ParentGoneSnafu { id: &parent.image_id })?;
             let suite = parent.tags.get("os_suite").cloned().unwrap_or_default();
             let mut tags = base_tags(&recipe.name, &hash, &suite);
             tags.insert(tags::BASE_PARENT.to_string(), parent.id.clone());
@@ -266,24 +258,17 @@ fn build_extending(
                 key: hash.clone(),
                 tags,
             };
-            let (image, snapshot) =
-                crate::bake::layer(provider, state_dir.to_path_buf(), request, events, cancel).context(LayerSnafu)?;
-            Ok(BaseOutcome {
-                image_id: image.id,
-                name: image.name,
-                snapshot_id: snapshot.id,
-                recipe_hash: hash,
-                stored_bytes: snapshot.stored_bytes,
-                duration_ms: started.elapsed().as_millis() as u64,
-                reused: false,
-            })
+            crate::bake::layer(provider, state_dir.to_path_buf(), request, events, cancel).context(LayerSnafu)?
         }
-        _ => build_standard(provider, state_dir, path, recipe, (hash, upstream), events, cancel, started),
-    }
+        (Origin::Debian { .. }, _) => {
+            build_standard(provider, state_dir, path, recipe, (hash.clone(), upstream), events, cancel)?
+        }
+        (Origin::Base(_), None) => unreachable!("a team's base has its parent built above"),
+    };
+    Ok((image, Some(snapshot), hash))
 }
 
 /// A base from Debian packages: the builder script makes the disk, which is imported.
-#[allow(clippy::too_many_arguments)]
 fn build_standard(
     provider: &dyn Provider,
     state_dir: &Path,
@@ -292,8 +277,7 @@ fn build_standard(
     (hash, upstream): (String, Option<String>),
     events: &dyn Sink,
     cancel: &AtomicBool,
-    started: Instant,
-) -> Result<BaseOutcome> {
+) -> Result<(Image, SnapshotResult)> {
     let id = crate::ids::new_id("base");
     let what = format!("base build {}", recipe.name);
     let mut build = Build {
@@ -311,17 +295,10 @@ fn build_standard(
     };
     let kept = |build: &Build| txn::image_and_snapshot(&build.image, &build.snapshot);
     txn::run(state_dir, &id, &what, provider, cancel, events, &mut build, STEPS, kept).context(RunSnafu)?;
-    let image = build.image.expect("the register step sets the image");
-    let snapshot = build.snapshot.expect("the import step sets the snapshot");
-    Ok(BaseOutcome {
-        image_id: image.id,
-        name: image.name,
-        snapshot_id: snapshot.id,
-        recipe_hash: build.hash,
-        stored_bytes: snapshot.stored_bytes,
-        duration_ms: started.elapsed().as_millis() as u64,
-        reused: false,
-    })
+    Ok((
+        build.image.expect("the register step sets the image"),
+        build.snapshot.expect("the import step sets the snapshot"),
+    ))
 }
 
 fn build_disk(build: &mut Build, tx: &mut Tx) -> StepResult {
@@ -379,12 +356,11 @@ fn list_packages(build: &mut Build, tx: &mut Tx) -> StepResult {
 }
 
 /// A base's Debian packages, from the document kept next to it; None where there is none.
-pub fn packages(provider: &dyn Provider, image_id: &str) -> crate::provider::Result<Option<Vec<serde_json::Value>>> {
+pub fn packages(provider: &dyn Provider, image_id: &str) -> crate::provider::Result<Option<Vec<crate::dpkg::Package>>> {
     let Some(document) = provider.images().document(image_id, crate::provider::Document::Manifest)? else {
         return Ok(None);
     };
-    let value: serde_json::Value = serde_json::from_slice(&document)?;
-    Ok(value["packages"].as_array().cloned())
+    Ok(Some(crate::dpkg::read_list_document(&document)?))
 }
 
 /// Every base image, newest first.

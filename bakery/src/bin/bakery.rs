@@ -193,7 +193,8 @@ enum BaseCommand {
         #[arg(long)]
         offline: bool,
     },
-    /// List base images, newest first, with their recipe, upstream and age.
+    /// List base images, newest first, with their recipe hash, upstream (or the base they are
+    /// on) and creation time.
     List,
     /// Show a base image and the versions of its Debian packages.
     Show {
@@ -494,11 +495,7 @@ fn run(cli: &Cli, ui: &Ui) -> Result<(), Failure> {
             });
         }
         Commands::Base(BaseCommand::Show { id }) => {
-            let image = provider
-                .images()
-                .find_image(id)
-                .map_err(|e| failure(1, e))?
-                .ok_or_else(|| failure(4, format!("image {id} not found")))?;
+            let image = find_image(provider, id)?;
             let packages = base::packages(provider, &image.id).map_err(|e| failure(1, e))?.unwrap_or_default();
             let result = serde_json::json!({ "image": image, "packages": packages });
             ui.print(&result, |_| {
@@ -508,8 +505,7 @@ fn run(cli: &Cli, ui: &Ui) -> Result<(), Failure> {
                     true => lines.push("packages: none recorded next to this image".into()),
                     false => lines.push(format!("packages ({}):", packages.len())),
                 }
-                let text = |value: &serde_json::Value| value.as_str().unwrap_or_default().to_string();
-                lines.extend(packages.iter().map(|p| format!("  {:<40} {}", text(&p["name"]), text(&p["version"]))));
+                lines.extend(packages.iter().map(|p| format!("  {:<40} {}", p.name, p.version)));
                 lines.join("\n")
             });
         }
@@ -592,14 +588,17 @@ fn run(cli: &Cli, ui: &Ui) -> Result<(), Failure> {
     Ok(())
 }
 
+/// An image by id, name or base family; exit 4 when there is none.
+fn find_image(provider: &dyn Provider, id: &str) -> Result<Image, Failure> {
+    provider
+        .images()
+        .find_image(id)
+        .map_err(|e| failure(1, e))?
+        .ok_or_else(|| failure(4, format!("image {id} not found")))
+}
+
 fn images(provider: &dyn Provider, command: &ImagesCommand, ui: &Ui, cancel: &AtomicBool) -> Result<(), Failure> {
-    let find = |id: &str| {
-        provider
-            .images()
-            .find_image(id)
-            .map_err(|e| failure(1, e))?
-            .ok_or_else(|| failure(4, format!("image {id} not found")))
-    };
+    let find = |id: &str| find_image(provider, id);
     match command {
         ImagesCommand::List => {
             let images = provider.images().list_images().map_err(|e| failure(1, e))?;

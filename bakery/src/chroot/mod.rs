@@ -36,8 +36,8 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// Mounts the pseudo filesystems, /run, name resolution and apt's directory (`$3`, when
-/// given, on `$4`) inside the new mount namespace, then enters the image. The resolver is a
+/// Mounts the pseudo filesystems, /run, name resolution and apt's directory (`$3`, on `$4`)
+/// inside the new mount namespace, then enters the image. The resolver is a
 /// copy on the private /run, so nothing in the image can write the host's; apt's directory is
 /// read-only but for its lists and downloads, so nothing in the image can change what the host
 /// writes there.
@@ -57,23 +57,21 @@ if [ -r /etc/resolv.conf ]; then
     fi ;;
     esac
 fi
-if [ -n "$apt" ]; then
-    mkdir -p "$root$4"
-    mount --bind "$apt" "$root$4"
-    mount -o remount,bind,ro "$root$4"
-    mount --bind "$apt/lists" "$root$4/lists"
-    mount --bind "$apt/archives" "$root$4/archives"
-    export APT_CONFIG="$4/apt.conf"
-fi
+mkdir -p "$root$4"
+mount --bind "$apt" "$root$4"
+mount -o remount,bind,ro "$root$4"
+mount --bind "$apt/lists" "$root$4/lists"
+mount --bind "$apt/archives" "$root$4/archives"
+export APT_CONFIG="$4/apt.conf"
 exec chroot "$root" /bin/sh -ec "$2""#;
 
-/// Runs `script` with /bin/sh inside the image mounted at `root`; output goes to `log`. With
-/// `apt_dir` (made by [`apt::prepare`]), apt in the image uses it.
+/// Runs `script` with /bin/sh inside the image mounted at `root`, apt in it using `apt_dir`
+/// (made by [`apt::prepare`]); output goes to `log`.
 pub fn run(
     root: &Path,
     script: &str,
     env: &[(&str, &str)],
-    apt_dir: Option<&Path>,
+    apt_dir: &Path,
     log: &Path,
     cancel: &AtomicBool,
 ) -> Result<()> {
@@ -85,7 +83,7 @@ pub fn run(
         .args(["/bin/sh", "-c", ENTER, "bakery-chroot"])
         .arg(root)
         .arg(script)
-        .arg(apt_dir.unwrap_or(Path::new("")))
+        .arg(apt_dir)
         .arg(apt::MOUNT_POINT)
         .env_clear()
         .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")

@@ -82,11 +82,17 @@ pub fn image(image: &Image, header: &Header) -> String {
         ("Architecture", escape(&image.architecture)),
         ("Created", escape(&image.created)),
         ("Manifest", document_link(image, Document::Manifest, "every file the bake installed")),
-        ("SBOM", document_link(image, Document::Sbom, "every Debian package and the app's files (CycloneDX)")),
-        ("Provenance", document_link(image, Document::Provenance, "how it was made (in-toto, SLSA)")),
-        ("JSON", link(&format!("/api/images/{}", url_part(&image.id)), "as the API returns it")),
     ];
-    let facts = table("image", &["", ""], facts.into_iter().map(|(k, v)| vec![k.to_string(), v]));
+    // A bake that wrote an SBOM (and its provenance) says so in the image's tags.
+    let attested = image.tags.contains_key(tags::SBOM_SHA256).then(|| {
+        [
+            ("SBOM", document_link(image, Document::Sbom, "every Debian package and the app's files (CycloneDX)")),
+            ("Provenance", document_link(image, Document::Provenance, "how it was made (in-toto, SLSA)")),
+        ]
+    });
+    let json = ("JSON", link(&format!("/api/images/{}", url_part(&image.id)), "as the API returns it"));
+    let facts = facts.into_iter().chain(attested.into_iter().flatten()).chain([json]);
+    let facts = table("image", &["", ""], facts.map(|(k, v)| vec![k.to_string(), v]));
     let tags = table("tags", &["Tag", "Value"], image.tags.iter().map(|(k, v)| vec![escape(k), escape(v)]));
     let body = format!("{facts}<h2>Tags</h2>{tags}");
     html::page(&format!("Image {}", image.id), header, &body)

@@ -275,6 +275,8 @@ fn hostile_tags_render_as_text_under_a_policy_that_forbids_inline_script() {
             );
         }
     }
+    let page = agent().get(&format!("{}/images/{}", served.url, served.image)).call().unwrap().into_string().unwrap();
+    assert!(page.contains("/manifest\"") && !page.contains("/sbom\""), "no SBOM link for an image without one");
     let manifest = agent().get(&format!("{}/images/{}/manifest", served.url, served.image)).call().unwrap();
     assert_eq!(manifest.content_type(), "application/json");
     assert_eq!(manifest.into_string().unwrap(), r#"{"app": "hello", "files": []}"#);

@@ -17,7 +17,7 @@ mod source;
 
 pub use kind::Kind;
 pub use manifest::{EntryKind, ManifestEntry};
-pub use source::{open_source, sidecar_sha256, PackageSource};
+pub use source::{is_url, open_source, sidecar_sha256, PackageSource};
 
 use crate::rootfs::{self, RootDir};
 use nix::errno::Errno;
@@ -592,7 +592,7 @@ mod tests {
     fn a_war_is_placed_whole_as_app_war() {
         let image = image();
         let war = [b"PK\x03\x04".as_slice(), &noise(CHUNK_SIZE + 5, 3)].concat();
-        // A symlink where the war goes is replaced, not followed.
+        // A symlink where the war goes is refused, never followed.
         fs::create_dir_all(image.app()).unwrap();
         std::os::unix::fs::symlink(image.outside(), image.app().join("app.war")).unwrap();
         let err = image.install_named("hello.war", &war, &options()).unwrap_err();

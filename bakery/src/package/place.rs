@@ -38,7 +38,7 @@ fn copy(mut input: impl Read, output: &mut File, cancel: &AtomicBool, path: &str
 }
 
 /// Places the web archive as `install_root/<war_name>`, owned by the package's owner, replacing
-/// a file of that name; a symlink there is never followed.
+/// a file of that name; a symlink there is refused, never followed.
 pub(super) fn war(
     install_dir: &OwnedFd,
     opts: &InstallOptions,

@@ -71,7 +71,8 @@ pub fn sidecar_sha256(spec: &str) -> Result<Option<String>> {
     Ok(Some(digest.to_ascii_lowercase()))
 }
 
-fn is_url(spec: &str) -> bool {
+/// Whether a package is given as an `http(s)://` URL rather than a path.
+pub fn is_url(spec: &str) -> bool {
     spec.starts_with("http://") || spec.starts_with("https://")
 }
 
