@@ -164,7 +164,8 @@ fn assert_serving(world: &Value, name: &str, target_group: &str) {
 fn assert_disabled(world: &Value, name: &str, target_group: &str) {
     let g = group(world, name);
     assert!(!strings(&g["target_groups"]).contains(&target_group.to_string()), "{name} still attached: {g}");
-    assert_eq!(strings(&g["suspended"]), ["AddToLoadBalancer", "Launch", "Terminate"], "{name}");
+    let suspended = ["AddToLoadBalancer", "AlarmNotification", "Launch", "ScheduledActions", "Terminate"];
+    assert_eq!(strings(&g["suspended"]), suspended, "{name}");
     let (instances, running, registered) =
         (strings(&g["instances"]), strings(&world["running"]), strings(&world["registered"]));
     assert!(!instances.is_empty() && instances.iter().all(|i| running.contains(i)), "{name}: {world:#}");
@@ -424,8 +425,18 @@ fn start_agents(group: &str, app: &App) -> Agents {
     let user_data =
         base64::Engine::decode(&base64::engine::general_purpose::STANDARD, found["user_data"].as_str().unwrap())
             .unwrap();
-    let user_data = String::from_utf8(user_data).unwrap();
-    assert!(user_data.contains("REGISTRY_URL='cloudmap:srv-"), "{user_data}");
+    // The lines the agent takes from it, by the agent's own reading.
+    let mut reader = Command::new(common::workspace().join("base-images/bakery-agent"))
+        .arg("--env-from-user-data")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    reader.stdin.take().unwrap().write_all(&user_data).unwrap();
+    let read = reader.wait_with_output().unwrap();
+    assert!(read.status.success(), "no launcher lines in {}", String::from_utf8_lossy(&user_data));
+    let user_data = String::from_utf8(read.stdout).unwrap();
+    assert!(user_data.starts_with("REGISTRY_URL='cloudmap:srv-"), "{user_data}");
     assert!(user_data.contains(&format!("GROUP='{group}'")), "{user_data}");
     let dir = tempfile::tempdir().unwrap();
     let mut children = Vec::new();
@@ -488,7 +499,17 @@ fn instances_register_in_cloud_map_and_the_flip_waits_for_them() {
     let stand = stand();
     let app = app();
     let registry = ["--registry-namespace", "bakery"];
-    let first = start_deploy_with(&stand, 0, &registry);
+    // The team's user data sits beside the launcher's: the agent still finds its lines.
+    let team = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        team.path(),
+        "#cloud-config
+runcmd: [echo team]
+",
+    )
+    .unwrap();
+    let first =
+        start_deploy_with(&stand, 0, &[&registry[..], &["--user-data-file", team.path().to_str().unwrap()]].concat());
     // Healthy at the balancer from the start, but not registered: the gate holds.
     std::thread::sleep(Duration::from_secs(3));
     assert!(world(&stand)["groups"]["hello-prod-v000"]["target_groups"]
@@ -505,6 +526,12 @@ fn instances_register_in_cloud_map_and_the_flip_waits_for_them() {
     let _v001 = start_agents("hello-prod-v001", &app);
     let (code, flipped) = finished(second);
     assert_eq!(code, 0, "{flipped}");
+    let user_data = decoded_user_data(&launch_settings("hello-prod-v001"));
+    assert!(
+        user_data.contains("Content-Type: text/cloud-config") && user_data.contains("runcmd: [echo team]"),
+        "{user_data}"
+    );
+    assert!(user_data.contains("GROUP='hello-prod-v001'") && !user_data.contains("v000"), "{user_data}");
     // The old group is held out of service in the registry: discovering clients see the new one.
     assert_eq!(registered(), statuses(&[("hello-prod-v000", "OUT_OF_SERVICE"), ("hello-prod-v001", "UP")]));
     assert_eq!(discovered(), 3);
@@ -581,7 +608,17 @@ fn a_watched_soak_switches_back_on_cloudwatch_figures_even_when_throttled() {
     proxy_post("/_proxy/faults", &json!({"throttle": 0.2, "seed": 5, "actions": actions}));
     let app = app();
     let registry = ["--registry-namespace", "bakery"];
-    let first = start_deploy_with(&stand, 0, &registry);
+    // The team's user data sits beside the launcher's: the agent still finds its lines.
+    let team = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        team.path(),
+        "#cloud-config
+runcmd: [echo team]
+",
+    )
+    .unwrap();
+    let first =
+        start_deploy_with(&stand, 0, &[&registry[..], &["--user-data-file", team.path().to_str().unwrap()]].concat());
     let _v000 = start_agents("hello-prod-v000", &app);
     assert_eq!(finished(first).0, 0);
     put_traffic(&stand, 1000, 0, 100);
@@ -837,4 +874,175 @@ fn a_deploy_whose_replies_are_lost_adopts_what_the_first_attempts_made() {
     assert_eq!(w["groups"].as_object().unwrap().keys().collect::<Vec<_>>(), ["hello-prod-v000"]);
     assert_eq!(strings(&w["templates"]), ["bakery-deploys-hello-prod", "hello-prod-v000"], "the lock was released");
     assert_serving(&w, "hello-prod-v000", &stand.target_group);
+}
+
+/// The launch template data and Auto Scaling settings of `group`, as AWS reports them.
+fn launch_settings(group: &str) -> Value {
+    boto(&format!(
+        "asg = boto3.client('autoscaling'); cw = boto3.client('cloudwatch')\n\
+         g = '{group}'\n\
+         data = ec2.describe_launch_template_versions(LaunchTemplateName=g, Versions=['$Latest'])['LaunchTemplateVersions'][0]['LaunchTemplateData']\n\
+         a = asg.describe_auto_scaling_groups(AutoScalingGroupNames=[g])['AutoScalingGroups'][0]\n\
+         policies = {{p['PolicyName']: p['PolicyARN'] for p in asg.describe_policies(AutoScalingGroupName=g)['ScalingPolicies']}}\n\
+         alarms = [{{'name': x['AlarmName'], 'actions': x['AlarmActions'], 'dimensions': x['Dimensions']}} for x in cw.describe_alarms()['MetricAlarms'] if any(p in x['AlarmActions'] for p in policies.values())]\n\
+         scheduled = sorted([s['ScheduledActionName'], s.get('Recurrence')] for s in asg.describe_scheduled_actions(AutoScalingGroupName=g)['ScheduledUpdateGroupActions'])\n\
+         print(json.dumps({{'data': data, 'health_check': [a['HealthCheckType'], a['HealthCheckGracePeriod']],\n\
+             'termination': a['TerminationPolicies'], 'tags': {{t['Key']: [t['Value'], t['PropagateAtLaunch']] for t in a['Tags']}},\n\
+             'policies': policies, 'alarms': alarms, 'scheduled': scheduled}}, default=str))"
+    ))
+}
+
+fn decoded_user_data(settings: &Value) -> String {
+    let encoded = settings["data"]["UserData"].as_str().unwrap_or_else(|| panic!("no user data: {settings}"));
+    String::from_utf8(base64::Engine::decode(&base64::engine::general_purpose::STANDARD, encoded).unwrap()).unwrap()
+}
+
+/// A cluster config with mistakes is refused with all of them; a good one sets up the first
+/// group; the second copies it and everything the operator then added to the first (a launch
+/// template version with block devices, a tag, scaling policies with an alarm, a scheduled action), the flags given win, and destroying the first takes its alarms along.
+#[test]
+fn a_new_group_copies_its_ancestor_and_what_is_given_wins() {
+    let _serial = serial();
+    let stand = stand();
+    let setup = boto(
+        "iam = boto3.client('iam')\n\
+         iam.create_instance_profile(InstanceProfileName='hello-prod')\n\
+         vpc = ec2.describe_vpcs()['Vpcs'][0]['VpcId']\n\
+         sgs = [ec2.create_security_group(GroupName=n, Description=n, VpcId=vpc)['GroupId'] for n in ('hello-a', 'hello-b')]\n\
+         for k in ('ops', 'ops2'): ec2.create_key_pair(KeyName=k)\n\
+         print(json.dumps({'sgs': sgs}))",
+    );
+    let (sg_a, sg_b) = (setup["sgs"][0].as_str().unwrap(), setup["sgs"][1].as_str().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let team = "#!/bin/sh\necho team-user-data\n";
+    std::fs::write(dir.path().join("user-data.sh"), team).unwrap();
+    let config = dir.path().join("cluster.toml");
+    std::fs::write(
+        &config,
+        "instance_type = \"t3\"\nsecurity_groups = [\"default\"]\nhealth_check_type = \"TCP\"\nmin = 2\n",
+    )
+    .unwrap();
+    let image = stand.images[0].as_str();
+    let with_config = ["deploy", "--cluster", CLUSTER, "--image", image, "--health-timeout", "60s", "--cluster-config"];
+    let (code, value, stderr) = run(&[&with_config[..], &[config.to_str().unwrap()]].concat());
+    assert_eq!(code, 3, "{value}\n{stderr}");
+    for line in [
+        "cluster.toml:1: instance_type",
+        "cluster.toml:2: security_groups[0]",
+        "cluster.toml:3:",
+        "cluster.toml:4: min",
+    ] {
+        assert!(stderr.contains(line), "{line} not reported: {stderr}");
+    }
+    assert_eq!(world(&stand)["groups"], json!({}), "nothing made");
+
+    std::fs::write(
+        &config,
+        format!(
+            "instance_type = \"m5.large\"\nsecurity_groups = [\"{sg_a}\"]\ninstance_profile = \"hello-prod\"\n\
+             key_name = \"ops\"\nuser_data_file = \"user-data.sh\"\nhealth_check_grace = \"2m\"\n\
+             target_groups = [\"{}\"]\nhealth_url = \"/hello/health\"\ntermination_policies = [\"OldestInstance\"]\n",
+            stand.target_group
+        ),
+    )
+    .unwrap();
+    let (code, first, stderr) = run(&[&with_config[..], &[config.to_str().unwrap()]].concat());
+    assert_eq!((code, &first["new_group"]), (0, &json!("hello-prod-v000")), "{first}\n{stderr}");
+    let v000 = launch_settings("hello-prod-v000");
+    assert_eq!(decoded_user_data(&v000), team, "the team's user data alone, as given");
+    assert_eq!(v000["data"]["SecurityGroupIds"], json!([sg_a]));
+    assert_eq!(v000["health_check"], json!(["ELB", 120]));
+
+    // What an operator adds to the serving group by hand.
+    boto(&format!(
+        "asg = boto3.client('autoscaling'); cw = boto3.client('cloudwatch')\n\
+         g = 'hello-prod-v000'\n\
+         snapshot = ec2.describe_images(ImageIds=['{image}'])['Images'][0]['BlockDeviceMappings'][0]['Ebs']['SnapshotId']\n\
+         data = ec2.describe_launch_template_versions(LaunchTemplateName=g, Versions=['$Latest'])['LaunchTemplateVersions'][0]['LaunchTemplateData']\n\
+         data['BlockDeviceMappings'] = [{{'DeviceName': '/dev/xvda', 'Ebs': {{'SnapshotId': snapshot, 'VolumeSize': 20, 'VolumeType': 'gp3'}}}},\n\
+             {{'DeviceName': '/dev/xvdb', 'Ebs': {{'VolumeSize': 50, 'VolumeType': 'gp3', 'DeleteOnTermination': True}}}}]\n\
+         ec2.create_launch_template_version(LaunchTemplateName=g, LaunchTemplateData=data)\n\
+         asg.create_or_update_tags(Tags=[{{'ResourceId': g, 'ResourceType': 'auto-scaling-group', 'Key': 'team', 'Value': 'web', 'PropagateAtLaunch': True}}])\n\
+         asg.put_scaling_policy(AutoScalingGroupName=g, PolicyName='cpu', PolicyType='TargetTrackingScaling', TargetTrackingConfiguration={{'PredefinedMetricSpecification': {{'PredefinedMetricType': 'ASGAverageCPUUtilization'}}, 'TargetValue': 50.0}})\n\
+         up = asg.put_scaling_policy(AutoScalingGroupName=g, PolicyName='scale-up', PolicyType='SimpleScaling', AdjustmentType='ChangeInCapacity', ScalingAdjustment=1, Cooldown=120)['PolicyARN']\n\
+         cw.put_metric_alarm(AlarmName='hello-prod-v000-busy', MetricName='CPUUtilization', Namespace='AWS/EC2', Statistic='Average', Period=60, EvaluationPeriods=3, Threshold=80.0, ComparisonOperator='GreaterThanThreshold', Dimensions=[{{'Name': 'AutoScalingGroupName', 'Value': g}}], AlarmActions=[up])\n\
+         asg.put_scheduled_update_group_action(AutoScalingGroupName=g, ScheduledActionName='nightly', Recurrence='0 2 * * *', MinSize=3, MaxSize=6, DesiredCapacity=3)\n\
+         print('{{}}')"
+    ));
+
+    // The calls the copy adds are throttled (six in a row), and go through all the same.
+    let copying = [
+        "DescribeLaunchTemplateVersions",
+        "DescribeImages",
+        "DescribePolicies",
+        "DescribeScheduledActions",
+        "DescribeAlarms",
+        "PutScalingPolicy",
+        "PutMetricAlarm",
+        "PutScheduledUpdateGroupAction",
+    ];
+    proxy_post("/_proxy/faults", &json!({"throttle": 1.0, "max": 6, "actions": copying}));
+    let second = deploy(&stand, 1, &["--key-name", "ops2", "--health-check-type", "EC2"]);
+    let throttled = proxy_get("/_proxy/stats")["faults"]["throttle"].as_u64().unwrap_or(0);
+    proxy_post("/_proxy/faults", &json!({}));
+    assert_eq!(throttled, 6, "calls throttled");
+    assert_eq!(second["previous_group"], "hello-prod-v000");
+    let v001 = launch_settings("hello-prod-v001");
+    let data = &v001["data"];
+    assert_eq!(data["ImageId"], stand.images[1].as_str());
+    assert_eq!(data["InstanceType"], "m5.large");
+    assert_eq!(data["SecurityGroupIds"], json!([sg_a]));
+    assert_eq!(data["IamInstanceProfile"]["Name"], "hello-prod");
+    assert_eq!(data["KeyName"], "ops2", "the flag wins");
+    assert_eq!(data["MetadataOptions"]["HttpTokens"], "required");
+    assert_eq!(decoded_user_data(&v001), team, "the team's user data is copied");
+    let mappings = data["BlockDeviceMappings"].as_array().unwrap();
+    assert_eq!(mappings.len(), 2, "{data}");
+    assert_eq!(mappings[0]["Ebs"].get("SnapshotId"), None, "not the old image's root: {data}");
+    assert_eq!(mappings[0]["Ebs"]["VolumeSize"], 20);
+    assert_eq!(mappings[1]["Ebs"]["VolumeSize"], 50);
+    assert_eq!(v001["health_check"], json!(["EC2", 120]), "the flag wins, the grace is copied");
+    assert_eq!(v001["termination"], json!(["OldestInstance"]));
+    assert_eq!(v001["tags"]["team"], json!(["web", true]));
+    let policies = v001["policies"].as_object().unwrap();
+    assert_eq!(policies.keys().collect::<Vec<_>>(), ["hello-prod-v001-cpu", "hello-prod-v001-scale-up"]);
+    let alarms = v001["alarms"].as_array().unwrap();
+    assert_eq!(alarms.len(), 1, "{v001}");
+    assert_eq!(alarms[0]["name"], "hello-prod-v001-busy");
+    assert_eq!(alarms[0]["actions"], json!([policies["hello-prod-v001-scale-up"]]));
+    assert_eq!(alarms[0]["dimensions"][0]["Value"], "hello-prod-v001");
+    assert_eq!(v001["scheduled"], json!([["hello-prod-v001-nightly", "0 2 * * *"]]));
+    // As the proxy saw the request: the new template carries the ancestor's security groups and
+    // instance profile.
+    let template = &recorded("CreateLaunchTemplate")
+        .into_iter()
+        .find(|r| r["params"]["LaunchTemplateName"] == "hello-prod-v001")
+        .expect("v001's launch template")["params"];
+    assert_eq!(template["LaunchTemplateData.SecurityGroupId.1"], sg_a, "{template}");
+    assert_eq!(template["LaunchTemplateData.IamInstanceProfile.Name"], "hello-prod", "{template}");
+    // The disabled ancestor's policies and schedule cannot resize it.
+    assert_disabled(&world(&stand), "hello-prod-v000", &stand.target_group);
+
+    let third = deploy(&stand, 2, &["--security-group", sg_b]);
+    let v002 = launch_settings("hello-prod-v002");
+    assert_eq!(v002["data"]["SecurityGroupIds"], json!([sg_b]));
+    assert_eq!(v002["data"]["KeyName"], "ops2", "copied from v001");
+    assert_eq!(third["previous_group"], "hello-prod-v001");
+    let names: Vec<&str> = v002["alarms"].as_array().unwrap().iter().map(|a| a["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["hello-prod-v002-busy"], "one prefix, however many deploys");
+
+    let (code, done, stderr) = run(&["finish", "--cluster", CLUSTER, "--soak", "0s"]);
+    assert_eq!(code, 0, "{done}\n{stderr}");
+    let left = boto(
+        "cw = boto3.client('cloudwatch'); asg = boto3.client('autoscaling')\n\
+         print(json.dumps({'alarms': sorted(a['AlarmName'] for a in cw.describe_alarms()['MetricAlarms'] if 'TargetTracking' not in a['AlarmName']),\n\
+             'policies': sorted(p['PolicyName'] for p in asg.describe_policies()['ScalingPolicies']),\n\
+             'scheduled': sorted(s['ScheduledActionName'] for s in asg.describe_scheduled_actions()['ScheduledUpdateGroupActions'])}))",
+    );
+    assert_eq!(
+        left,
+        json!({ "alarms": ["hello-prod-v002-busy"], "policies": ["hello-prod-v002-cpu", "hello-prod-v002-scale-up"],
+                "scheduled": ["hello-prod-v002-nightly"] }),
+        "the destroyed groups' alarms, policies and schedules went with them"
+    );
 }

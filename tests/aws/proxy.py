@@ -540,7 +540,28 @@ class Proxy:
             return self.register_instance(request)
         if request.service == "monitoring" and request.action == "GetMetricData":
             return self.get_metric_data(request)
+        if request.service == "autoscaling" and request.action == "PutScalingPolicy":
+            return self.put_scaling_policy(request)
         return self.forward(request)
+
+    def put_scaling_policy(self, request):
+        """AWS answers PutScalingPolicy with the policy's `PolicyARN`; moto's answer leaves it out
+        (it sets `PolicyArn`, which its serializer drops). Read back and answered as AWS does."""
+        response = self.forward(request)
+        if response.status != 200 or request.protocol != "query" or b"<PolicyARN>" in response.body:
+            return response
+        query = urlencode({
+            "Action": "DescribePolicies",
+            "Version": request.params.get("Version", "2011-01-01"),
+            "AutoScalingGroupName": request.params.get("AutoScalingGroupName", ""),
+            "PolicyNames.member.1": request.params.get("PolicyName", ""),
+        })
+        described = self.forward(request.derive(f"/?{query}"))
+        found = re.search(rb"<PolicyARN>[^<]*</PolicyARN>", described.body)
+        if found:
+            result = b"<PutScalingPolicyResult>" + found.group(0) + b"</PutScalingPolicyResult>"
+            response.body = response.body.replace(b"<PutScalingPolicyResult/>", result)
+        return response
 
     def register_instance(self, request):
         """AWS updates an instance registered again; moto would list it twice."""

@@ -459,6 +459,18 @@ class QueryTest(ProxyTest):
         created = ec2.create_launch_template(LaunchTemplateName="hello-prod-canary(7e)1-v000", LaunchTemplateData={})
         self.assertEqual(created["LaunchTemplate"]["LaunchTemplateName"], "hello-prod-canary(7e)1-v000")
 
+    def test_a_new_scaling_policy_is_answered_with_its_arn(self):
+        client("ec2").create_launch_template(LaunchTemplateName="hello-v000", LaunchTemplateData={"ImageId": "ami-12345678"})
+        autoscaling = client("autoscaling")
+        autoscaling.create_auto_scaling_group(
+            AutoScalingGroupName="hello-v000", LaunchTemplate={"LaunchTemplateName": "hello-v000"},
+            MinSize=0, MaxSize=0, AvailabilityZones=["us-east-1a"])
+        put = autoscaling.put_scaling_policy(
+            AutoScalingGroupName="hello-v000", PolicyName="up", AdjustmentType="ChangeInCapacity", ScalingAdjustment=1)
+        described = autoscaling.describe_policies(AutoScalingGroupName="hello-v000")["ScalingPolicies"]
+        self.assertEqual(put["PolicyARN"], described[0]["PolicyARN"])
+        self.assertTrue(put["PolicyARN"].endswith(":autoScalingGroupName/hello-v000:policyName/up"), put)
+
     def test_registrations_are_checked_as_ec2_checks_them(self):
         ebs = with_account(client("ebs"), ACCOUNT)
         ec2 = with_account(client("ec2"), ACCOUNT)

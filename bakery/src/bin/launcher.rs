@@ -2,7 +2,8 @@
 //! `bakery::launch`.
 
 use bakery::launch::chaos::{self, AuditEntry, Chaos};
-use bakery::launch::cloud::{Action, Cloud, DeployRecord, Outcome, Phase};
+use bakery::launch::cloud::{Action, Cloud, DeployRecord, HealthCheckType, LaunchSettings, Outcome, Phase};
+use bakery::launch::cluster_config::{self, ClusterConfig};
 use bakery::launch::engine::{self, Engine, Identity, Status, SystemClock};
 use bakery::launch::plan::{DeployRequest, StrategyKind};
 use bakery::launch::registry::Registry;
@@ -63,8 +64,15 @@ enum CloudKind {
 enum Commands {
     /// Deploy an image as a new group of the cluster and flip traffic to it once it is healthy.
     ///
-    /// Example:
+    /// On aws the new group copies the serving group's launch template (security groups,
+    /// instance profile, key pair, user data, block devices, metadata options, tags, instance
+    /// type) and Auto Scaling settings (health check, termination policies, scaling policies with
+    /// their alarms, scheduled actions). What is given wins, in this order: flags, then
+    /// --cluster-config, then the serving group, then the defaults.
+    ///
+    /// Examples:
     ///   launcher deploy --cluster hello-prod --image ami-0123456789abcdef0 --health-url /hello/health
+    ///   launcher deploy --cluster hello-prod --image ami-0123456789abcdef0 --cluster-config cluster.toml
     #[command(verbatim_doc_comment)]
     Deploy(Box<DeployArgs>),
     /// Show the cluster's groups (version, image, in service or disabled, capacity, health) and
@@ -269,17 +277,47 @@ struct DeployArgs {
     max: Option<u32>,
     #[arg(long)]
     desired: Option<u32>,
-    #[arg(long, default_value = "t3.small")]
-    instance_type: String,
+    /// The cluster's settings file (see `cluster.toml` in the README): keys named like these
+    /// flags, checked all at once. Flags given here win over it.
+    #[arg(long, value_name = "FILE")]
+    cluster_config: Option<PathBuf>,
+    /// aws: the instance type (default: the serving group's, else t3.small).
+    #[arg(long)]
+    instance_type: Option<String>,
+    /// aws: security group ids, replacing the serving group's (repeatable or comma-separated).
+    #[arg(long = "security-group", value_delimiter = ',', value_name = "SG")]
+    security_groups: Vec<String>,
+    /// aws: the instance profile's name or ARN.
+    #[arg(long, value_name = "NAME|ARN")]
+    instance_profile: Option<String>,
+    /// aws: the EC2 key pair.
+    #[arg(long)]
+    key_name: Option<String>,
+    /// aws: the team's user data (a script or cloud-config, at most 15 KiB); the launcher's own
+    /// part is added beside it, never over it.
+    #[arg(long, value_name = "FILE")]
+    user_data_file: Option<PathBuf>,
+    /// aws: how the group judges its instances (default: the serving group's, else ELB with
+    /// a target group and EC2 without).
+    #[arg(long, value_name = "ELB|EC2")]
+    health_check_type: Option<HealthCheckType>,
+    /// aws: how long a new instance may take before its health counts (default: the serving
+    /// group's, else 5m).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    health_check_grace: Option<Duration>,
+    /// aws: which instances a scale-in ends first, in order (repeatable; default: the serving
+    /// group's, else Default).
+    #[arg(long = "termination-policy", value_delimiter = ',', value_name = "POLICY", value_parser = termination_policy)]
+    termination_policies: Vec<String>,
     /// aws: subnets in at least 3 zones, comma-separated (default: the default VPC's).
     #[arg(long, value_delimiter = ',')]
     subnets: Vec<String>,
     /// aws: target group ARN the new group joins (repeatable).
     #[arg(long = "target-group")]
     target_groups: Vec<String>,
-    /// Path every instance must answer 200 on before the group takes traffic.
-    #[arg(long, default_value = "/")]
-    health_url: String,
+    /// Path every instance must answer 200 on before the group takes traffic (default: /).
+    #[arg(long)]
+    health_url: Option<String>,
     /// aws: the Cloud Map HTTP namespace the instances register in (created if missing; one
     /// service per app). The gate then also waits for every instance to report UP there, and a
     /// disabled group's instances are held OUT_OF_SERVICE. Local instances always register in
@@ -317,6 +355,67 @@ struct DeployArgs {
 struct Failure {
     code: u8,
     message: String,
+}
+
+fn termination_policy(policy: &str) -> Result<String, String> {
+    match bakery::launch::cloud::termination_policy_problem(policy) {
+        Some(problem) => Err(problem),
+        None => Ok(policy.to_string()),
+    }
+}
+
+/// The deploy asked for: flags over the cluster config; a config or user data file that is
+/// wrong is bad input (exit 3).
+fn deploy_request(args: &DeployArgs) -> Result<DeployRequest, Failure> {
+    let bad_input = |message: String| Failure { code: 3, message };
+    let config = match &args.cluster_config {
+        Some(path) => cluster_config::load(path).map_err(|e| bad_input(e.to_string()))?,
+        None => ClusterConfig::default(),
+    };
+    let user_data = match &args.user_data_file {
+        Some(path) => {
+            Some(cluster_config::read_user_data(path).map_err(|e| bad_input(format!("--user-data-file: {e}")))?)
+        }
+        None => None,
+    };
+    let given = LaunchSettings {
+        instance_type: args.instance_type.clone(),
+        security_groups: (!args.security_groups.is_empty()).then(|| args.security_groups.clone()),
+        instance_profile: args.instance_profile.clone(),
+        key_name: args.key_name.clone(),
+        user_data,
+        health_check_type: args.health_check_type,
+        health_check_grace: args.health_check_grace.map(|g| g.as_secs()),
+        termination_policies: (!args.termination_policies.is_empty()).then(|| args.termination_policies.clone()),
+    };
+    let or_config = |given: &[String], configured: Vec<String>| match given.is_empty() {
+        true => configured,
+        false => given.to_vec(),
+    };
+    Ok(DeployRequest {
+        cluster: args.cluster.clone(),
+        image_id: args.image.clone(),
+        strategy: args.strategy,
+        min: args.min.or(config.min),
+        max: args.max.or(config.max),
+        desired: args.desired.or(config.desired),
+        launch: given.over(config.launch),
+        subnets: or_config(&args.subnets, config.subnets),
+        target_groups: or_config(&args.target_groups, config.target_groups),
+        health_url: args.health_url.clone().or(config.health_url).unwrap_or_else(|| "/".into()),
+        registry_namespace: args.registry_namespace.clone().or(config.registry_namespace),
+        health_timeout: args.health_timeout,
+        keep: args.keep,
+        soak: args.soak.map(|soak| {
+            let thresholds = Thresholds {
+                max_error_rate: args.max_error_rate / 100.0,
+                max_p99_ms: args.max_p99.map(|p| p.as_millis() as u64),
+                window_secs: args.window.as_secs().max(1),
+                min_requests: args.min_requests,
+            };
+            (soak, thresholds)
+        }),
+    })
 }
 
 /// How often `deploy --watch` looks at its soaking cluster.
@@ -745,30 +844,11 @@ fn run(cli: &Cli) -> Result<(), Failure> {
     };
     match &cli.command {
         Commands::Deploy(args) => {
-            let request = DeployRequest {
-                cluster: args.cluster.clone(),
-                image_id: args.image.clone(),
-                strategy: args.strategy,
-                min: args.min,
-                max: args.max,
-                desired: args.desired,
-                instance_type: args.instance_type.clone(),
-                subnets: args.subnets.clone(),
-                target_groups: args.target_groups.clone(),
-                health_url: args.health_url.clone(),
-                registry_namespace: args.registry_namespace.clone(),
-                health_timeout: args.health_timeout,
-                keep: args.keep,
-                soak: args.soak.map(|soak| {
-                    let thresholds = Thresholds {
-                        max_error_rate: args.max_error_rate / 100.0,
-                        max_p99_ms: args.max_p99.map(|p| p.as_millis() as u64),
-                        window_secs: args.window.as_secs().max(1),
-                        min_requests: args.min_requests,
-                    };
-                    (soak, thresholds)
-                }),
-            };
+            let request = deploy_request(args).inspect_err(|failure| {
+                if ui.format == OutputFormat::Json {
+                    println!("{}", serde_json::json!({ "error": failure.message, "exit_code": failure.code }));
+                }
+            })?;
             let deployed = engine.deploy(&request);
             if !args.watch || deployed.as_ref().map_or(true, |r| r.phase != Phase::Soaking) {
                 return finished(deployed, &args.cluster);

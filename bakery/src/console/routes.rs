@@ -427,7 +427,7 @@ impl DeployInput {
             min: Count::value("min", &self.min)?,
             max: Count::value("max", &self.max)?,
             desired: Count::value("desired", &self.desired)?,
-            instance_type: "t3.small".into(),
+            launch: Default::default(),
             subnets: Vec::new(),
             target_groups: split_list(self.target_groups.as_deref()),
             health_url: health_url.to_string(),

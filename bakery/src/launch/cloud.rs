@@ -75,12 +75,120 @@ pub struct Replacement {
     pub reason: String,
 }
 
+/// How an Auto Scaling group judges its instances' health.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+pub enum HealthCheckType {
+    /// The load balancer's health checks (and EC2 status).
+    #[serde(rename = "ELB")]
+    #[value(name = "ELB")]
+    Elb,
+    /// EC2 status checks only.
+    #[serde(rename = "EC2")]
+    #[value(name = "EC2")]
+    Ec2,
+}
+
+impl HealthCheckType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HealthCheckType::Elb => "ELB",
+            HealthCheckType::Ec2 => "EC2",
+        }
+    }
+}
+
+/// What a group launches with besides its image (aws: launch template and Auto Scaling
+/// settings). Each one not given is copied from the group's ancestor, or is the cloud's default
+/// for a cluster's first group.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LaunchSettings {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instance_type: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub security_groups: Option<Vec<String>>,
+    /// An instance profile's name or ARN.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instance_profile: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_name: Option<String>,
+    /// The team's own user data (the launcher's is merged with it, never over it). Never
+    /// written out: it may hold what a team considers secret.
+    #[serde(skip)]
+    pub user_data: Option<Vec<u8>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_check_type: Option<HealthCheckType>,
+    /// Seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_check_grace: Option<u64>,
+    /// Which instances a scale-in ends first (Auto Scaling's names, or a Lambda function's ARN).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub termination_policies: Option<Vec<String>>,
+}
+
+/// Auto Scaling's own termination policies (a Lambda function's ARN is the other kind).
+pub const TERMINATION_POLICIES: [&str; 7] = [
+    "Default",
+    "AllocationStrategy",
+    "OldestLaunchTemplate",
+    "OldestLaunchConfiguration",
+    "ClosestToNextInstanceHour",
+    "NewestInstance",
+    "OldestInstance",
+];
+
+/// Why `policy` is not a termination policy, if it is not.
+pub fn termination_policy_problem(policy: &str) -> Option<String> {
+    let known = TERMINATION_POLICIES.contains(&policy) || policy.starts_with("arn:aws:lambda:");
+    (!known).then(|| {
+        format!("{policy:?} is not a termination policy ({} or a Lambda ARN)", TERMINATION_POLICIES.join(", "))
+    })
+}
+
+impl LaunchSettings {
+    /// These settings where given, `under`'s elsewhere.
+    pub fn over(self, under: LaunchSettings) -> LaunchSettings {
+        LaunchSettings {
+            instance_type: self.instance_type.or(under.instance_type),
+            security_groups: self.security_groups.or(under.security_groups),
+            instance_profile: self.instance_profile.or(under.instance_profile),
+            key_name: self.key_name.or(under.key_name),
+            user_data: self.user_data.or(under.user_data),
+            health_check_type: self.health_check_type.or(under.health_check_type),
+            health_check_grace: self.health_check_grace.or(under.health_check_grace),
+            termination_policies: self.termination_policies.or(under.termination_policies),
+        }
+    }
+
+    /// The settings given that only a cloud with launch templates can apply.
+    pub fn cloud_only(&self) -> Vec<&'static str> {
+        [
+            ("--security-group", self.security_groups.is_some()),
+            ("--instance-profile", self.instance_profile.is_some()),
+            ("--key-name", self.key_name.is_some()),
+            ("--user-data-file", self.user_data.is_some()),
+            ("--health-check-type", self.health_check_type.is_some()),
+            ("--health-check-grace", self.health_check_grace.is_some()),
+            ("--termination-policy", self.termination_policies.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(flag, given)| given.then_some(flag))
+        .collect()
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GroupSpec {
     pub name: String,
     pub cluster: String,
     pub image_id: String,
-    pub instance_type: String,
+    /// What was asked for; the rest comes from `ancestor`.
+    #[serde(default)]
+    pub launch: LaunchSettings,
+    /// The group whose launch settings, scaling policies and scheduled actions the new one
+    /// copies (Spinnaker's "copy from the previous server group"); None for a cluster's first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ancestor: Option<String>,
     pub capacity: Capacity,
     pub subnets: Vec<String>,
     pub target_groups: Vec<String>,
@@ -302,6 +410,27 @@ mod tests {
         // A pid on another host cannot be checked from here: only expiry frees it.
         assert!(!holder("there", 100).is_stale(50, "here", dead));
         assert!(holder("there", 100).is_stale(150, "here", dead));
+    }
+
+    #[test]
+    fn given_settings_win_and_the_cloud_only_ones_are_named() {
+        let given = LaunchSettings { key_name: Some("ops2".into()), ..LaunchSettings::default() };
+        let configured = LaunchSettings {
+            key_name: Some("ops".into()),
+            security_groups: Some(vec!["sg-1".into()]),
+            ..LaunchSettings::default()
+        };
+        let merged = given.over(configured);
+        assert_eq!(
+            (merged.key_name.as_deref(), merged.security_groups.as_deref()),
+            (Some("ops2"), Some(&["sg-1".to_string()][..]))
+        );
+        assert_eq!(merged.cloud_only(), ["--security-group", "--key-name"]);
+        assert!(LaunchSettings { instance_type: Some("t3.small".into()), ..LaunchSettings::default() }
+            .cloud_only()
+            .is_empty());
+        assert_eq!(termination_policy_problem("OldestInstance"), None);
+        assert!(termination_policy_problem("Oldest").is_some_and(|p| p.contains("NewestInstance")));
     }
 
     #[test]

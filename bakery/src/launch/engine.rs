@@ -612,6 +612,9 @@ impl Run<'_, '_> {
                         let message = format!("{} already exists with image {}", spec.name, existing.image_id);
                         return Err(StepError::Cloud(message.into()));
                     }
+                    // Creating again finishes what an interrupted create left undone (aws: the
+                    // scaling policies copied after the group).
+                    cloud.create_group(spec)?;
                     return Ok(Some("already exists".into()));
                 }
                 cloud.create_group(spec)?

@@ -108,6 +108,9 @@ pub enum Error {
 
     #[snafu(display("cluster {cluster} still has groups: {}", groups.join(", ")))]
     NotEmpty { cluster: String, groups: Vec<String> },
+
+    #[snafu(display("{} set(s) what only a cloud's launch templates have; local instances take none of it", flags.join(", ")))]
+    CloudOnly { flags: Vec<&'static str> },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -511,6 +514,12 @@ impl Cloud for LocalCloud {
             replacements: state.replacements,
         });
         Ok(groups.collect())
+    }
+
+    fn check_request(&self, request: &super::plan::DeployRequest) -> cloud::Result<()> {
+        let flags = request.launch.cloud_only();
+        snafu::ensure!(flags.is_empty(), CloudOnlySnafu { flags });
+        Ok(())
     }
 
     fn create_group(&self, spec: &GroupSpec) -> cloud::Result<()> {

@@ -5,6 +5,7 @@
 pub mod aws;
 pub mod chaos;
 pub mod cloud;
+pub mod cluster_config;
 mod daemon;
 pub mod engine;
 pub mod haproxy;

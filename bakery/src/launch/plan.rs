@@ -2,7 +2,7 @@
 //! cluster's groups and its last deploy record alone. Nothing here touches a cloud, so every
 //! strategy is tested without one, and a rerun after a crash re-plans from what exists.
 
-use super::cloud::{Capacity, DeployRecord, Group, GroupSpec};
+use super::cloud::{Capacity, DeployRecord, Group, GroupSpec, LaunchSettings};
 use super::names::{self, Cluster};
 use super::soak::Thresholds;
 use snafu::{ensure, OptionExt, ResultExt, Snafu};
@@ -56,7 +56,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 /// One idempotent step; running it twice has the effect of running it once.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Operation {
-    CreateGroup(GroupSpec),
+    CreateGroup(Box<GroupSpec>),
     /// Resume suspended processes without taking traffic.
     Resume(String),
     Resize(String, Capacity),
@@ -91,8 +91,12 @@ impl fmt::Display for Operation {
         match self {
             Operation::CreateGroup(spec) => {
                 let Capacity { min, max, desired } = spec.capacity;
-                let kind = &spec.instance_type;
-                write!(f, "create {} from {} ({desired} x {kind}, min {min}, max {max})", spec.name, spec.image_id)
+                let like = match (&spec.launch.instance_type, &spec.ancestor) {
+                    (Some(kind), _) => format!("{desired} x {kind}"),
+                    (None, Some(ancestor)) => format!("{desired} like {ancestor}"),
+                    (None, None) => format!("{desired} instances"),
+                };
+                write!(f, "create {} from {} ({like}, min {min}, max {max})", spec.name, spec.image_id)
             }
             Operation::Resume(group) => write!(f, "resume the processes of {group}"),
             Operation::Resize(group, Capacity { min, max, desired }) => {
@@ -181,7 +185,8 @@ pub struct DeployRequest {
     pub min: Option<u32>,
     pub max: Option<u32>,
     pub desired: Option<u32>,
-    pub instance_type: String,
+    /// Launch settings given for this deploy; the rest are copied from the serving group.
+    pub launch: LaunchSettings,
     /// Empty: the provider's default subnets.
     pub subnets: Vec<String>,
     pub target_groups: Vec<String>,
@@ -292,13 +297,17 @@ fn plan_flip(state: &ClusterState, request: &DeployRequest, deploy_id: &str, kee
     };
 
     let target = capacity(request, previous)?;
+    // Settings come from the group being replaced, or else the newest one the cluster has.
+    let newest = state.groups.iter().filter(|g| g.name != new_name).max_by_key(|g| age(g));
+    let ancestor = previous.or(newest).map(|g| g.name.clone());
     // Pinned at desired until it serves: an idle group would otherwise be scaled in by its policies.
     let launch = Capacity { min: target.desired, ..target };
     let spec = GroupSpec {
         name: new_name.clone(),
         cluster: request.cluster.clone(),
         image_id: request.image_id.clone(),
-        instance_type: request.instance_type.clone(),
+        launch: request.launch.clone(),
+        ancestor,
         capacity: launch,
         subnets: request.subnets.clone(),
         target_groups: request.target_groups.clone(),
@@ -307,7 +316,7 @@ fn plan_flip(state: &ClusterState, request: &DeployRequest, deploy_id: &str, kee
         deploy_id: deploy_id.to_string(),
     };
     let mut steps = vec![
-        Operation::CreateGroup(spec),
+        Operation::CreateGroup(Box::new(spec)),
         Operation::WaitHealthy { group: new_name.clone(), desired: target.desired, timeout: request.health_timeout },
         Operation::AddToService(new_name.clone()),
     ];
@@ -417,7 +426,7 @@ pub(crate) mod tests {
             min: None,
             max: None,
             desired: None,
-            instance_type: "t3.small".into(),
+            launch: LaunchSettings::default(),
             subnets: vec![],
             target_groups: vec!["arn:tg".into()],
             health_url: "/hello/health".into(),

@@ -14,7 +14,7 @@ use toml::Table;
 
 mod base;
 mod check;
-mod lines;
+pub(crate) mod lines;
 mod template;
 
 pub use base::{is_base_recipe, load_base, AptSource, BaseRecipe, Origin, TeamLayer};

@@ -19,16 +19,22 @@
 //! **Registry.** With `--registry-namespace`, the group's instances register in Cloud Map
 //! ([`cloudmap`]) and a member is Healthy only once its agent reports it `UP` there as well.
 //!
+//! **Ancestor.** A new group copies the launch template version and Auto Scaling settings of
+//! the group it replaces, under the deploy's own ([`ancestor`]); the team's user data and the
+//! launcher's sit side by side ([`user_data`]).
+//!
 //! The health gate lives in [`gate`], launch templates in [`templates`], the deploy lock and
 //! record in [`state`], the registry in [`cloudmap`] and the soak's figures in [`metrics`].
 //!
 //! Every call goes through [`crate::aws::retry`]; the SDK's own retries are off.
 
+mod ancestor;
 mod cloudmap;
 mod gate;
 mod metrics;
 mod state;
 mod templates;
+mod user_data;
 
 use super::cloud::{self, Capacity, Cloud, DeployRecord, Group, GroupSpec, Health, LockHolder, Member};
 use super::registry::{self, Instance};
@@ -67,8 +73,10 @@ const IN_SERVICE_TAG: &str = "bakery:in-service";
 const TARGET_GROUP_TAG: &str = "bakery:target-group-";
 const LOCK_TAG: &str = "bakery:lock";
 const RECORD_TAG: &str = "bakery:deploy-record";
-/// What a disabled group must not do (Asgard's and Spinnaker's list).
-const DISABLED_PROCESSES: [&str; 3] = ["Launch", "Terminate", "AddToLoadBalancer"];
+/// What a disabled group must not do (Asgard's and Spinnaker's list), and its copied scaling
+/// policies' alarms and scheduled actions must not resize it either.
+const DISABLED_PROCESSES: [&str; 5] =
+    ["Launch", "Terminate", "AddToLoadBalancer", "AlarmNotification", "ScheduledActions"];
 /// EC2 tag values hold at most 256 characters, a resource at most 50 tags.
 const TAG_VALUE_MAX: usize = 256;
 const MAX_CHUNKS: usize = 40;
@@ -334,12 +342,14 @@ impl AwsCloud {
             ("VERSION", &spec.image_id),
             ("HEALTH_PATH", &spec.health_url),
         ]);
-        base64::engine::general_purpose::STANDARD.encode(env)
+        env
     }
 
     async fn create(&self, spec: &GroupSpec) -> Result<()> {
+        let ancestor = self.ancestor(spec.ancestor.as_deref()).await?;
         if let Some(existing) = self.describe_group(&spec.name).await.context(CallSnafu)? {
-            return same_image(&spec.name, &existing, &spec.image_id);
+            same_image(&spec.name, &existing, &spec.image_id)?;
+            return self.copy_scaling(&spec.name, &ancestor).await;
         }
         let subnets = self.subnets(&spec.subnets).await?;
         let (mut service, mut user_data) = (None, None);
@@ -355,17 +365,14 @@ impl AwsCloud {
             user_data = Some(self.registration_user_data(spec, &app, &id, port));
             service = Some(id);
         }
-        let data = RequestLaunchTemplateData::builder()
-            .set_user_data(user_data)
-            .image_id(&spec.image_id)
-            .instance_type(InstanceType::from(spec.instance_type.as_str()))
-            .metadata_options(
-                LaunchTemplateInstanceMetadataOptionsRequest::builder()
-                    .http_tokens(LaunchTemplateHttpTokensState::Required)
-                    .http_endpoint(LaunchTemplateInstanceMetadataEndpointState::Enabled)
-                    .build(),
-            )
-            .build();
+        let root_device = self.root_device(&spec.image_id).await?;
+        let data = ancestor::template_data(
+            ancestor.template.as_ref(),
+            &spec.launch,
+            &spec.image_id,
+            root_device.as_deref(),
+            user_data.as_deref(),
+        );
         let template_tags =
             vec![(CLUSTER_TAG.to_string(), spec.cluster.clone()), (IMAGE_TAG.to_string(), spec.image_id.clone())];
         if !self.create_template(&spec.name, data.clone(), &template_tags).await? {
@@ -393,6 +400,27 @@ impl AwsCloud {
         if let Some(service) = &service {
             tags.push(asg_tag(&spec.name, SERVICE_TAG, service, false));
         }
+        let copied = ancestor.group.as_ref();
+        for t in copied.map_or(&[][..], |g| g.tags()) {
+            let key = t.key().unwrap_or_default();
+            if !(key.is_empty() || key == "Name" || key.starts_with("bakery:") || key.starts_with("aws:")) {
+                tags.push(asg_tag(
+                    &spec.name,
+                    key,
+                    t.value().unwrap_or_default(),
+                    t.propagate_at_launch() == Some(true),
+                ));
+            }
+        }
+        // ELB where a check group checks the instances: one failing its check is replaced.
+        let health_check_type = spec.launch.health_check_type.map(|t| t.as_str().to_string()).unwrap_or_else(|| {
+            let default = if check.is_some() { "ELB" } else { "EC2" };
+            copied.and_then(|g| g.health_check_type()).unwrap_or(default).to_string()
+        });
+        let grace = spec.launch.health_check_grace.map(|g| g.min(i32::MAX as u64) as i32);
+        let grace = grace.or(copied.and_then(|g| g.health_check_grace_period())).unwrap_or(300);
+        let copied_policies = copied.map(|g| g.termination_policies().to_vec()).filter(|p| !p.is_empty());
+        let termination_policies = spec.launch.termination_policies.clone().or(copied_policies);
         let Capacity { min, max, desired } = spec.capacity;
         let created = retry(self.policy, "CreateAutoScalingGroup", || {
             self.asg
@@ -409,19 +437,23 @@ impl AwsCloud {
                 .desired_capacity(desired as i32)
                 .vpc_zone_identifier(subnets.join(","))
                 .set_target_group_arns(check.clone().map(|c| vec![c]))
-                // ELB: an instance failing the check group's health check is replaced.
-                .health_check_type(if check.is_some() { "ELB" } else { "EC2" })
-                .health_check_grace_period(300)
+                .health_check_type(&health_check_type)
+                .health_check_grace_period(grace)
+                .set_termination_policies(termination_policies.clone())
+                .set_default_cooldown(copied.and_then(|g| g.default_cooldown()))
                 .set_tags(Some(tags.clone()))
                 .send()
         })
         .await;
         match created {
             Err(e) if e.code.as_deref() == Some("AlreadyExists") => {
-                same_image(&spec.name, &self.group_or_fail(&spec.name).await?, &spec.image_id)
+                same_image(&spec.name, &self.group_or_fail(&spec.name).await?, &spec.image_id)?
             }
-            other => other.map(|_| ()).context(CallSnafu),
+            other => {
+                other.context(CallSnafu)?;
+            }
         }
+        self.copy_scaling(&spec.name, &ancestor).await
     }
 
     async fn add(&self, group: &str) -> Result<()> {
@@ -520,6 +552,7 @@ impl AwsCloud {
             if let Some(service) = tag(&asg, SERVICE_TAG) {
                 self.deregister(service, &member_ids(&asg)).await?;
             }
+            self.delete_scaling(group).await?;
             let deleted = retry(self.policy, "DeleteAutoScalingGroup", || {
                 self.asg.delete_auto_scaling_group().auto_scaling_group_name(group).force_delete(true).send()
             })
