@@ -367,6 +367,61 @@ fn attach_mode_creates_attaches_detaches_snapshots_registers_and_deletes_the_vol
     assert_no_leftovers("after an attach-mode bake");
 }
 
+/// The volumes EC2 says are attached to `instance`.
+fn attached_to(instance: &str) -> Value {
+    boto(&format!(
+        "print(json.dumps(sorted(v['VolumeId'] for v in ec2.describe_volumes(Filters=[{{'Name': 'attachment.instance-id', 'Values': ['{instance}']}}])['Volumes'])))"
+    ))
+}
+
+/// An attach-mode bake killed with its volume attached and mounted: gc on the same host (in
+/// attach mode, as it finds itself on EC2) unmounts it, detaches it naming the instance, and
+/// deletes it, from the dead bake's journal (no `--older-than`: not the sweep). Nothing is left
+/// in the cloud, and the instance has no volume (so no device name) left attached.
+#[test]
+fn gc_reclaims_a_killed_attach_mode_bake_s_attached_volume() {
+    let (_serial, ami, _) = fresh_cloud_with_base();
+    let instance = boto(&format!(
+        "r = ec2.run_instances(ImageId='{ami}', MinCount=1, MaxCount=1, InstanceType='t3.micro', \
+         Placement={{'AvailabilityZone': 'us-east-1b'}})\nprint(json.dumps(r['Instances'][0]['InstanceId']))"
+    ));
+    let instance = instance.as_str().unwrap();
+    let imds = metadata_service(instance, "us-east-1b");
+    let env = [("AWS_EC2_METADATA_DISABLED", "false"), ("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds.as_str())];
+    let own = attached_to(instance);
+    let dir = tempfile::tempdir().unwrap();
+    let package = sample_package(dir.path(), "3.6.0", 0);
+    let mut args = bake_args(&ami, package.to_str().unwrap(), "3.6.0");
+    args.extend(["--mode", "attach"]);
+    let kernel = PretendKernel::start();
+    let mut bake = aws_bakery(&args, &env)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !std::fs::read_to_string("/proc/mounts").unwrap().lines().any(|l| l.starts_with("/dev/sdf")) {
+        assert!(bake.try_wait().unwrap().is_none(), "the bake ended before it mounted its volume");
+        assert!(std::time::Instant::now() < deadline, "the volume was never mounted");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    bake.kill().unwrap();
+    bake.wait().unwrap();
+    let volume = recorded("AttachVolume")[0]["params"]["VolumeId"].as_str().unwrap().to_string();
+    assert!(attached_to(instance).as_array().unwrap().contains(&json!(volume)), "attached when the bake died");
+
+    let (code, report, stderr) = run_aws_json(&["gc"], &env);
+    drop(kernel);
+    assert_eq!(code, 0, "{report}\n{stderr}");
+    assert!(report["removed"].to_string().contains(&format!("attachment of {volume}")), "{report}");
+    let detached = recorded("DetachVolume");
+    assert_eq!(detached.last().unwrap()["params"]["InstanceId"], instance, "{detached:?}");
+    assert_eq!(recorded("DeleteVolume").last().unwrap()["params"]["VolumeId"], volume.as_str());
+    assert_eq!(attached_to(instance), own, "the instance is left with its own volumes, so no device name taken");
+    assert_eq!(cloud_leftovers(), json!([]));
+    assert_no_leftovers("after gc of a killed attach-mode bake");
+}
+
 #[test]
 fn gc_removes_what_a_dead_bake_left_in_the_cloud_once_it_is_old_enough() {
     let _serial = serial();

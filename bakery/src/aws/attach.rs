@@ -84,8 +84,10 @@ impl VolumeBackend for AttachedVolumes {
         Ok(self.block_on(self.ec2().detach(volume_id, &self.host.instance_id))?)
     }
 
+    /// Only volumes a journal names reach here (the bake's own, or a dead bake's): one still
+    /// attached anywhere is detached first.
     fn delete_volume(&self, volume_id: &str) -> Result<()> {
-        Ok(self.block_on(self.ec2().delete_volume(volume_id))?)
+        Ok(self.block_on(self.ec2().detach_and_delete_volume(volume_id))?)
     }
 
     /// EC2 takes the snapshot, so its changed blocks are not counted here.

@@ -293,8 +293,12 @@ impl Ec2 {
         })
         .await;
         match detached {
-            Err(e) if e.is_not_found() || e.code.as_deref() == Some("IncorrectState") => return Ok(()),
-            other => other.context(CallSnafu)?,
+            Err(e) if e.is_not_found() => return Ok(()),
+            // Already detached, or detaching: available soon, if not already.
+            Err(e) if e.code.as_deref() == Some("IncorrectState") => {}
+            other => {
+                other.context(CallSnafu)?;
+            }
         };
         self.wait_volume(volume, "available").await
     }
@@ -313,6 +317,23 @@ impl Ec2 {
             .filter(|a| a.instance_id() == Some(instance))
             .filter_map(|a| a.device().map(str::to_string))
             .collect())
+    }
+
+    /// Deletes a dead bake's volume, detaching it first from whatever instance EC2 says it is
+    /// attached to: a bake killed after attaching leaves it so, and its device name taken.
+    pub async fn detach_and_delete_volume(&self, id: &str) -> Result<()> {
+        let described =
+            retry(self.policy, "DescribeVolumes", || self.client.describe_volumes().volume_ids(id).send()).await;
+        let described = match described {
+            Err(e) if e.is_not_found() => return Ok(()),
+            other => other.context(CallSnafu)?,
+        };
+        for attachment in described.volumes().iter().flat_map(|v| v.attachments()) {
+            if let Some(instance) = attachment.instance_id() {
+                self.detach(id, instance).await?;
+            }
+        }
+        self.delete_volume(id).await
     }
 
     pub async fn delete_volume(&self, id: &str) -> Result<()> {

@@ -363,15 +363,16 @@ fn open_provider(cli: &Cli, cancel: &Arc<AtomicBool>) -> Result<Box<dyn Provider
 #[cfg(feature = "aws")]
 fn open_aws(cli: &Cli, cancel: &Arc<AtomicBool>) -> Result<Box<dyn Provider>, Failure> {
     use bakery::aws;
-    // Only a bake needs to know whether it runs on EC2; everything else skips the IMDS probe.
-    let bakes = matches!(cli.command, Commands::Bake(_));
+    // A bake needs to know whether it runs on EC2, and gc too: a dead attach-mode bake's volume
+    // is detached from this instance. Everything else skips the IMDS probe.
+    let on_host = matches!(cli.command, Commands::Bake(_) | Commands::Gc { .. });
     let mode = cli.aws.mode.map(|mode| match mode {
         ModeArg::Attach => aws::Mode::Attach,
         ModeArg::Direct => aws::Mode::Direct,
     });
     let options = aws::Options {
         region: cli.aws.region.clone(),
-        mode: mode.or((!bakes).then_some(aws::Mode::Direct)),
+        mode: mode.or((!on_host).then_some(aws::Mode::Direct)),
         kms_key: cli.aws.kms_key.clone(),
         copy_to_regions: cli.aws.copy_to_regions.clone(),
         share_with: cli.aws.share_with.clone(),
