@@ -11,6 +11,7 @@ mod common;
 use common::aws::{boto, moto, proxy_get, proxy_post, recorded, reset};
 use common::serial;
 use serde_json::{json, Value};
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
@@ -1045,4 +1046,108 @@ fn a_new_group_copies_its_ancestor_and_what_is_given_wins() {
                 "scheduled": ["hello-prod-v002-nightly"] }),
         "the destroyed groups' alarms, policies and schedules went with them"
     );
+}
+
+/// `bakery --provider aws images prune` against what a real account holds: it deletes exactly
+/// the app's images nothing uses (with their snapshots), lists the same set on a dry run and
+/// then changes nothing, protects the serving group's image from deregistration, and marks
+/// deprecated the ones kept only because something uses them.
+#[test]
+fn images_prune_removes_exactly_the_unused_old_images() {
+    let _serial = serial();
+    let stand = stand();
+    // Seven images of the app, a second apart (EC2's creation dates count seconds), each with
+    // its own snapshot, and one of another app.
+    let mut images = Vec::new();
+    for i in 0..8 {
+        let app = if i == 7 { "other" } else { "hello" };
+        let made = boto(&format!(
+            "subnet = ec2.describe_subnets()['Subnets'][0]\n\
+             v = ec2.create_volume(AvailabilityZone=subnet['AvailabilityZone'], Size=1)['VolumeId']\n\
+             s = ec2.create_snapshot(VolumeId=v)['SnapshotId']\n\
+             ec2.delete_volume(VolumeId=v)\n\
+             i = ec2.register_image(Name='{app}-build-{i}', Architecture='x86_64', RootDeviceName='/dev/xvda', EnaSupport=True, \
+                 BlockDeviceMappings=[{{'DeviceName': '/dev/xvda', 'Ebs': {{'SnapshotId': s}}}}])['ImageId']\n\
+             ec2.create_tags(Resources=[i], Tags=[{{'Key': 'app', 'Value': '{app}'}}])\n\
+             print(json.dumps([i, s]))"
+        ));
+        images.push((made[0].as_str().unwrap().to_string(), made[1].as_str().unwrap().to_string()));
+        std::thread::sleep(Duration::from_millis(1100));
+    }
+    let ids: Vec<String> = images.iter().map(|(i, _)| i.clone()).collect();
+    let stand = Stand { images: ids.clone(), ..stand };
+    // 0 serves in a disabled group, 1 in the serving one, 2 in a launch template of its own, 3
+    // in a stopped instance; 4 and 5 nothing uses; 6 is the newest.
+    deploy(&stand, 0, &[]);
+    deploy(&stand, 1, &[]);
+    boto(&format!(
+        "ec2.create_launch_template(LaunchTemplateName='batch-job', LaunchTemplateData={{'ImageId': '{}'}})\n\
+         r = ec2.run_instances(ImageId='{}', MinCount=1, MaxCount=1)['Instances'][0]['InstanceId']\n\
+         ec2.stop_instances(InstanceIds=[r])\n\
+         print('{{}}')",
+        ids[2], ids[3]
+    ));
+    let prune = |extra: &[&str]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_bakery"));
+        common::aws::aws_env(&mut command);
+        let args = [&["images", "prune", "--app", "hello", "--keep", "1"][..], extra].concat();
+        let output = command.args(args).args(["--provider", "aws", "--output", "json"]).output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        let value: Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("{e}: {stderr}"));
+        (output.status.code().unwrap_or(-1), value, stderr)
+    };
+    let existing =
+        || boto("print(json.dumps(sorted(i['ImageId'] for i in ec2.describe_images(Owners=['self'])['Images'])))");
+    let before = existing();
+
+    let (code, dry, stderr) = prune(&["--dry-run"]);
+    assert_eq!(code, 0, "{dry}\n{stderr}");
+    let deleted = |report: &Value| -> Vec<String> {
+        let mut ids: Vec<String> =
+            report["deleted"].as_array().unwrap().iter().map(|i| i["id"].as_str().unwrap().into()).collect();
+        ids.sort();
+        ids
+    };
+    let mut unused = vec![ids[4].clone(), ids[5].clone()];
+    unused.sort();
+    assert_eq!(deleted(&dry), unused, "{dry:#}");
+    let reasons: BTreeMap<String, String> = dry["kept"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| (k["id"].as_str().unwrap().to_string(), k["reasons"].to_string()))
+        .collect();
+    assert!(reasons[&ids[0]].contains("group hello-prod-v000 (disabled)"), "{reasons:?}");
+    assert!(reasons[&ids[1]].contains("group hello-prod-v001 (serving)"), "{reasons:?}");
+    assert!(reasons[&ids[2]].contains("launch template batch-job version 1"), "{reasons:?}");
+    assert!(reasons[&ids[3]].contains("(stopped)"), "{reasons:?}");
+    assert!(reasons[&ids[6]].contains("one of the newest 1"), "{reasons:?}");
+    assert!(!reasons.contains_key(&ids[7]), "another app's image is not considered");
+    assert_eq!(existing(), before, "a dry run changes nothing");
+    assert!(recorded("EnableImageDeregistrationProtection").is_empty());
+
+    let (code, done, stderr) = prune(&[]);
+    assert_eq!(code, 0, "{done}\n{stderr}");
+    assert_eq!(deleted(&done), unused, "{done:#}");
+    let gone = |id: &Value| unused.iter().any(|u| id == u);
+    let left: Vec<Value> = before.as_array().unwrap().iter().filter(|id| !gone(id)).cloned().collect();
+    assert_eq!(existing(), json!(left), "exactly the two unused images went");
+    let left: Vec<&String> = ids.iter().filter(|id| !unused.contains(id)).collect();
+    let snapshots = boto(
+        "print(json.dumps(sorted(s['SnapshotId'] for s in ec2.describe_snapshots(OwnerIds=['self'])['Snapshots'])))",
+    );
+    for (i, (_, snapshot)) in images.iter().enumerate() {
+        let kept = snapshots.as_array().unwrap().contains(&json!(snapshot));
+        assert_eq!(kept, i != 4 && i != 5, "snapshot of image {i}: {snapshots}");
+    }
+    let flags = boto(&format!(
+        "print(json.dumps({{i['ImageId']: [i.get('DeregistrationProtection'), 'DeprecationTime' in i] for i in ec2.describe_images(ImageIds={left:?})['Images']}}))"
+    ));
+    assert_eq!(flags[&ids[1]], json!(["enabled-without-cooldown", false]), "the serving image is protected");
+    for used in [0, 2, 3] {
+        assert_eq!(flags[&ids[used]], json!(["disabled", true]), "image {used}, kept only because it is used");
+    }
+    assert_eq!(flags[&ids[6]], json!(["disabled", false]), "the newest is neither");
+    let (code, _, stderr) = prune(&["--keep", "0"]);
+    assert_eq!(code, 3, "{stderr}");
 }

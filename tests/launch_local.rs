@@ -969,3 +969,57 @@ fn the_console_deploys_and_rolls_back_from_a_real_browser() {
     assert_eq!(said, expected.map(|(a, r)| (a.to_string(), r.to_string())), "{audit}");
     assert!(ours.iter().all(|e| e["by"].as_str().unwrap().ends_with("(console, from 127.0.0.1)")), "{audit}");
 }
+
+/// `bakery images prune` on this host: of three images of an app, the one a cluster's group
+/// runs and the newest stay (each saying why), the other goes with its snapshot; a dry run
+/// lists the same and changes nothing.
+#[test]
+fn images_prune_keeps_what_a_group_runs_and_the_newest() {
+    let _serial = serial();
+    base_image();
+    let dir = tempfile::tempdir().unwrap();
+    // An app of its own, so that no other test's images are in play: the webapp recipe's
+    // base, without its chown of a directory named after the app.
+    let recipe = dir.path().join("pruned.toml");
+    let base = workspace().join("recipes/tomcat-base.toml");
+    std::fs::write(&recipe, format!("extends = {:?}\n", base.to_str().unwrap())).unwrap();
+    let bake = |version: &str| {
+        let package = sample_package_with(dir.path(), version, &[]).to_string_lossy().into_owned();
+        let args = ["bake", "--base", BASE, "--recipe", recipe.to_str().unwrap(), "--package", &package];
+        let (code, baked, stderr) = run_json(&[&args[..], &["--app", "pruned", "--version", version]].concat());
+        assert_eq!(code, 0, "{stderr}");
+        // Creation times count seconds: one image per second keeps their order plain.
+        std::thread::sleep(Duration::from_millis(1100));
+        (baked["image_id"].as_str().unwrap().to_string(), baked["snapshot_id"].as_str().unwrap().to_string())
+    };
+    let (old, old_snapshot) = bake("1.0.0");
+    let (unused, unused_snapshot) = bake("1.1.0");
+    let (newest, _) = bake("1.2.0");
+    let cluster = new_cluster();
+    let _cleanup = Cleanup(&cluster);
+    let (code, deployed, stderr) =
+        launcher_json(&["deploy", "--cluster", &cluster, "--image", &old, "--health-url", "/hello/health"]);
+    assert_eq!(code, 0, "{deployed}\n{stderr}");
+
+    let prune =
+        |extra: &[&str]| run_json(&[&["images", "prune", "--app", "pruned", "--keep", "1"][..], extra].concat());
+    let (code, dry, stderr) = prune(&["--dry-run"]);
+    assert_eq!(code, 0, "{dry}\n{stderr}");
+    assert_eq!(dry["deleted"].as_array().unwrap().iter().map(|i| &i["id"]).collect::<Vec<_>>(), [&json!(unused)]);
+    let kept: BTreeMap<&str, String> =
+        dry["kept"].as_array().unwrap().iter().map(|k| (k["id"].as_str().unwrap(), k["reasons"].to_string())).collect();
+    assert!(kept[newest.as_str()].contains("one of the newest 1"), "{kept:?}");
+    assert!(kept[old.as_str()].contains(&format!("group {cluster}-v000 (serving)")), "{kept:?}");
+    assert_eq!(run_json(&["images", "show", &unused]).0, 0, "a dry run deletes nothing");
+
+    let (code, done, stderr) = prune(&[]);
+    assert_eq!(code, 0, "{done}\n{stderr}");
+    assert_eq!(done["deleted"][0]["id"], json!(unused));
+    assert_eq!(run_json(&["images", "show", &unused]).0, 4, "gone");
+    assert_eq!(run_json(&["images", "show", &old]).0, 0, "what the group runs stays");
+    let snapshot = |id: &str| state_dir().join("snapshots").join(format!("{id}.json"));
+    assert!(!snapshot(&unused_snapshot).exists(), "its snapshot went with it");
+    assert!(snapshot(&old_snapshot).exists());
+    let (code, _, stderr) = prune(&["--keep", "0"]);
+    assert_eq!(code, 3, "{stderr}");
+}

@@ -39,6 +39,7 @@ pub mod package;
 pub mod process;
 pub mod provenance;
 pub mod provider;
+pub mod prune;
 pub mod push;
 pub mod recipe;
 mod rootfs;

@@ -131,6 +131,16 @@ pub trait ImageRegistry: Send + Sync {
     fn document(&self, _image_id: &str, _document: Document) -> Result<Option<Vec<u8>>> {
         Ok(None)
     }
+    /// Turns the registry's protection against deregistration on or off, where it has one
+    /// (aws); elsewhere nothing to do.
+    fn protect_image(&self, _image_id: &str, _protected: bool) -> Result<()> {
+        Ok(())
+    }
+    /// Marks an image deprecated from now, where the registry can (aws `DeprecationTime`):
+    /// what uses it goes on; nothing new should pick it.
+    fn deprecate_image(&self, _image_id: &str) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Volumes and snapshots. Every operation that removes something succeeds when it is already

@@ -20,6 +20,8 @@ unchanged except where this proxy has to step in:
   launch template names as EC2 allows them.
 * Cloud Map: moto's RegisterInstance appends a second entry for an instance id it already has;
   AWS updates the one entry. The proxy deregisters the old entry first.
+* AMI deregistration protection and deprecation: moto has neither. The proxy keeps both,
+  refuses DeregisterImage of a protected image, and shows them in DescribeImages.
 * CloudWatch: moto computes no percentile statistics. The proxy answers GetMetricData's `pNN`
   queries from the PutMetricData requests it recorded.
 * Faults: throttling, server errors, dropped connections, lost replies (the request takes effect,
@@ -110,6 +112,9 @@ HEALTH_REASONS = {
     "draining": ("Target.DeregistrationInProgress", "Target deregistration is in progress"),
     "unavailable": ("Target.HealthCheckDisabled", "Health checks are disabled"),
 }
+
+# What the proxy keeps about an image where moto keeps nothing.
+IMAGE_FLAGS = ("EnableImageDeregistrationProtection", "DisableImageDeregistrationProtection", "EnableImageDeprecation")
 
 # `lost`: the request is forwarded and takes effect, then the connection drops before the reply.
 FAULT_KINDS = ("drop", "lost", "throttle", "server_error")
@@ -416,6 +421,8 @@ class State:
         self.health_overrides = []
         self.registered = {}
         self.client_tokens = {}  # StartSnapshot ClientToken -> the answer it got
+        self.protected = set()  # image ids with deregistration protection
+        self.deprecations = {}  # image id -> DeprecationTime
 
     def violation(self, message):
         print(f"proxy: violation: {message}", file=sys.stderr, flush=True)
@@ -523,7 +530,15 @@ class Proxy:
             return self.describe_target_health(request)
         if request.action == "RegisterImage":
             return self.register_image(request)
+        if request.service == "ec2" and request.action in IMAGE_FLAGS:
+            return self.image_flag(request)
         if request.service == "ec2" and request.action == "DeregisterImage":
+            image_id = request.params.get("ImageId")
+            with self.state.lock:
+                protected = image_id in self.state.protected
+            if protected:
+                return query_error("ec2", 400, "OperationNotPermitted",
+                                   f"Image {image_id} has deregistration protection enabled")
             response = self.forward(request)
             if response.status == 200:
                 with self.state.lock:
@@ -672,16 +687,41 @@ class Proxy:
                 self.state.registered[image_id] = {**request.params, "_account": request.header("x-moto-account-id")}
         return response
 
+    def image_flag(self, request):
+        """Deregistration protection on or off, or a deprecation time, for an image moto has."""
+        image_id = request.params.get("ImageId", "")
+        query = urlencode({"Action": "DescribeImages", "Version": request.params.get("Version", ""), "ImageId.1": image_id})
+        found = self.forward(request.derive(f"/?{query}"))
+        if found.status != 200 or b"<imageId>" not in found.body:
+            return query_error("ec2", 400, "InvalidAMIID.NotFound", f"The image id '[{image_id}]' does not exist")
+        with self.state.lock:
+            if request.action == "EnableImageDeregistrationProtection":
+                self.state.protected.add(image_id)
+            elif request.action == "DisableImageDeregistrationProtection":
+                self.state.protected.discard(image_id)
+            else:
+                self.state.deprecations[image_id] = request.params.get("DeprecateAt", "")
+        xml = (f'<{request.action}Response xmlns="http://ec2.amazonaws.com/doc/2016-11-15/">'
+               f"<requestId>bakery-proxy</requestId><return>true</return></{request.action}Response>")
+        return Response(200, [("Content-Type", "text/xml")], xml.encode())
+
     def describe_images(self, request):
         response = self.forward(request)
         with self.state.lock:
             registered = dict(self.state.registered)
-        if response.status != 200 or not registered:
+            protected = set(self.state.protected)
+            deprecations = dict(self.state.deprecations)
+        if response.status != 200 or not (registered or protected or deprecations):
             return response
         root = ET.fromstring(response.body)
         namespace = root.tag.split("}")[0] + "}"
         for item in root.iterfind(f"{namespace}imagesSet/{namespace}item"):
-            params = registered.get(item.findtext(f"{namespace}imageId"))
+            image_id = item.findtext(f"{namespace}imageId")
+            ET.SubElement(item, f"{namespace}deregistrationProtection").text = (
+                "enabled-without-cooldown" if image_id in protected else "disabled")
+            if image_id in deprecations:
+                ET.SubElement(item, f"{namespace}deprecationTime").text = deprecations[image_id]
+            params = registered.get(image_id)
             if params is None:
                 continue
             for tag, key in [

@@ -459,6 +459,24 @@ class QueryTest(ProxyTest):
         created = ec2.create_launch_template(LaunchTemplateName="hello-prod-canary(7e)1-v000", LaunchTemplateData={})
         self.assertEqual(created["LaunchTemplate"]["LaunchTemplateName"], "hello-prod-canary(7e)1-v000")
 
+    def test_a_protected_image_is_not_deregistered_and_flags_show(self):
+        ec2 = client("ec2")
+        volume = ec2.create_volume(AvailabilityZone="us-east-1a", Size=1)["VolumeId"]
+        snapshot = ec2.create_snapshot(VolumeId=volume)["SnapshotId"]
+        image = ec2.register_image(
+            Name="hello-1", Architecture="x86_64", RootDeviceName="/dev/xvda", EnaSupport=True,
+            BlockDeviceMappings=[{"DeviceName": "/dev/xvda", "Ebs": {"SnapshotId": snapshot}}])["ImageId"]
+        ec2.enable_image_deregistration_protection(ImageId=image)
+        ec2.enable_image_deprecation(ImageId=image, DeprecateAt="2030-01-01T00:00:00Z")
+        described = ec2.describe_images(ImageIds=[image])["Images"][0]
+        self.assertEqual(described["DeregistrationProtection"], "enabled-without-cooldown")
+        self.assertTrue(described["DeprecationTime"].startswith("2030-01-01T00:00:00"), described)
+        self.assertError(lambda: ec2.deregister_image(ImageId=image), "OperationNotPermitted", 400)
+        ec2.disable_image_deregistration_protection(ImageId=image)
+        ec2.deregister_image(ImageId=image)
+        self.assertError(lambda: ec2.enable_image_deregistration_protection(ImageId="ami-12345678"),
+                         "InvalidAMIID.NotFound", 400)
+
     def test_a_new_scaling_policy_is_answered_with_its_arn(self):
         client("ec2").create_launch_template(LaunchTemplateName="hello-v000", LaunchTemplateData={"ImageId": "ami-12345678"})
         autoscaling = client("autoscaling")

@@ -215,6 +215,36 @@ impl Ec2 {
         Ok(())
     }
 
+    /// Deregistration protection on or off (off at once: no cooldown). Missing: done.
+    pub async fn protect(&self, id: &str, protected: bool) -> Result<()> {
+        let changed = match protected {
+            true => retry(self.policy, "EnableImageDeregistrationProtection", || {
+                self.client.enable_image_deregistration_protection().image_id(id).send()
+            })
+            .await
+            .map(|_| ()),
+            false => retry(self.policy, "DisableImageDeregistrationProtection", || {
+                self.client.disable_image_deregistration_protection().image_id(id).send()
+            })
+            .await
+            .map(|_| ()),
+        };
+        ignore_missing(changed)
+    }
+
+    /// Deprecated from now on. Missing: done.
+    pub async fn deprecate(&self, id: &str) -> Result<()> {
+        // EC2 rounds the time to the minute and wants it in the future.
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let at = aws_smithy_types::DateTime::from_secs(now.as_secs() as i64 + 60);
+        ignore_missing(
+            retry(self.policy, "EnableImageDeprecation", || {
+                self.client.enable_image_deprecation().image_id(id).deprecate_at(at).send()
+            })
+            .await,
+        )
+    }
+
     pub async fn deregister(&self, id: &str) -> Result<()> {
         ignore_missing(
             retry(self.policy, "DeregisterImage", || self.client.deregister_image().image_id(id).send()).await,

@@ -213,6 +213,14 @@ impl ImageRegistry for Ec2Registry {
         self.runtime.block_on(self.deregister_with_copies(&self.ec2, image_id))
     }
 
+    fn protect_image(&self, image_id: &str, protected: bool) -> Result<()> {
+        Ok(self.runtime.block_on(self.ec2.protect(image_id, protected))?)
+    }
+
+    fn deprecate_image(&self, image_id: &str) -> Result<()> {
+        Ok(self.runtime.block_on(self.ec2.deprecate(image_id))?)
+    }
+
     fn document(&self, image_id: &str, document: Document) -> Result<Option<Vec<u8>>> {
         self.runtime.block_on(async {
             let Some(image) = self.ec2.images(&[image_id], &[]).await?.into_iter().next() else { return Ok(None) };

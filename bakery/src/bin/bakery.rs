@@ -276,6 +276,31 @@ enum ImagesCommand {
     Show { id: String },
     /// Deregister an image and delete its snapshot.
     Rm { id: String },
+    /// Delete an app's old images with their snapshots (and copies in other regions), but
+    /// never the newest --keep, one younger than --older-than, or one anything uses: a group of
+    /// any cluster (serving, disabled or soaking), and on aws any launch template version,
+    /// launch configuration or instance not terminated. On aws the image of each serving group
+    /// is also protected from deregistration, and one kept only because it is used is marked
+    /// deprecated. Each kept image says why.
+    ///
+    /// Examples:
+    ///   bakery images prune --app hello --keep 5 --dry-run
+    ///   bakery --provider aws images prune --app hello --keep 5 --older-than 30d
+    #[command(verbatim_doc_comment)]
+    Prune {
+        /// The app, as its images are tagged (`app`).
+        #[arg(long)]
+        app: String,
+        /// How many of the newest to keep whatever uses them (at least 1).
+        #[arg(long)]
+        keep: usize,
+        /// Keep images younger than this, e.g. 30d.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        older_than: Option<std::time::Duration>,
+        /// List what would go and what stays, and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Write an image's root disk as a raw (sparse) file.
     Export {
         id: String,
@@ -568,7 +593,7 @@ fn run(cli: &Cli, ui: &Ui) -> Result<(), Failure> {
                 return Err(reported_failure(6, format!("image {} failed verification", outcome.image_id)));
             }
         }
-        Commands::Images(command) => images(provider, command, ui, &cancel)?,
+        Commands::Images(command) => images(cli, provider, command, ui, &cancel)?,
         Commands::Gc { dry_run, .. } => {
             let report = gc::collect(provider, &cli.state_dir, *dry_run).map_err(|e| failure(1, e))?;
             ui.print(&report, |r| {
@@ -589,6 +614,35 @@ fn run(cli: &Cli, ui: &Ui) -> Result<(), Failure> {
     Ok(())
 }
 
+fn describe_prune(report: &bakery::prune::Report) -> String {
+    let verb = if report.dry_run { "would delete" } else { "deleted" };
+    let mut lines: Vec<String> =
+        report.deleted.iter().map(|i| format!("{verb} {} {} ({})", i.id, i.name, i.created)).collect();
+    lines.extend(report.kept.iter().map(|i| format!("kept {} {}: {}", i.id, i.name, i.reasons.join("; "))));
+    lines.extend(report.protected.iter().map(|id| format!("protected {id} from deregistration (it serves)")));
+    lines.extend(report.deprecated.iter().map(|id| format!("deprecated {id} (kept only because it is used)")));
+    lines.extend(report.failed.iter().map(|x| format!("FAILED: {x}")));
+    if report.deleted.is_empty() && report.kept.is_empty() {
+        lines.push(format!("no images of {}", report.app));
+    }
+    lines.join("\n")
+}
+
+/// The launcher's view of the same provider: what uses images.
+fn open_cloud(cli: &Cli) -> Result<Box<dyn bakery::launch::cloud::Cloud>, Failure> {
+    match cli.provider {
+        ProviderKind::Local => bakery::launch::local::LocalCloud::open(&cli.state_dir)
+            .map(|c| Box::new(c) as Box<dyn bakery::launch::cloud::Cloud>)
+            .map_err(|e| failure(2, format!("the launcher's local clusters: {e}"))),
+        #[cfg(feature = "aws")]
+        ProviderKind::Aws => bakery::launch::aws::AwsCloud::open(cli.aws.region.clone())
+            .map(|c| Box::new(c) as Box<dyn bakery::launch::cloud::Cloud>)
+            .map_err(|e| failure(2, format!("the launcher's aws clusters: {e}"))),
+        #[cfg(not(feature = "aws"))]
+        ProviderKind::Aws => Err(failure(2, bakery::AWS_NOT_BUILT)),
+    }
+}
+
 /// An image by id, name or base family; exit 4 when there is none.
 fn find_image(provider: &dyn Provider, id: &str) -> Result<Image, Failure> {
     provider
@@ -598,7 +652,13 @@ fn find_image(provider: &dyn Provider, id: &str) -> Result<Image, Failure> {
         .ok_or_else(|| failure(4, format!("image {id} not found")))
 }
 
-fn images(provider: &dyn Provider, command: &ImagesCommand, ui: &Ui, cancel: &AtomicBool) -> Result<(), Failure> {
+fn images(
+    cli: &Cli,
+    provider: &dyn Provider,
+    command: &ImagesCommand,
+    ui: &Ui,
+    cancel: &AtomicBool,
+) -> Result<(), Failure> {
     let find = |id: &str| find_image(provider, id);
     match command {
         ImagesCommand::List => {
@@ -638,6 +698,19 @@ fn images(provider: &dyn Provider, command: &ImagesCommand, ui: &Ui, cancel: &At
             provider.export_image(&image.id, output_file, cancel).map_err(|e| failure(1, e))?;
             let result = serde_json::json!({ "image_id": image.id, "path": output_file });
             ui.print(&result, |_| format!("wrote {} to {}", image.id, output_file.display()));
+        }
+        ImagesCommand::Prune { app, keep, older_than, dry_run } => {
+            let cloud = open_cloud(cli)?;
+            let request =
+                bakery::prune::Request { app: app.clone(), keep: *keep, older_than: *older_than, dry_run: *dry_run };
+            let report = bakery::prune::prune(provider, cloud.as_ref(), &request).map_err(|e| match e {
+                bakery::prune::Error::KeepNothing { .. } => failure(3, e),
+                _ => failure(1, e),
+            })?;
+            ui.print(&report, describe_prune);
+            if !report.failed.is_empty() {
+                return Err(reported_failure(1, format!("{} image(s) could not be pruned", report.failed.len())));
+            }
         }
         ImagesCommand::Manifest { id } => print_document(provider, &find(id)?, Document::Manifest)?,
         ImagesCommand::Sbom { id } => print_document(provider, &find(id)?, Document::Sbom)?,

@@ -310,6 +310,32 @@ impl DeployRecord {
     }
 }
 
+/// Something that uses an image, so that `bakery images prune` never deletes it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ImageReference {
+    pub image_id: String,
+    /// What, as `group hello-prod-v004 (serving)` or `instance i-0abc (stopped)`.
+    pub by: String,
+    /// A group in service launches from it.
+    pub serving: bool,
+}
+
+/// The images of every cluster's groups, serving or not.
+pub fn cluster_references(cloud: &(impl Cloud + ?Sized)) -> Result<Vec<ImageReference>> {
+    let mut references = Vec::new();
+    for cluster in cloud.clusters()? {
+        for group in cloud.groups(&cluster)? {
+            let state = if group.in_service { "serving" } else { "disabled" };
+            references.push(ImageReference {
+                image_id: group.image_id.clone(),
+                by: format!("group {} ({state})", group.name),
+                serving: group.in_service,
+            });
+        }
+    }
+    Ok(references)
+}
+
 /// One cloud (or this host) as the launcher sees it. Removal succeeds when the thing is already
 /// gone and creation succeeds when a matching thing exists, so every step can run twice.
 pub trait Cloud: Send + Sync {
@@ -384,6 +410,11 @@ pub trait Cloud: Send + Sync {
     /// `UP` within this, so as often as reading the groups is cheap enough.
     fn poll_interval(&self) -> Duration {
         Duration::from_secs(5)
+    }
+    /// What uses images here: every cluster's groups, and whatever else the cloud can launch
+    /// an image from.
+    fn image_references(&self) -> Result<Vec<ImageReference>> {
+        cluster_references(self)
     }
     /// The instances registered in the service registry for `cluster` (all when None), as
     /// clients see them; empty where the cloud has no registry.

@@ -24,7 +24,8 @@
 //! launcher's sit side by side ([`user_data`]).
 //!
 //! The health gate lives in [`gate`], launch templates in [`templates`], the deploy lock and
-//! record in [`state`], the registry in [`cloudmap`] and the soak's figures in [`metrics`].
+//! record in [`state`], the registry in [`cloudmap`], the soak's figures in [`metrics`] and what
+//! else uses images in [`references`].
 //!
 //! Every call goes through [`crate::aws::retry`]; the SDK's own retries are off.
 
@@ -32,6 +33,7 @@ mod ancestor;
 mod cloudmap;
 mod gate;
 mod metrics;
+mod references;
 mod state;
 mod templates;
 mod user_data;
@@ -760,6 +762,12 @@ impl Cloud for AwsCloud {
 
     fn traffic(&self, _cluster: &str, group: &str, window: Duration) -> cloud::Result<Option<Traffic>> {
         Ok(self.runtime.block_on(self.traffic_of(group, window))?)
+    }
+
+    fn image_references(&self) -> cloud::Result<Vec<cloud::ImageReference>> {
+        let mut references = cloud::cluster_references(self)?;
+        references.extend(self.runtime.block_on(self.account_references())?);
+        Ok(references)
     }
 
     fn registrations(&self, cluster: Option<&str>) -> cloud::Result<Vec<Instance>> {
