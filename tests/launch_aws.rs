@@ -123,6 +123,9 @@ fn world(stand: &Stand) -> Value {
              'health_check': g['HealthCheckType'],\n\
          }} for g in asg.describe_auto_scaling_groups()['AutoScalingGroups']}}\n\
          running = sorted(i['InstanceId'] for r in ec2.describe_instances(Filters=[{{'Name': 'instance-state-name', 'Values': ['running']}}])['Reservations'] for i in r['Instances'])\n\
+         ddb = boto3.client('dynamodb')\n\
+         try: locks = sorted(i['cluster']['S'] for i in ddb.scan(TableName='bakery-launcher')['Items'] if i['key']['S'] == 'lock')\n\
+         except ddb.exceptions.ResourceNotFoundException: locks = []\n\
          print(json.dumps({{\n\
              'groups': groups,\n\
              'templates': sorted(t['LaunchTemplateName'] for t in ec2.describe_launch_templates()['LaunchTemplates']),\n\
@@ -130,6 +133,7 @@ fn world(stand: &Stand) -> Value {
              'rules': sorted(r['Priority'] for r in elb.describe_rules(ListenerArn='{listener}')['Rules']),\n\
              'registered': sorted(d['Target']['Id'] for d in elb.describe_target_health(TargetGroupArn='{tg}')['TargetHealthDescriptions']),\n\
              'running': running,\n\
+             'locks': locks,\n\
          }}))",
         listener = stand.listener,
         tg = stand.target_group,
@@ -239,9 +243,9 @@ fn deploy_flip_rollback_and_finish() {
     assert_eq!(code, 0, "{done}\n{stderr}");
     let w = world(&stand);
     assert_eq!(w["groups"].as_object().unwrap().keys().collect::<Vec<_>>(), ["hello-prod-v000"]);
-    // The record's template stays; the disabled group's template, check target group and rule go,
-    // and the lock was released.
-    assert_eq!(strings(&w["templates"]), ["bakery-deploys-hello-prod", "hello-prod-v000"]);
+    // The disabled group's template, check target group and rule go, and the lock was released.
+    assert_eq!(strings(&w["templates"]), ["hello-prod-v000"]);
+    assert_eq!(w["locks"], json!([]));
     assert_eq!(w["target_groups"].as_array().unwrap().len(), 2, "the cluster's and v000's check group: {w}");
     assert_eq!(w["rules"].as_array().unwrap().len(), 2, "default and v000's check rule: {w}");
     let (code, clusters, _) = run(&["clusters"]);
@@ -319,7 +323,7 @@ fn a_deploy_killed_in_the_gate_converges_when_rerun() {
     assert_serving(&w, "hello-prod-v001", &stand.target_group);
     assert_disabled(&w, "hello-prod-v000", &stand.target_group);
     assert_eq!(recorded("CreateAutoScalingGroup").len(), 2, "one group per deploy");
-    assert!(!strings(&w["templates"]).iter().any(|t| t.starts_with("bakery-lock-")), "lock left: {w}");
+    assert_eq!(w["locks"], json!([]), "lock left: {w}");
 }
 
 #[test]
@@ -848,23 +852,21 @@ fn a_cluster_whose_detail_holds_tilde_and_caret_deploys_and_keeps_its_record() {
     let w = world(&stand);
     assert_serving(&w, &format!("{cluster}-v001"), &stand.target_group);
     let templates = strings(&w["templates"]);
-    let expected = [
-        "bakery-deploys-hello-prod-canary(7e)1(5e)a",
-        "hello-prod-canary(7e)1(5e)a-v000",
-        "hello-prod-canary(7e)1(5e)a-v001",
-    ];
-    assert_eq!(templates, expected, "the lock was released and every name is valid");
+    let expected = ["hello-prod-canary(7e)1(5e)a-v000", "hello-prod-canary(7e)1(5e)a-v001"];
+    assert_eq!(templates, expected, "every name is valid");
+    assert_eq!(w["locks"], json!([]), "the lock was released");
     let (code, status, _) = run(&["status", "--cluster", cluster]);
     assert_eq!((code, &status["deploy"]["new_group"]), (0, &json!(format!("{cluster}-v001"))), "{status}");
 }
 
-/// CreateLaunchTemplate (the lock's and the group's) and CreateAutoScalingGroup are carried out
+/// The lock's write to the state table, CreateLaunchTemplate and CreateAutoScalingGroup are carried out
 /// but their replies are lost: the retries adopt them, and the deploy ends with one of each.
 #[test]
 fn a_deploy_whose_replies_are_lost_adopts_what_the_first_attempts_made() {
     let _serial = serial();
     let stand = stand();
-    let faults = json!({ "lost": 1.0, "actions": ["CreateLaunchTemplate", "CreateAutoScalingGroup"], "max": 3 });
+    let actions = ["PutItem", "CreateLaunchTemplate", "CreateAutoScalingGroup"];
+    let faults = json!({ "lost": 1.0, "actions": actions, "per_action": 1 });
     proxy_post("/_proxy/faults", &faults);
     let (code, value, stderr) = run(&deploy_args(&stand, 0, "60s"));
     let stats = proxy_get("/_proxy/stats");
@@ -873,7 +875,8 @@ fn a_deploy_whose_replies_are_lost_adopts_what_the_first_attempts_made() {
     assert_eq!(stats["faults"], json!({ "lost": 3 }), "{stats}");
     let w = world(&stand);
     assert_eq!(w["groups"].as_object().unwrap().keys().collect::<Vec<_>>(), ["hello-prod-v000"]);
-    assert_eq!(strings(&w["templates"]), ["bakery-deploys-hello-prod", "hello-prod-v000"], "the lock was released");
+    assert_eq!(strings(&w["templates"]), ["hello-prod-v000"]);
+    assert_eq!(w["locks"], json!([]), "the lock was released");
     assert_serving(&w, "hello-prod-v000", &stand.target_group);
 }
 
@@ -1150,4 +1153,53 @@ fn images_prune_removes_exactly_the_unused_old_images() {
     assert_eq!(flags[&ids[6]], json!(["disabled", false]), "the newest is neither");
     let (code, _, stderr) = prune(&["--keep", "0"]);
     assert_eq!(code, 3, "{stderr}");
+}
+
+/// Deploy state lives in a DynamoDB table made on first use: every run's record, newest first
+/// (what the console's history shows), through throttling of every call on the table; the
+/// record an older launcher kept in launch template tags is read once and moved there.
+#[test]
+fn deploy_records_live_in_dynamodb_and_an_old_record_moves_there() {
+    let _serial = serial();
+    let stand = stand();
+    let old = serde_json::to_string(&json!({
+        "deploy_id": "old-1", "action": "deploy", "cluster": CLUSTER, "image_id": stand.images[0],
+        "strategy": "red-black", "new_group": "hello-prod-v000", "previous_group": null, "phase": "succeeded",
+        "message": null, "steps": [], "started": 1_700_000_000u64, "updated": 1_700_000_100u64,
+    }))
+    .unwrap();
+    // As the older launcher wrote it: base64 JSON in 256-character tag chunks and a count.
+    boto(&format!(
+        "import base64\n\
+         encoded = base64.b64encode({old:?}.encode()).decode()\n\
+         chunks = [encoded[i:i + 256] for i in range(0, len(encoded), 256)]\n\
+         tags = [{{'Key': 'bakery:deploy-record', 'Value': str(len(chunks))}}] + [{{'Key': f'bakery:deploy-record-{{i:02}}', 'Value': c}} for i, c in enumerate(chunks)]\n\
+         ec2.create_launch_template(LaunchTemplateName='bakery-deploys-{CLUSTER}', LaunchTemplateData={{}}, TagSpecifications=[{{'ResourceType': 'launch-template', 'Tags': tags}}])\n\
+         print('{{}}')"
+    ));
+    let (code, status, stderr) = run(&["status", "--cluster", CLUSTER]);
+    assert_eq!((code, &status["deploy"]["deploy_id"]), (0, &json!("old-1")), "{status}\n{stderr}");
+    assert_eq!(world(&stand)["templates"], json!([]), "the old record's template is gone once moved");
+
+    let table_calls = ["DescribeTable", "CreateTable", "PutItem", "GetItem", "DeleteItem", "Query"];
+    proxy_post("/_proxy/faults", &json!({"throttle": 0.3, "seed": 3, "actions": table_calls}));
+    let first = deploy(&stand, 1, &[]);
+    let second = deploy(&stand, 2, &[]);
+    let throttled = proxy_get("/_proxy/stats")["faults"]["throttle"].as_u64().unwrap_or(0);
+    proxy_post("/_proxy/faults", &json!({}));
+    assert!(throttled >= 3, "only {throttled} table calls throttled");
+    let stored = boto(&format!(
+        "ddb = boto3.client('dynamodb')\n\
+         items = ddb.query(TableName='bakery-launcher', KeyConditionExpression='#c = :c', ExpressionAttributeNames={{'#c': 'cluster'}}, ExpressionAttributeValues={{':c': {{'S': '{CLUSTER}'}}}}, ScanIndexForward=False)['Items']\n\
+         print(json.dumps([[i['key']['S'].split('/')[0], json.loads(i['record']['S'])['deploy_id'] if 'record' in i else None, json.loads(i['record']['S'])['phase'] if 'record' in i else None] for i in items]))"
+    ));
+    assert_eq!(
+        stored,
+        json!([
+            ["deploy", second["deploy_id"], "succeeded"],
+            ["deploy", first["deploy_id"], "succeeded"],
+            ["deploy", "old-1", "succeeded"],
+        ]),
+        "every run's record, and no lock left"
+    );
 }

@@ -97,6 +97,7 @@ JSON_TARGETS = {
     "Route53AutoNaming_v20170314": "servicediscovery",
     "GraniteServiceVersion20100801": "monitoring",
     "AmazonSSM": "ssm",
+    "DynamoDB_20120810": "dynamodb",
 }
 CLOUDWATCH_NAMESPACE = "http://monitoring.amazonaws.com/doc/2010-08-01/"
 PERCENTILE = re.compile(r"p(\d+(?:\.\d+)?)")
@@ -366,18 +367,25 @@ class FaultPlan:
         self.actions = None if actions is None else frozenset(actions)
         limit = number(config, "max", None, 0)
         self.remaining = None if limit is None else int(limit)
+        each = number(config, "per_action", None, 0)
+        self.per_action = None if each is None else int(each)
+        self.drawn = Counter()  # faults given to each action
         self.rng = random.Random(seed)
-        self.config = {**self.rates, "seed": seed, "actions": actions, "max": self.remaining}
+        self.config = {**self.rates, "seed": seed, "actions": actions, "max": self.remaining,
+                       "per_action": self.per_action}
 
     def draw(self, action):
         """The fault for this request, or None. Called under the state lock."""
         if self.remaining == 0 or (self.actions is not None and action not in self.actions):
+            return None
+        if self.per_action is not None and self.drawn[action] >= self.per_action:
             return None
         roll = self.rng.random()
         for kind in FAULT_KINDS:
             if roll < self.rates[kind]:
                 if self.remaining is not None:
                     self.remaining -= 1
+                self.drawn[action] += 1
                 return kind
             roll -= self.rates[kind]
         return None
@@ -1064,9 +1072,10 @@ class Proxy:
             ]
 
     def set_faults(self, query, body):
-        """POST /_proxy/faults {"throttle", "server_error", "drop": rates, "seed", "actions", "max"}:
-        replaces the fault plan ({} turns faults off)."""
-        plan = FaultPlan(load_object(body, (*FAULT_KINDS, "seed", "actions", "max")))
+        """POST /_proxy/faults {"throttle", "server_error", "drop", "lost": rates, "seed", "actions",
+        "max" (faults in all), "per_action" (faults per action)}: replaces the fault plan ({} turns
+        faults off)."""
+        plan = FaultPlan(load_object(body, (*FAULT_KINDS, "seed", "actions", "max", "per_action")))
         with self.state.lock:
             self.state.fault_plan = plan
         return plan.config

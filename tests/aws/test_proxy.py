@@ -376,6 +376,14 @@ class FaultTest(ProxyTest):
         self.assertEqual(response["ResponseMetadata"]["RetryAttempts"], 2)
         self.assertEqual(control("GET", "/_proxy/stats")["faults"], {"throttle": 2})
 
+    def test_per_action_limits_each_action(self):
+        control("POST", "/_proxy/faults", {"throttle": 1.0, "per_action": 1})
+        ec2 = client("ec2", attempts=3)
+        self.assertEqual(ec2.describe_vpcs()["ResponseMetadata"]["RetryAttempts"], 1)
+        self.assertEqual(ec2.describe_subnets()["ResponseMetadata"]["RetryAttempts"], 1)
+        self.assertEqual(ec2.describe_vpcs()["ResponseMetadata"]["RetryAttempts"], 0)
+        self.assertEqual(control("GET", "/_proxy/stats")["faults"], {"throttle": 2})
+
     def test_seed_repeats(self):
         def pattern():
             control("POST", "/_proxy/faults", {"server_error": 0.5, "seed": 7})

@@ -14,6 +14,7 @@ use std::time::Duration;
 const TRANSIENT_CODES: &[&str] = &[
     "Throttling",
     "ThrottlingException",
+    "ProvisionedThroughputExceededException",
     "ThrottledException",
     "RequestLimitExceeded",
     "RequestThrottled",

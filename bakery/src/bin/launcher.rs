@@ -42,6 +42,11 @@ struct Cli {
     #[arg(long, global = true)]
     region: Option<String>,
 
+    /// aws: the DynamoDB table of deploy locks and records, created on first use (default:
+    /// bakery-launcher).
+    #[arg(long, global = true, env = "BAKERY_STATE_TABLE")]
+    state_table: Option<String>,
+
     /// `json` prints exactly one JSON object on stdout.
     #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Text)]
     output: OutputFormat,
@@ -428,9 +433,12 @@ fn open_cloud(cli: &Cli) -> Result<Box<dyn Cloud>, Failure> {
             Err(error) => Err(error.into()),
         },
         #[cfg(feature = "aws")]
-        CloudKind::Aws => {
-            bakery::launch::aws::AwsCloud::open(cli.region.clone()).map(|aws| Box::new(aws) as Box<dyn Cloud>)
-        }
+        CloudKind::Aws => bakery::launch::aws::AwsCloud::open(cli.region.clone())
+            .map(|aws| match &cli.state_table {
+                Some(table) => aws.with_state_table(table.clone()),
+                None => aws,
+            })
+            .map(|aws| Box::new(aws) as Box<dyn Cloud>),
         #[cfg(not(feature = "aws"))]
         CloudKind::Aws => Err(bakery::AWS_NOT_BUILT.into()),
     };

@@ -58,7 +58,6 @@ use aws_sdk_elasticloadbalancingv2::types::{
 use base64::Engine;
 use cloudmap::SERVICE_TAG;
 use serde::de::DeserializeOwned;
-use serde::Serialize;
 use sha2::{Digest, Sha256};
 use snafu::{OptionExt, ResultExt, Snafu};
 use std::collections::{BTreeMap, BTreeSet};
@@ -73,15 +72,10 @@ const DISABLED_AT_TAG: &str = "bakery:disabled-at";
 const IN_SERVICE_TAG: &str = "bakery:in-service";
 /// `bakery:target-group-1`, `-2`…: the cluster's target groups, remembered while detached.
 const TARGET_GROUP_TAG: &str = "bakery:target-group-";
-const LOCK_TAG: &str = "bakery:lock";
-const RECORD_TAG: &str = "bakery:deploy-record";
 /// What a disabled group must not do (Asgard's and Spinnaker's list), and its copied scaling
 /// policies' alarms and scheduled actions must not resize it either.
 const DISABLED_PROCESSES: [&str; 5] =
     ["Launch", "Terminate", "AddToLoadBalancer", "AlarmNotification", "ScheduledActions"];
-/// EC2 tag values hold at most 256 characters, a resource at most 50 tags.
-const TAG_VALUE_MAX: usize = 256;
-const MAX_CHUNKS: usize = 40;
 /// Bound on the provider's own waits (targets healthy after attaching, an ASG deleted).
 const WAIT: Duration = Duration::from_secs(600);
 /// The host names of check rules: `.invalid` never resolves, so no client reaches a group early.
@@ -126,15 +120,10 @@ pub enum Error {
     #[snafu(display("target group {arn} uses {protocol}: the health gate needs an HTTP or HTTPS target group (an Application Load Balancer)"))]
     NotHttp { arn: String, protocol: String },
 
-    #[snafu(display("{what} is {chars} characters, more than {MAX_CHUNKS} tags of {TAG_VALUE_MAX} hold"))]
-    TooLarge { what: String, chars: usize },
-
-    #[snafu(display("{what} in tags of {resource} is unreadable: {reason}"))]
+    #[snafu(display("{what} in {resource} is unreadable: {reason}"))]
     Corrupt { what: String, resource: String, reason: String },
 
-    #[snafu(display(
-        "launch template {name} keeps changing, or holds no lock holder; if no launcher runs on the cluster, delete it"
-    ))]
+    #[snafu(display("the {name} keeps changing hands; try again"))]
     Unsettled { name: String },
 }
 
@@ -148,6 +137,10 @@ pub struct AwsCloud {
     discovery: aws_sdk_servicediscovery::Client,
     ssm: aws_sdk_ssm::Client,
     metrics: aws_sdk_cloudwatch::Client,
+    dynamodb: aws_sdk_dynamodb::Client,
+    /// The DynamoDB table of deploy locks and records, and whether it is known to be there.
+    state_table: String,
+    table_ready: tokio::sync::OnceCell<()>,
     region: String,
     policy: Policy,
 }
@@ -162,10 +155,19 @@ impl AwsCloud {
             discovery: aws_sdk_servicediscovery::Client::new(&config),
             ssm: aws_sdk_ssm::Client::new(&config),
             metrics: aws_sdk_cloudwatch::Client::new(&config),
+            dynamodb: aws_sdk_dynamodb::Client::new(&config),
+            state_table: state::DEFAULT_TABLE.to_string(),
+            table_ready: tokio::sync::OnceCell::new(),
             region: config.region().map(|r| r.to_string()).unwrap_or_default(),
             policy: Policy::from_env(),
             runtime,
         })
+    }
+
+    /// Keeps deploy locks and records in this DynamoDB table instead of the default one.
+    pub fn with_state_table(mut self, table: String) -> AwsCloud {
+        self.state_table = table;
+        self
     }
 
     // Auto Scaling.
@@ -746,6 +748,10 @@ impl Cloud for AwsCloud {
         Ok(self.runtime.block_on(self.load(cluster))?)
     }
 
+    fn history(&self, cluster: &str) -> cloud::Result<Vec<DeployRecord>> {
+        Ok(self.runtime.block_on(self.history_of(cluster))?)
+    }
+
     fn lock_holder(&self, cluster: &str) -> cloud::Result<Option<LockHolder>> {
         let holder = self.runtime.block_on(self.holder(cluster))?;
         Ok(holder.filter(|h| !h.is_stale_here(now())))
@@ -900,8 +906,6 @@ fn to_group(
     }
 }
 
-/// `value` as JSON in base64, cut into tag-sized chunks under `prefix-NN`, with the count under
-/// `prefix`; stale chunks past the count are ignored by [`from_tags`].
 fn group_missing(error: &CallError) -> bool {
     error.code.as_deref() == Some("ValidationError") && error.message.contains("not found")
 }

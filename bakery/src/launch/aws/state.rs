@@ -1,105 +1,290 @@
-//! The deploy lock and the deploy record, kept in launch template tags.
+//! The deploy lock and every deploy record, in a DynamoDB table (`bakery-launcher` unless
+//! `--state-table` names another), created on first use (on-demand capacity).
 //!
-//! **Lock.** A launch template `bakery-lock-<cluster>`: CreateLaunchTemplate fails atomically
-//! when the name exists. The holder is written with it (tags in the same request), renewed by
-//! re-tagging it *by id*, and a stale one is deleted *by id* before creating anew, so two
-//! runs taking over the same stale lock cannot delete each other's fresh one.
+//! Items are keyed by `cluster` and `key`:
+//! - `lock`: the holder (JSON) with its `deploy_id` and `expires`. Taken with a conditional put
+//!   that succeeds when there is none or it is already ours, so a retry whose first reply was
+//!   lost finds it ours; a stale holder is replaced by a put conditioned on *its* deploy id, so
+//!   two runs taking over the same stale lock cannot both win; released by a delete
+//!   conditioned on our deploy id.
+//! - `deploy/<started>/<deploy id>`: one record per launcher run, rewritten after every step
+//!   with a put conditioned on not going back in time (`updated`), read newest first.
 //!
-//! **Deploy record.** JSON, base64, in 256-character chunks as tags of a launch template
-//! `bakery-deploys-<cluster>` that is never launched: written in one CreateTags call (with the
-//! chunk count), read with DescribeTags. Launch-template versions were the other candidate, but
-//! versions pile up with every step and moto cannot delete them.
+//! Clusters deployed before the table existed kept their last record base64-chunked in the tags
+//! of a launch template `bakery-deploys-<cluster>`: read once, written to the table, deleted.
 
 use super::*;
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType, TableStatus,
+};
+use std::collections::HashMap;
+
+/// The table's name when none is given.
+pub const DEFAULT_TABLE: &str = "bakery-launcher";
+const LOCK_KEY: &str = "lock";
+const RECORD_PREFIX: &str = "deploy/";
+/// The most records `history` returns.
+const HISTORY: usize = 200;
+/// The old home of a cluster's record.
+const RECORD_TAG: &str = "bakery:deploy-record";
+
+type Item = HashMap<String, AttributeValue>;
+
+fn s(value: impl Into<String>) -> AttributeValue {
+    AttributeValue::S(value.into())
+}
+
+fn n(value: u64) -> AttributeValue {
+    AttributeValue::N(value.to_string())
+}
+
+fn text<'a>(item: &'a Item, name: &str) -> Option<&'a str> {
+    item.get(name).and_then(|v| v.as_s().ok()).map(String::as_str)
+}
+
+fn conditional_failed(error: &CallError) -> bool {
+    error.code.as_deref() == Some("ConditionalCheckFailedException")
+}
 
 impl AwsCloud {
+    /// Creates the table if it is missing and waits until it is active; once per process.
+    async fn table(&self) -> Result<&str> {
+        self.table_ready
+            .get_or_try_init(|| async {
+                let described = retry(self.policy, "DescribeTable", || {
+                    self.dynamodb.describe_table().table_name(&self.state_table).send()
+                })
+                .await;
+                match described {
+                    Err(e) if e.is_not_found() => self.create_table().await?,
+                    other => {
+                        other.context(CallSnafu)?;
+                    }
+                }
+                wait_for(&format!("DynamoDB table {} active", self.state_table), WAIT, || async {
+                    let call = |source| ec2_calls::Error::Call { source };
+                    let output = retry(self.policy, "DescribeTable", || {
+                        self.dynamodb.describe_table().table_name(&self.state_table).send()
+                    })
+                    .await
+                    .map_err(call)?;
+                    let status = output.table().and_then(|t| t.table_status());
+                    Ok((status == Some(&TableStatus::Active)).then_some(()))
+                })
+                .await
+                .context(WaitSnafu)
+            })
+            .await?;
+        Ok(&self.state_table)
+    }
+
+    async fn create_table(&self) -> Result<()> {
+        let attribute = |name: &str| {
+            AttributeDefinition::builder().attribute_name(name).attribute_type(ScalarAttributeType::S).build()
+        };
+        let key = |name: &str, kind: KeyType| KeySchemaElement::builder().attribute_name(name).key_type(kind).build();
+        let created = retry(self.policy, "CreateTable", || {
+            self.dynamodb
+                .create_table()
+                .table_name(&self.state_table)
+                .attribute_definitions(attribute("cluster").expect("complete"))
+                .attribute_definitions(attribute("key").expect("complete"))
+                .key_schema(key("cluster", KeyType::Hash).expect("complete"))
+                .key_schema(key("key", KeyType::Range).expect("complete"))
+                .billing_mode(BillingMode::PayPerRequest)
+                .send()
+        })
+        .await;
+        match created {
+            // Another launcher made it first (or a lost reply's first attempt did).
+            Err(e) if e.code.as_deref() == Some("ResourceInUseException") => Ok(()),
+            other => other.map(|_| ()).context(CallSnafu),
+        }
+    }
+
+    async fn get(&self, cluster: &str, key: &str) -> Result<Option<Item>> {
+        let table = self.table().await?;
+        let output = retry(self.policy, "GetItem", || {
+            self.dynamodb
+                .get_item()
+                .table_name(table)
+                .key("cluster", s(cluster))
+                .key("key", s(key))
+                .consistent_read(true)
+                .send()
+        })
+        .await
+        .context(CallSnafu)?;
+        Ok(output.item().cloned())
+    }
+
+    /// Puts `item` if `condition` holds; Ok(false) when it does not.
+    async fn put_if(&self, item: Item, condition: &str, values: Item) -> Result<bool> {
+        let table = self.table().await?;
+        let put = retry(self.policy, "PutItem", || {
+            self.dynamodb
+                .put_item()
+                .table_name(table)
+                .set_item(Some(item.clone()))
+                .condition_expression(condition)
+                .set_expression_attribute_names(
+                    condition.contains("#key").then(|| HashMap::from([("#key".to_string(), "key".to_string())])),
+                )
+                .set_expression_attribute_values((!values.is_empty()).then(|| values.clone()))
+                .send()
+        })
+        .await;
+        match put {
+            Err(e) if conditional_failed(&e) => Ok(false),
+            other => other.map(|_| true).context(CallSnafu),
+        }
+    }
+
     pub(super) async fn acquire(&self, cluster: &str, holder: &LockHolder) -> Result<Option<LockHolder>> {
-        let name = format!("bakery-lock-{cluster}");
-        let tags = to_tags(LOCK_TAG, holder, "the lock holder")?;
+        let item = Item::from([
+            ("cluster".to_string(), s(cluster)),
+            ("key".to_string(), s(LOCK_KEY)),
+            ("deploy_id".to_string(), s(&holder.deploy_id)),
+            ("holder".to_string(), s(serde_json::to_string(holder).expect("serialisable"))),
+            ("expires".to_string(), n(holder.expires)),
+        ]);
+        let mine = Item::from([(":me".to_string(), s(&holder.deploy_id))]);
         for _ in 0..5 {
-            if self.create_template(&name, RequestLaunchTemplateData::builder().build(), &tags).await? {
+            if self.put_if(item.clone(), "attribute_not_exists(#key) OR deploy_id = :me", mine.clone()).await? {
                 return Ok(None);
             }
-            // Taken: by us (renew), by a live run (refuse) or by a dead one (take over).
-            let Some((id, _)) = self.template_id(&name).await? else { continue };
-            let current: Option<LockHolder> = from_tags(LOCK_TAG, &self.template_tags(&id).await?, &name)?;
-            match current {
-                Some(current) if current.deploy_id == holder.deploy_id => match self.tag_template(&id, &tags).await {
-                    // Taken over since: the next round sees the new holder.
-                    Err(e) if e.is_not_found() => continue,
-                    other => return other.map(|_| None).context(CallSnafu),
-                },
-                Some(current) if !current.is_stale_here(now()) => return Ok(Some(current)),
-                Some(_) => self.delete_template(Some(&id), None).await?,
-                // Tags may lag a moment behind a template just created by another run.
-                None => tokio::time::sleep(Duration::from_secs(1)).await,
+            // Held by another run: live (refuse) or dead (take it over from exactly that one).
+            let Some(current) = self.lock_item(cluster).await? else { continue };
+            if !current.is_stale_here(now()) {
+                return Ok(Some(current));
+            }
+            let theirs = Item::from([(":theirs".to_string(), s(&current.deploy_id))]);
+            if self.put_if(item.clone(), "deploy_id = :theirs", theirs).await? {
+                return Ok(None);
             }
         }
-        UnsettledSnafu { name }.fail()
+        UnsettledSnafu { name: format!("{} lock of {cluster}", self.state_table) }.fail()
     }
 
     pub(super) async fn release(&self, cluster: &str, deploy_id: &str) -> Result<()> {
-        let Some((id, current)) = self.lock_template(cluster).await? else { return Ok(()) };
-        if current.is_some_and(|h| h.deploy_id == deploy_id) {
-            self.delete_template(Some(&id), None).await?;
+        let table = self.table().await?;
+        let deleted = retry(self.policy, "DeleteItem", || {
+            self.dynamodb
+                .delete_item()
+                .table_name(table)
+                .key("cluster", s(cluster))
+                .key("key", s(LOCK_KEY))
+                .condition_expression("deploy_id = :me")
+                .expression_attribute_values(":me", s(deploy_id))
+                .send()
+        })
+        .await;
+        match deleted {
+            // Not ours (taken over), or already gone.
+            Err(e) if conditional_failed(&e) => Ok(()),
+            other => other.map(|_| ()).context(CallSnafu),
         }
-        Ok(())
     }
 
-    /// Who the lock template names, live or not.
+    /// Who the lock item names, live or not.
     pub(super) async fn holder(&self, cluster: &str) -> Result<Option<LockHolder>> {
-        Ok(self.lock_template(cluster).await?.and_then(|(_, holder)| holder))
+        self.lock_item(cluster).await
     }
 
-    /// The lock template's id and the holder its tags name.
-    async fn lock_template(&self, cluster: &str) -> Result<Option<(String, Option<LockHolder>)>> {
-        let name = format!("bakery-lock-{cluster}");
-        let Some((id, _)) = self.template_id(&name).await? else { return Ok(None) };
-        let holder = from_tags(LOCK_TAG, &self.template_tags(&id).await?, &name)?;
-        Ok(Some((id, holder)))
+    async fn lock_item(&self, cluster: &str) -> Result<Option<LockHolder>> {
+        let Some(item) = self.get(cluster, LOCK_KEY).await? else { return Ok(None) };
+        let json = text(&item, "holder").unwrap_or_default();
+        let holder = serde_json::from_str(json).map_err(|e| Error::Corrupt {
+            what: "the lock holder".into(),
+            resource: format!("{} item {cluster}/{LOCK_KEY}", self.state_table),
+            reason: e.to_string(),
+        })?;
+        Ok(Some(holder))
     }
 
     pub(super) async fn save(&self, record: &DeployRecord) -> Result<()> {
-        let name = format!("bakery-deploys-{}", record.cluster);
-        let tags = to_tags(RECORD_TAG, record, "the deploy record")?;
-        for _ in 0..3 {
-            match self.template_id(&name).await? {
-                Some((id, _)) => match self.tag_template(&id, &tags).await {
-                    Err(e) if e.is_not_found() => continue,
-                    other => return other.context(CallSnafu),
-                },
-                None if self.create_template(&name, RequestLaunchTemplateData::builder().build(), &tags).await? => {
-                    return Ok(())
-                }
-                None => continue,
-            }
-        }
-        UnsettledSnafu { name }.fail()
+        let key = format!("{RECORD_PREFIX}{:012}/{}", record.started, record.deploy_id);
+        let item = Item::from([
+            ("cluster".to_string(), s(&record.cluster)),
+            ("key".to_string(), s(key)),
+            ("deploy_id".to_string(), s(&record.deploy_id)),
+            ("record".to_string(), s(serde_json::to_string(record).expect("serialisable"))),
+            ("updated".to_string(), n(record.updated)),
+        ]);
+        let updated = Item::from([(":updated".to_string(), n(record.updated))]);
+        // A save that lost the race with a later step's changes nothing.
+        self.put_if(item, "attribute_not_exists(#key) OR updated <= :updated", updated).await?;
+        Ok(())
     }
 
     pub(super) async fn load(&self, cluster: &str) -> Result<Option<DeployRecord>> {
+        Ok(self.records(cluster, 1).await?.into_iter().next())
+    }
+
+    pub(super) async fn history_of(&self, cluster: &str) -> Result<Vec<DeployRecord>> {
+        self.records(cluster, HISTORY).await
+    }
+
+    /// The newest `limit` records of the cluster, newest first; an old cluster's record in
+    /// launch template tags is moved into the table the first time it is looked for.
+    async fn records(&self, cluster: &str, limit: usize) -> Result<Vec<DeployRecord>> {
+        let table = self.table().await?;
+        let mut records = Vec::new();
+        let mut start: Option<Item> = None;
+        loop {
+            let page = retry(self.policy, "Query", || {
+                self.dynamodb
+                    .query()
+                    .table_name(table)
+                    .key_condition_expression("#cluster = :cluster AND begins_with(#key, :prefix)")
+                    .expression_attribute_names("#cluster", "cluster")
+                    .expression_attribute_names("#key", "key")
+                    .expression_attribute_values(":cluster", s(cluster))
+                    .expression_attribute_values(":prefix", s(RECORD_PREFIX))
+                    .scan_index_forward(false)
+                    .consistent_read(true)
+                    .limit(limit.min(100) as i32)
+                    .set_exclusive_start_key(start.clone())
+                    .send()
+            })
+            .await
+            .context(CallSnafu)?;
+            for item in page.items() {
+                let json = text(item, "record").unwrap_or_default();
+                records.push(serde_json::from_str(json).map_err(|e| Error::Corrupt {
+                    what: "a deploy record".into(),
+                    resource: format!("{table} item {cluster}/{}", text(item, "key").unwrap_or_default()),
+                    reason: e.to_string(),
+                })?);
+            }
+            start = page.last_evaluated_key().cloned();
+            if start.is_none() || records.len() >= limit {
+                break;
+            }
+        }
+        records.truncate(limit);
+        if records.is_empty() {
+            records.extend(self.migrate(cluster).await?);
+        }
+        Ok(records)
+    }
+
+    /// The record a cluster kept in launch template tags before the table, moved into it.
+    async fn migrate(&self, cluster: &str) -> Result<Option<DeployRecord>> {
         let name = format!("bakery-deploys-{cluster}");
         let Some((id, _)) = self.template_id(&name).await? else { return Ok(None) };
-        from_tags(RECORD_TAG, &self.template_tags(&id).await?, &name)
+        let record: Option<DeployRecord> = from_tags(RECORD_TAG, &self.template_tags(&id).await?, &name)?;
+        if let Some(record) = &record {
+            self.save(record).await?;
+        }
+        self.delete_template(Some(&id), None).await?;
+        Ok(record)
     }
 }
 
-pub(super) fn to_tags<T: Serialize>(prefix: &str, value: &T, what: &str) -> Result<Vec<(String, String)>> {
-    let json = serde_json::to_vec(value).expect("serialisable");
-    let encoded = base64::engine::general_purpose::STANDARD.encode(json);
-    let chunks: Vec<&str> =
-        encoded.as_bytes().chunks(TAG_VALUE_MAX).map(|c| std::str::from_utf8(c).expect("base64")).collect();
-    snafu::ensure!(chunks.len() <= MAX_CHUNKS, TooLargeSnafu { what, chars: encoded.len() });
-    let mut tags = vec![(prefix.to_string(), chunks.len().to_string())];
-    tags.extend(chunks.iter().enumerate().map(|(i, chunk)| (format!("{prefix}-{i:02}"), chunk.to_string())));
-    Ok(tags)
-}
-
-pub(super) fn from_tags<T: DeserializeOwned>(
-    prefix: &str,
-    tags: &BTreeMap<String, String>,
-    resource: &str,
-) -> Result<Option<T>> {
+/// `prefix`'s value from base64 JSON cut into tag-sized chunks under `prefix-NN`, with the
+/// count under `prefix` (how records were kept in tags).
+fn from_tags<T: DeserializeOwned>(prefix: &str, tags: &BTreeMap<String, String>, resource: &str) -> Result<Option<T>> {
     let Some(count) = tags.get(prefix) else { return Ok(None) };
     let corrupt = |reason: String| Error::Corrupt { what: prefix.to_string(), resource: resource.to_string(), reason };
     let count: usize = count.parse().map_err(|_| corrupt(format!("chunk count {count:?}")))?;
@@ -116,23 +301,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn values_round_trip_through_tag_chunks() {
-        let holder = LockHolder {
-            deploy_id: "1700000000000-42-0".into(),
-            owner: "ann".into(),
-            host: "h".repeat(300),
-            pid: 42,
-            start_time: 7,
-            expires: 1_700_000_900,
-        };
-        let tags: BTreeMap<String, String> = to_tags(LOCK_TAG, &holder, "holder").unwrap().into_iter().collect();
-        assert!(tags.len() > 2 && tags.values().all(|v| v.len() <= TAG_VALUE_MAX), "{tags:?}");
-        assert_eq!(from_tags::<LockHolder>(LOCK_TAG, &tags, "t").unwrap(), Some(holder));
-        assert_eq!(from_tags::<LockHolder>(LOCK_TAG, &BTreeMap::new(), "t").unwrap(), None);
-        let mut torn = tags.clone();
-        torn.remove(&format!("{LOCK_TAG}-01"));
-        assert!(from_tags::<LockHolder>(LOCK_TAG, &torn, "t").unwrap_err().to_string().contains("chunk 1 is missing"));
-        let huge = "x".repeat(MAX_CHUNKS * TAG_VALUE_MAX);
-        assert!(matches!(to_tags(RECORD_TAG, &huge, "record"), Err(Error::TooLarge { .. })));
+    fn an_old_record_is_read_from_its_tag_chunks() {
+        let encoded = base64::engine::general_purpose::STANDARD.encode(br#"{"a":1}"#);
+        let (first, second) = encoded.split_at(4);
+        let mut tags = BTreeMap::from([
+            (RECORD_TAG.to_string(), "2".to_string()),
+            (format!("{RECORD_TAG}-00"), first.to_string()),
+            (format!("{RECORD_TAG}-01"), second.to_string()),
+        ]);
+        let value: Option<serde_json::Value> = from_tags(RECORD_TAG, &tags, "t").unwrap();
+        assert_eq!(value, Some(serde_json::json!({"a": 1})));
+        assert_eq!(from_tags::<serde_json::Value>(RECORD_TAG, &BTreeMap::new(), "t").unwrap(), None);
+        tags.remove(&format!("{RECORD_TAG}-01"));
+        let torn = from_tags::<serde_json::Value>(RECORD_TAG, &tags, "t").unwrap_err();
+        assert!(torn.to_string().contains("chunk 1 is missing"), "{torn}");
     }
 }

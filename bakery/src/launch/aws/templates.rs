@@ -1,12 +1,12 @@
-//! Launch templates: one per group (its Frigga name), and the two that hold the deploy lock and
-//! the deploy record.
+//! Launch templates: one per group (its Frigga name); before the state table, also one that held
+//! a cluster's deploy record in its tags (read once and migrated).
 
 use super::*;
 
 /// Longest launch template name EC2 accepts.
 const MAX_TEMPLATE_NAME: usize = 128;
 
-/// The launch template name for `name` (a group's Frigga name, or a cluster's lock and record).
+/// The launch template name for `name` (a group's Frigga name, or an old record's template).
 /// Template names allow letters, digits and `().-/_` only; Frigga names may also hold `~` and
 /// `^`, which become `(7e)` and `(5e)` (no Frigga name holds a parenthesis, so no two names
 /// meet), and a name still too long keeps its start and ends in a hash of the whole.
@@ -76,13 +76,6 @@ impl AwsCloud {
             Err(e) if e.code.as_deref().is_some_and(|c| c.contains("AlreadyExists")) => Ok(false),
             other => other.map(|_| true).context(CallSnafu),
         }
-    }
-
-    pub(super) async fn tag_template(&self, id: &str, tags: &[(String, String)]) -> std::result::Result<(), CallError> {
-        let tags: Vec<Ec2Tag> = tags.iter().map(|(k, v)| Ec2Tag::builder().key(k).value(v).build()).collect();
-        retry(self.policy, "CreateTags", || self.ec2.create_tags().resources(id).set_tags(Some(tags.clone())).send())
-            .await?;
-        Ok(())
     }
 
     pub(super) async fn delete_template(&self, id: Option<&str>, name: Option<&str>) -> Result<()> {
