@@ -666,9 +666,10 @@ fn chaos_kill_terminates_through_the_group_which_keeps_its_capacity() {
     let _serial = serial();
     let stand = stand();
     deploy(&stand, 0, &[]);
-    // The consent and the audit log live in the state directory, for aws as for local.
-    let state = tempfile::tempdir().unwrap();
+    // The consent and the audit log live in the launcher's table: each run here has a state
+    // directory of its own, as monkeys on different hosts would, and they all see one of each.
     let chaos = |args: &[&str]| {
+        let state = tempfile::tempdir().unwrap();
         let output = launcher(&[&["chaos"][..], args, &["--state-dir", state.path().to_str().unwrap()]].concat())
             .output()
             .unwrap();
@@ -703,6 +704,11 @@ fn chaos_kill_terminates_through_the_group_which_keeps_its_capacity() {
     assert_eq!(code, 0);
     assert_eq!(log.as_array().map(Vec::len), Some(1), "{log}");
     assert_eq!((&log[0]["cluster"], &log[0]["instance"]), (&json!(CLUSTER), &json!(victim)));
+    let items = boto(
+        "ddb = boto3.client('dynamodb')\n\
+         print(json.dumps(sorted(i['key']['S'].split('/')[0] for i in ddb.scan(TableName='bakery-launcher')['Items'])))",
+    );
+    assert_eq!(items, json!(["audit", "chaos", "deploy"]), "consent, audit entry and deploy record in the table");
 
     // The scheduler: nothing outside the window; inside it, no more than the daily limit, which
     // counts the kill above.

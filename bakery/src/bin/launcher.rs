@@ -1,7 +1,7 @@
 //! The `launcher` command line: red/black deploys of baked images, a thin layer over
 //! `bakery::launch`.
 
-use bakery::launch::chaos::{self, AuditEntry, Chaos};
+use bakery::launch::chaos::{self, AuditEntry};
 use bakery::launch::cloud::{Action, Cloud, DeployRecord, HealthCheckType, LaunchSettings, Outcome, Phase};
 use bakery::launch::cluster_config::{self, ClusterConfig};
 use bakery::launch::engine::{self, Engine, Identity, Status, SystemClock};
@@ -582,9 +582,9 @@ fn watch_once(engine: &Engine, ui: &bakery::ui::Ui, cluster: &str, once: bool) -
     }
 }
 
-/// `launcher chaos`: the consent and the audit log live in the state directory.
+/// `launcher chaos`: the consent and the audit log live where the cloud keeps its state.
 fn chaos_command(cli: &Cli, engine: &Engine, command: &ChaosCommand, ui: &bakery::ui::Ui) -> Result<(), Failure> {
-    let chaos = Chaos::new(&cli.state_dir);
+    let chaos = engine.cloud.chaos_store(&cli.state_dir);
     let failed = |e: chaos::Error| Failure { code: 1, message: e.to_string() };
     let now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
     match command {

@@ -1,7 +1,9 @@
 //! Chaos Monkey: clusters opt in, and then their in-service instances may be terminated on
 //! purpose, as a host failure would, to prove that the cluster heals without a failed request.
-//! Which clusters opted in and every action taken are kept in the state directory
-//! (`STATE/chaos/<cluster>.json` and `STATE/chaos/audit.jsonl`), for either provider.
+//! Which clusters opted in and every action taken are kept where the cloud keeps its deploy
+//! state ([`ChaosStore`]): for local clusters in the state directory ([`ChaosFiles`]:
+//! `STATE/chaos/<cluster>.json` and `STATE/chaos/audit.jsonl`), on aws in the launcher's
+//! DynamoDB table, so that every host that runs a monkey sees one consent and one log.
 //! Choosing victims is pure; the engine acts under the cluster lock ([`super::engine`]).
 
 use super::cloud::{Group, Health};
@@ -18,6 +20,9 @@ pub enum Error {
 
     #[snafu(display("chaos state {}: {source}", path.display()))]
     Json { path: PathBuf, source: serde_json::Error },
+
+    #[snafu(display("chaos state in {store}: {source}"))]
+    Store { store: String, source: Box<dyn std::error::Error + Send + Sync> },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -49,33 +54,49 @@ pub struct AuditEntry {
     pub result: String,
 }
 
+/// Where the consent of clusters and the audit log are kept.
+pub trait ChaosStore {
+    fn config(&self, cluster: &str) -> Result<Option<Config>>;
+    /// Opts in (again, with new limits).
+    fn enable(&self, config: &Config) -> Result<()>;
+    /// Every cluster that opted in, by name.
+    fn enabled(&self) -> Result<Vec<Config>>;
+    /// Opting out twice is no error.
+    fn disable(&self, cluster: &str) -> Result<()>;
+    /// Adds `entries` to the audit log.
+    fn record(&self, entries: &[AuditEntry]) -> Result<()>;
+    /// The audit log, oldest first, of one cluster or all.
+    fn log(&self, cluster: Option<&str>) -> Result<Vec<AuditEntry>>;
+}
+
 /// The state directory's chaos records.
-pub struct Chaos {
+pub struct ChaosFiles {
     dir: PathBuf,
 }
 
-impl Chaos {
-    pub fn new(state_dir: &Path) -> Chaos {
-        Chaos { dir: state_dir.join("chaos") }
+impl ChaosFiles {
+    pub fn new(state_dir: &Path) -> ChaosFiles {
+        ChaosFiles { dir: state_dir.join("chaos") }
     }
 
     fn config_path(&self, cluster: &str) -> PathBuf {
         self.dir.join(format!("{cluster}.json"))
     }
+}
 
-    pub fn config(&self, cluster: &str) -> Result<Option<Config>> {
+impl ChaosStore for ChaosFiles {
+    fn config(&self, cluster: &str) -> Result<Option<Config>> {
         let path = self.config_path(cluster);
         crate::atomic::read_json(&path).context(IoSnafu { path })
     }
 
-    pub fn enable(&self, config: &Config) -> Result<()> {
+    fn enable(&self, config: &Config) -> Result<()> {
         std::fs::create_dir_all(&self.dir).context(IoSnafu { path: &self.dir })?;
         let path = self.config_path(&config.cluster);
         crate::atomic::write_json(&path, config).context(IoSnafu { path })
     }
 
-    /// Every cluster that opted in.
-    pub fn enabled(&self) -> Result<Vec<Config>> {
+    fn enabled(&self) -> Result<Vec<Config>> {
         let entries = match std::fs::read_dir(&self.dir) {
             Ok(entries) => entries,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -92,8 +113,7 @@ impl Chaos {
         Ok(configs)
     }
 
-    /// Opting out twice is no error.
-    pub fn disable(&self, cluster: &str) -> Result<()> {
+    fn disable(&self, cluster: &str) -> Result<()> {
         let path = self.config_path(cluster);
         match std::fs::remove_file(&path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e).context(IoSnafu { path }),
@@ -101,8 +121,8 @@ impl Chaos {
         }
     }
 
-    /// Appends `entries` to the audit log, one JSON object a line.
-    pub fn record(&self, entries: &[AuditEntry]) -> Result<()> {
+    /// One JSON object a line, appended.
+    fn record(&self, entries: &[AuditEntry]) -> Result<()> {
         std::fs::create_dir_all(&self.dir).context(IoSnafu { path: &self.dir })?;
         let path = self.dir.join("audit.jsonl");
         let mut lines = String::new();
@@ -115,8 +135,7 @@ impl Chaos {
         log.write_all(lines.as_bytes()).context(IoSnafu { path })
     }
 
-    /// The audit log, oldest first, of one cluster or all.
-    pub fn log(&self, cluster: Option<&str>) -> Result<Vec<AuditEntry>> {
+    fn log(&self, cluster: Option<&str>) -> Result<Vec<AuditEntry>> {
         let path = self.dir.join("audit.jsonl");
         let text = match std::fs::read_to_string(&path) {
             Ok(text) => text,
@@ -283,7 +302,7 @@ mod tests {
     #[test]
     fn the_audit_log_appends_and_filters_by_cluster() {
         let dir = tempfile::tempdir().unwrap();
-        let chaos = Chaos::new(dir.path());
+        let chaos = ChaosFiles::new(dir.path());
         assert_eq!(chaos.log(None).unwrap(), []);
         let entry = |cluster: &str| AuditEntry {
             time: 1,

@@ -411,6 +411,11 @@ pub trait Cloud: Send + Sync {
     fn poll_interval(&self) -> Duration {
         Duration::from_secs(5)
     }
+    /// Where Chaos Monkey's consent and audit log are kept: the state directory, unless the
+    /// cloud keeps its deploy state elsewhere (aws: the launcher's table).
+    fn chaos_store(&self, state_dir: &std::path::Path) -> Box<dyn super::chaos::ChaosStore + '_> {
+        Box::new(super::chaos::ChaosFiles::new(state_dir))
+    }
     /// What uses images here: every cluster's groups, and whatever else the cloud can launch
     /// an image from.
     fn image_references(&self) -> Result<Vec<ImageReference>> {

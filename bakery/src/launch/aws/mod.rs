@@ -24,12 +24,14 @@
 //! launcher's sit side by side ([`user_data`]).
 //!
 //! The health gate lives in [`gate`], launch templates in [`templates`], the deploy lock and
-//! record in [`state`], the registry in [`cloudmap`], the soak's figures in [`metrics`] and what
-//! else uses images in [`references`].
+//! record in [`state`] (Chaos Monkey's consent and log beside them, [`chaos_state`]), the
+//! registry in [`cloudmap`], the soak's figures in [`metrics`] and what else uses images in
+//! [`references`].
 //!
 //! Every call goes through [`crate::aws::retry`]; the SDK's own retries are off.
 
 mod ancestor;
+mod chaos_state;
 mod cloudmap;
 mod gate;
 mod metrics;
@@ -768,6 +770,11 @@ impl Cloud for AwsCloud {
 
     fn traffic(&self, _cluster: &str, group: &str, window: Duration) -> cloud::Result<Option<Traffic>> {
         Ok(self.runtime.block_on(self.traffic_of(group, window))?)
+    }
+
+    /// In the launcher's table, shared by every host.
+    fn chaos_store(&self, _state_dir: &std::path::Path) -> Box<dyn crate::launch::chaos::ChaosStore + '_> {
+        Box::new(chaos_state::TableChaos { cloud: self })
     }
 
     fn image_references(&self) -> cloud::Result<Vec<cloud::ImageReference>> {

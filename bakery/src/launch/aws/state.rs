@@ -1,4 +1,5 @@
-//! The deploy lock and every deploy record, in a DynamoDB table (`bakery-launcher` unless
+//! The deploy lock and every deploy record (and Chaos Monkey's items, [`super::chaos_state`]), in
+//! a DynamoDB table (`bakery-launcher` unless
 //! `--state-table` names another), created on first use (on-demand capacity).
 //!
 //! Items are keyed by `cluster` and `key`:
@@ -28,9 +29,9 @@ const HISTORY: usize = 200;
 /// The old home of a cluster's record.
 const RECORD_TAG: &str = "bakery:deploy-record";
 
-type Item = HashMap<String, AttributeValue>;
+pub(super) type Item = HashMap<String, AttributeValue>;
 
-fn s(value: impl Into<String>) -> AttributeValue {
+pub(super) fn s(value: impl Into<String>) -> AttributeValue {
     AttributeValue::S(value.into())
 }
 
@@ -38,7 +39,7 @@ fn n(value: u64) -> AttributeValue {
     AttributeValue::N(value.to_string())
 }
 
-fn text<'a>(item: &'a Item, name: &str) -> Option<&'a str> {
+pub(super) fn text<'a>(item: &'a Item, name: &str) -> Option<&'a str> {
     item.get(name).and_then(|v| v.as_s().ok()).map(String::as_str)
 }
 
@@ -102,7 +103,7 @@ impl AwsCloud {
         }
     }
 
-    async fn get(&self, cluster: &str, key: &str) -> Result<Option<Item>> {
+    pub(super) async fn get(&self, cluster: &str, key: &str) -> Result<Option<Item>> {
         let table = self.table().await?;
         let output = retry(self.policy, "GetItem", || {
             self.dynamodb
@@ -118,19 +119,21 @@ impl AwsCloud {
         Ok(output.item().cloned())
     }
 
-    /// Puts `item` if `condition` holds; Ok(false) when it does not.
-    async fn put_if(&self, item: Item, condition: &str, values: Item) -> Result<bool> {
+    /// Puts `item`, if `condition` (an expression and its values) holds when there is one;
+    /// Ok(false) when it does not.
+    pub(super) async fn put(&self, item: Item, condition: Option<(&str, Item)>) -> Result<bool> {
         let table = self.table().await?;
+        let (expression, values) = condition.unzip();
+        let names =
+            expression.filter(|e| e.contains("#key")).map(|_| HashMap::from([("#key".to_string(), "key".to_string())]));
         let put = retry(self.policy, "PutItem", || {
             self.dynamodb
                 .put_item()
                 .table_name(table)
                 .set_item(Some(item.clone()))
-                .condition_expression(condition)
-                .set_expression_attribute_names(
-                    condition.contains("#key").then(|| HashMap::from([("#key".to_string(), "key".to_string())])),
-                )
-                .set_expression_attribute_values((!values.is_empty()).then(|| values.clone()))
+                .set_condition_expression(expression.map(str::to_string))
+                .set_expression_attribute_names(names.clone())
+                .set_expression_attribute_values(values.clone())
                 .send()
         })
         .await;
@@ -150,7 +153,7 @@ impl AwsCloud {
         ]);
         let mine = Item::from([(":me".to_string(), s(&holder.deploy_id))]);
         for _ in 0..5 {
-            if self.put_if(item.clone(), "attribute_not_exists(#key) OR deploy_id = :me", mine.clone()).await? {
+            if self.put(item.clone(), Some(("attribute_not_exists(#key) OR deploy_id = :me", mine.clone()))).await? {
                 return Ok(None);
             }
             // Held by another run: live (refuse) or dead (take it over from exactly that one).
@@ -159,7 +162,7 @@ impl AwsCloud {
                 return Ok(Some(current));
             }
             let theirs = Item::from([(":theirs".to_string(), s(&current.deploy_id))]);
-            if self.put_if(item.clone(), "deploy_id = :theirs", theirs).await? {
+            if self.put(item.clone(), Some(("deploy_id = :theirs", theirs))).await? {
                 return Ok(None);
             }
         }
@@ -167,22 +170,30 @@ impl AwsCloud {
     }
 
     pub(super) async fn release(&self, cluster: &str, deploy_id: &str) -> Result<()> {
+        // Not ours (taken over), or already gone: nothing to do.
+        let mine = Item::from([(":me".to_string(), s(deploy_id))]);
+        self.delete(cluster, LOCK_KEY, Some(("deploy_id = :me", mine))).await?;
+        Ok(())
+    }
+
+    /// Deletes an item, if `condition` holds when there is one; Ok(false) when it does not.
+    pub(super) async fn delete(&self, cluster: &str, key: &str, condition: Option<(&str, Item)>) -> Result<bool> {
         let table = self.table().await?;
+        let (expression, values) = condition.unzip();
         let deleted = retry(self.policy, "DeleteItem", || {
             self.dynamodb
                 .delete_item()
                 .table_name(table)
                 .key("cluster", s(cluster))
-                .key("key", s(LOCK_KEY))
-                .condition_expression("deploy_id = :me")
-                .expression_attribute_values(":me", s(deploy_id))
+                .key("key", s(key))
+                .set_condition_expression(expression.map(str::to_string))
+                .set_expression_attribute_values(values.clone())
                 .send()
         })
         .await;
         match deleted {
-            // Not ours (taken over), or already gone.
-            Err(e) if conditional_failed(&e) => Ok(()),
-            other => other.map(|_| ()).context(CallSnafu),
+            Err(e) if conditional_failed(&e) => Ok(false),
+            other => other.map(|_| true).context(CallSnafu),
         }
     }
 
@@ -193,13 +204,7 @@ impl AwsCloud {
 
     async fn lock_item(&self, cluster: &str) -> Result<Option<LockHolder>> {
         let Some(item) = self.get(cluster, LOCK_KEY).await? else { return Ok(None) };
-        let json = text(&item, "holder").unwrap_or_default();
-        let holder = serde_json::from_str(json).map_err(|e| Error::Corrupt {
-            what: "the lock holder".into(),
-            resource: format!("{} item {cluster}/{LOCK_KEY}", self.state_table),
-            reason: e.to_string(),
-        })?;
-        Ok(Some(holder))
+        Ok(Some(self.parse(&item, "holder", "the lock holder")?))
     }
 
     pub(super) async fn save(&self, record: &DeployRecord) -> Result<()> {
@@ -213,7 +218,7 @@ impl AwsCloud {
         ]);
         let updated = Item::from([(":updated".to_string(), n(record.updated))]);
         // A save that lost the race with a later step's changes nothing.
-        self.put_if(item, "attribute_not_exists(#key) OR updated <= :updated", updated).await?;
+        self.put(item, Some(("attribute_not_exists(#key) OR updated <= :updated", updated))).await?;
         Ok(())
     }
 
@@ -228,8 +233,40 @@ impl AwsCloud {
     /// The newest `limit` records of the cluster, newest first; an old cluster's record in
     /// launch template tags is moved into the table the first time it is looked for.
     async fn records(&self, cluster: &str, limit: usize) -> Result<Vec<DeployRecord>> {
+        let items = self.query(cluster, RECORD_PREFIX, true, Some(limit)).await?;
+        let mut records =
+            items.iter().map(|item| self.parse(item, "record", "a deploy record")).collect::<Result<Vec<_>>>()?;
+        if records.is_empty() {
+            records.extend(self.migrate(cluster).await?);
+        }
+        Ok(records)
+    }
+
+    /// The JSON in `item`'s attribute `name`.
+    pub(super) fn parse<T: DeserializeOwned>(&self, item: &Item, name: &str, what: &str) -> Result<T> {
+        serde_json::from_str(text(item, name).unwrap_or_default()).map_err(|e| Error::Corrupt {
+            what: what.into(),
+            resource: format!(
+                "{} item {}/{}",
+                self.state_table,
+                text(item, "cluster").unwrap_or_default(),
+                text(item, "key").unwrap_or_default()
+            ),
+            reason: e.to_string(),
+        })
+    }
+
+    /// The cluster's items whose key starts with `prefix`, in key order (or the reverse), at
+    /// most `limit`.
+    pub(super) async fn query(
+        &self,
+        cluster: &str,
+        prefix: &str,
+        newest_first: bool,
+        limit: Option<usize>,
+    ) -> Result<Vec<Item>> {
         let table = self.table().await?;
-        let mut records = Vec::new();
+        let mut items = Vec::new();
         let mut start: Option<Item> = None;
         loop {
             let page = retry(self.policy, "Query", || {
@@ -240,33 +277,50 @@ impl AwsCloud {
                     .expression_attribute_names("#cluster", "cluster")
                     .expression_attribute_names("#key", "key")
                     .expression_attribute_values(":cluster", s(cluster))
-                    .expression_attribute_values(":prefix", s(RECORD_PREFIX))
-                    .scan_index_forward(false)
+                    .expression_attribute_values(":prefix", s(prefix))
+                    .scan_index_forward(!newest_first)
                     .consistent_read(true)
-                    .limit(limit.min(100) as i32)
+                    .set_limit(limit.map(|l| l.min(100) as i32))
                     .set_exclusive_start_key(start.clone())
                     .send()
             })
             .await
             .context(CallSnafu)?;
-            for item in page.items() {
-                let json = text(item, "record").unwrap_or_default();
-                records.push(serde_json::from_str(json).map_err(|e| Error::Corrupt {
-                    what: "a deploy record".into(),
-                    resource: format!("{table} item {cluster}/{}", text(item, "key").unwrap_or_default()),
-                    reason: e.to_string(),
-                })?);
-            }
+            items.extend(page.items().iter().cloned());
             start = page.last_evaluated_key().cloned();
-            if start.is_none() || records.len() >= limit {
+            if start.is_none() || limit.is_some_and(|l| items.len() >= l) {
                 break;
             }
         }
-        records.truncate(limit);
-        if records.is_empty() {
-            records.extend(self.migrate(cluster).await?);
+        items.truncate(limit.unwrap_or(usize::MAX));
+        Ok(items)
+    }
+
+    /// Every cluster's items whose key starts with `prefix`.
+    pub(super) async fn scan(&self, prefix: &str) -> Result<Vec<Item>> {
+        let table = self.table().await?;
+        let mut items = Vec::new();
+        let mut start: Option<Item> = None;
+        loop {
+            let page = retry(self.policy, "Scan", || {
+                self.dynamodb
+                    .scan()
+                    .table_name(table)
+                    .filter_expression("begins_with(#key, :prefix)")
+                    .expression_attribute_names("#key", "key")
+                    .expression_attribute_values(":prefix", s(prefix))
+                    .consistent_read(true)
+                    .set_exclusive_start_key(start.clone())
+                    .send()
+            })
+            .await
+            .context(CallSnafu)?;
+            items.extend(page.items().iter().cloned());
+            start = page.last_evaluated_key().cloned();
+            if start.is_none() {
+                return Ok(items);
+            }
         }
-        Ok(records)
     }
 
     /// The record a cluster kept in launch template tags before the table, moved into it.
