@@ -1135,7 +1135,22 @@ fn images_prune_removes_exactly_the_unused_old_images() {
     assert_eq!(existing(), before, "a dry run changes nothing");
     assert!(recorded("EnableImageDeregistrationProtection").is_empty());
 
+    // Each call prune makes is throttled once, and it goes through all the same.
+    let calls = [
+        "DescribeLaunchTemplates",
+        "DescribeLaunchTemplateVersions",
+        "DescribeLaunchConfigurations",
+        "DescribeInstances",
+        "EnableImageDeregistrationProtection",
+        "DisableImageDeregistrationProtection",
+        "EnableImageDeprecation",
+        "DeregisterImage",
+    ];
+    proxy_post("/_proxy/faults", &json!({"throttle": 1.0, "per_action": 1, "actions": calls}));
     let (code, done, stderr) = prune(&[]);
+    let throttled = proxy_get("/_proxy/stats")["faults"]["throttle"].as_u64().unwrap_or(0);
+    proxy_post("/_proxy/faults", &json!({}));
+    assert_eq!(throttled, calls.len() as u64, "every kind of call throttled once");
     assert_eq!(code, 0, "{done}\n{stderr}");
     assert_eq!(deleted(&done), unused, "{done:#}");
     let gone = |id: &Value| unused.iter().any(|u| id == u);
