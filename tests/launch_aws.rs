@@ -506,13 +506,7 @@ fn instances_register_in_cloud_map_and_the_flip_waits_for_them() {
     let registry = ["--registry-namespace", "bakery"];
     // The team's user data sits beside the launcher's: the agent still finds its lines.
     let team = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(
-        team.path(),
-        "#cloud-config
-runcmd: [echo team]
-",
-    )
-    .unwrap();
+    std::fs::write(team.path(), "#cloud-config\nruncmd: [echo team]\n").unwrap();
     let first =
         start_deploy_with(&stand, 0, &[&registry[..], &["--user-data-file", team.path().to_str().unwrap()]].concat());
     // Healthy at the balancer from the start, but not registered: the gate holds.
@@ -613,17 +607,7 @@ fn a_watched_soak_switches_back_on_cloudwatch_figures_even_when_throttled() {
     proxy_post("/_proxy/faults", &json!({"throttle": 0.2, "seed": 5, "actions": actions}));
     let app = app();
     let registry = ["--registry-namespace", "bakery"];
-    // The team's user data sits beside the launcher's: the agent still finds its lines.
-    let team = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(
-        team.path(),
-        "#cloud-config
-runcmd: [echo team]
-",
-    )
-    .unwrap();
-    let first =
-        start_deploy_with(&stand, 0, &[&registry[..], &["--user-data-file", team.path().to_str().unwrap()]].concat());
+    let first = start_deploy_with(&stand, 0, &registry);
     let _v000 = start_agents("hello-prod-v000", &app);
     assert_eq!(finished(first).0, 0);
     put_traffic(&stand, 1000, 0, 100);

@@ -266,9 +266,7 @@ impl AwsCloud {
         limit: Option<usize>,
     ) -> Result<Vec<Item>> {
         let table = self.table().await?;
-        let mut items = Vec::new();
-        let mut start: Option<Item> = None;
-        loop {
+        let mut items = pages(limit, |start| async move {
             let page = retry(self.policy, "Query", || {
                 self.dynamodb
                     .query()
@@ -286,12 +284,9 @@ impl AwsCloud {
             })
             .await
             .context(CallSnafu)?;
-            items.extend(page.items().iter().cloned());
-            start = page.last_evaluated_key().cloned();
-            if start.is_none() || limit.is_some_and(|l| items.len() >= l) {
-                break;
-            }
-        }
+            Ok((page.items().to_vec(), page.last_evaluated_key().cloned()))
+        })
+        .await?;
         items.truncate(limit.unwrap_or(usize::MAX));
         Ok(items)
     }
@@ -299,9 +294,7 @@ impl AwsCloud {
     /// Every cluster's items whose key starts with `prefix`.
     pub(super) async fn scan(&self, prefix: &str) -> Result<Vec<Item>> {
         let table = self.table().await?;
-        let mut items = Vec::new();
-        let mut start: Option<Item> = None;
-        loop {
+        pages(None, |start| async move {
             let page = retry(self.policy, "Scan", || {
                 self.dynamodb
                     .scan()
@@ -315,12 +308,9 @@ impl AwsCloud {
             })
             .await
             .context(CallSnafu)?;
-            items.extend(page.items().iter().cloned());
-            start = page.last_evaluated_key().cloned();
-            if start.is_none() {
-                return Ok(items);
-            }
-        }
+            Ok((page.items().to_vec(), page.last_evaluated_key().cloned()))
+        })
+        .await
     }
 
     /// The record a cluster kept in launch template tags before the table, moved into it.
@@ -333,6 +323,25 @@ impl AwsCloud {
         }
         self.delete_template(Some(&id), None).await?;
         Ok(record)
+    }
+}
+
+/// The items of every page `page` reads (given where the last one stopped), until one is the
+/// last or `limit` items are there.
+async fn pages<F, Fut>(limit: Option<usize>, mut page: F) -> Result<Vec<Item>>
+where
+    F: FnMut(Option<Item>) -> Fut,
+    Fut: std::future::Future<Output = Result<(Vec<Item>, Option<Item>)>>,
+{
+    let mut items = Vec::new();
+    let mut start = None;
+    loop {
+        let (found, next) = page(start).await?;
+        items.extend(found);
+        start = next;
+        if start.is_none() || limit.is_some_and(|l| items.len() >= l) {
+            return Ok(items);
+        }
     }
 }
 
