@@ -820,6 +820,21 @@ fn a_deploy_nothing_would_check_or_over_two_zones_is_refused_before_anything_is_
         assert!(stderr.contains(&zone), "{zone} not named: {stderr}");
     }
     assert!(stderr.contains("in 2 zone(s)") && stderr.contains("at least 3"), "{stderr}");
+    // Launch settings given as flags are checked as a cluster config's are, all at once.
+    let mut args = deploy_args(&stand, 0, "60s");
+    args.extend_from_slice(&["--security-group", "default", "--instance-type", "big"]);
+    let (code, value, stderr) = run(&args);
+    assert_eq!(code, 3, "{value}\n{stderr}");
+    assert!(stderr.contains("--security-group \"default\": is not an id starting sg-"), "{stderr}");
+    assert!(stderr.contains("--instance-type \"big\""), "{stderr}");
+    // A team's own MIME user data could not run beside the launcher's registry part.
+    let mime = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(mime.path(), "Content-Type: multipart/mixed; boundary=\"x\"\n\n--x\n\n#!/bin/sh\n--x--\n").unwrap();
+    let mut args = deploy_args(&stand, 0, "60s");
+    args.extend_from_slice(&["--registry-namespace", "bakery", "--user-data-file", mime.path().to_str().unwrap()]);
+    let (code, value, stderr) = run(&args);
+    assert_eq!(code, 3, "{value}\n{stderr}");
+    assert!(stderr.contains("a MIME message of its own"), "{stderr}");
     let w = world(&stand);
     assert_eq!((w["groups"].as_object().unwrap().len(), strings(&w["templates"]).len()), (0, 0), "{w}");
 }
@@ -878,10 +893,10 @@ fn launch_settings(group: &str) -> Value {
          data = ec2.describe_launch_template_versions(LaunchTemplateName=g, Versions=['$Latest'])['LaunchTemplateVersions'][0]['LaunchTemplateData']\n\
          a = asg.describe_auto_scaling_groups(AutoScalingGroupNames=[g])['AutoScalingGroups'][0]\n\
          policies = {{p['PolicyName']: p['PolicyARN'] for p in asg.describe_policies(AutoScalingGroupName=g)['ScalingPolicies']}}\n\
-         alarms = [{{'name': x['AlarmName'], 'actions': x['AlarmActions'], 'dimensions': x['Dimensions']}} for x in cw.describe_alarms()['MetricAlarms'] if any(p in x['AlarmActions'] for p in policies.values())]\n\
+         alarms = [{{'name': x['AlarmName'], 'actions': x['AlarmActions'], 'ok': x['OKActions'], 'dimensions': x['Dimensions']}} for x in cw.describe_alarms()['MetricAlarms'] if any(p in x['AlarmActions'] for p in policies.values())]\n\
          scheduled = sorted([s['ScheduledActionName'], s.get('Recurrence')] for s in asg.describe_scheduled_actions(AutoScalingGroupName=g)['ScheduledUpdateGroupActions'])\n\
          print(json.dumps({{'data': data, 'health_check': [a['HealthCheckType'], a['HealthCheckGracePeriod']],\n\
-             'termination': a['TerminationPolicies'], 'tags': {{t['Key']: [t['Value'], t['PropagateAtLaunch']] for t in a['Tags']}},\n\
+             'termination': a['TerminationPolicies'], 'subnets': sorted(a['VPCZoneIdentifier'].split(',')), 'tags': {{t['Key']: [t['Value'], t['PropagateAtLaunch']] for t in a['Tags']}},\n\
              'policies': policies, 'alarms': alarms, 'scheduled': scheduled}}, default=str))"
     ))
 }
@@ -904,7 +919,8 @@ fn a_new_group_copies_its_ancestor_and_what_is_given_wins() {
          vpc = ec2.describe_vpcs()['Vpcs'][0]['VpcId']\n\
          sgs = [ec2.create_security_group(GroupName=n, Description=n, VpcId=vpc)['GroupId'] for n in ('hello-a', 'hello-b')]\n\
          for k in ('ops', 'ops2'): ec2.create_key_pair(KeyName=k)\n\
-         print(json.dumps({'sgs': sgs}))",
+         subnets = sorted(s['SubnetId'] for s in ec2.describe_subnets(Filters=[{'Name': 'default-for-az', 'Values': ['true']}])['Subnets'])[-3:]\n\
+         print(json.dumps({'sgs': sgs, 'subnets': subnets}))",
     );
     let (sg_a, sg_b) = (setup["sgs"][0].as_str().unwrap(), setup["sgs"][1].as_str().unwrap());
     let dir = tempfile::tempdir().unwrap();
@@ -935,8 +951,9 @@ fn a_new_group_copies_its_ancestor_and_what_is_given_wins() {
         format!(
             "instance_type = \"m5.large\"\nsecurity_groups = [\"{sg_a}\"]\ninstance_profile = \"hello-prod\"\n\
              key_name = \"ops\"\nuser_data_file = \"user-data.sh\"\nhealth_check_grace = \"2m\"\n\
-             target_groups = [\"{}\"]\nhealth_url = \"/hello/health\"\ntermination_policies = [\"OldestInstance\"]\n",
-            stand.target_group
+             target_groups = [\"{}\"]\nhealth_url = \"/hello/health\"\ntermination_policies = [\"OldestInstance\"]\n\
+             subnets = {}\n",
+            stand.target_group, setup["subnets"]
         ),
     )
     .unwrap();
@@ -959,7 +976,8 @@ fn a_new_group_copies_its_ancestor_and_what_is_given_wins() {
          asg.create_or_update_tags(Tags=[{{'ResourceId': g, 'ResourceType': 'auto-scaling-group', 'Key': 'team', 'Value': 'web', 'PropagateAtLaunch': True}}])\n\
          asg.put_scaling_policy(AutoScalingGroupName=g, PolicyName='cpu', PolicyType='TargetTrackingScaling', TargetTrackingConfiguration={{'PredefinedMetricSpecification': {{'PredefinedMetricType': 'ASGAverageCPUUtilization'}}, 'TargetValue': 50.0}})\n\
          up = asg.put_scaling_policy(AutoScalingGroupName=g, PolicyName='scale-up', PolicyType='SimpleScaling', AdjustmentType='ChangeInCapacity', ScalingAdjustment=1, Cooldown=120)['PolicyARN']\n\
-         cw.put_metric_alarm(AlarmName='hello-prod-v000-busy', MetricName='CPUUtilization', Namespace='AWS/EC2', Statistic='Average', Period=60, EvaluationPeriods=3, Threshold=80.0, ComparisonOperator='GreaterThanThreshold', Dimensions=[{{'Name': 'AutoScalingGroupName', 'Value': g}}], AlarmActions=[up])\n\
+         down = asg.put_scaling_policy(AutoScalingGroupName=g, PolicyName='scale-down', PolicyType='SimpleScaling', AdjustmentType='ChangeInCapacity', ScalingAdjustment=-1, Cooldown=300)['PolicyARN']\n\
+         cw.put_metric_alarm(AlarmName='hello-prod-v000-busy', MetricName='CPUUtilization', Namespace='AWS/EC2', Statistic='Average', Period=60, EvaluationPeriods=3, Threshold=80.0, ComparisonOperator='GreaterThanThreshold', Dimensions=[{{'Name': 'AutoScalingGroupName', 'Value': g}}], AlarmActions=[up], OKActions=[down])\n\
          asg.put_scheduled_update_group_action(AutoScalingGroupName=g, ScheduledActionName='nightly', Recurrence='0 2 * * *', MinSize=3, MaxSize=6, DesiredCapacity=3)\n\
          print('{{}}')"
     ));
@@ -997,13 +1015,16 @@ fn a_new_group_copies_its_ancestor_and_what_is_given_wins() {
     assert_eq!(mappings[1]["Ebs"]["VolumeSize"], 50);
     assert_eq!(v001["health_check"], json!(["EC2", 120]), "the flag wins, the grace is copied");
     assert_eq!(v001["termination"], json!(["OldestInstance"]));
+    assert_eq!(v001["subnets"], setup["subnets"], "the subnets too, with no --subnets given");
     assert_eq!(v001["tags"]["team"], json!(["web", true]));
     let policies = v001["policies"].as_object().unwrap();
-    assert_eq!(policies.keys().collect::<Vec<_>>(), ["hello-prod-v001-cpu", "hello-prod-v001-scale-up"]);
+    let names = ["hello-prod-v001-cpu", "hello-prod-v001-scale-down", "hello-prod-v001-scale-up"];
+    assert_eq!(policies.keys().collect::<Vec<_>>(), names);
     let alarms = v001["alarms"].as_array().unwrap();
     assert_eq!(alarms.len(), 1, "{v001}");
     assert_eq!(alarms[0]["name"], "hello-prod-v001-busy");
     assert_eq!(alarms[0]["actions"], json!([policies["hello-prod-v001-scale-up"]]));
+    assert_eq!(alarms[0]["ok"], json!([policies["hello-prod-v001-scale-down"]]), "every action list follows");
     assert_eq!(alarms[0]["dimensions"][0]["Value"], "hello-prod-v001");
     assert_eq!(v001["scheduled"], json!([["hello-prod-v001-nightly", "0 2 * * *"]]));
     // As the proxy saw the request: the new template carries the ancestor's security groups and
@@ -1035,7 +1056,8 @@ fn a_new_group_copies_its_ancestor_and_what_is_given_wins() {
     );
     assert_eq!(
         left,
-        json!({ "alarms": ["hello-prod-v002-busy"], "policies": ["hello-prod-v002-cpu", "hello-prod-v002-scale-up"],
+        json!({ "alarms": ["hello-prod-v002-busy"],
+                "policies": ["hello-prod-v002-cpu", "hello-prod-v002-scale-down", "hello-prod-v002-scale-up"],
                 "scheduled": ["hello-prod-v002-nightly"] }),
         "the destroyed groups' alarms, policies and schedules went with them"
     );
@@ -1128,6 +1150,7 @@ fn images_prune_removes_exactly_the_unused_old_images() {
         "EnableImageDeregistrationProtection",
         "DisableImageDeregistrationProtection",
         "EnableImageDeprecation",
+        "DisableImageDeprecation",
         "DeregisterImage",
     ];
     proxy_post("/_proxy/faults", &json!({"throttle": 1.0, "per_action": 1, "actions": calls}));
@@ -1182,8 +1205,13 @@ fn deploy_records_live_in_dynamodb_and_an_old_record_moves_there() {
          ec2.create_launch_template(LaunchTemplateName='bakery-deploys-{CLUSTER}', LaunchTemplateData={{}}, TagSpecifications=[{{'ResourceType': 'launch-template', 'Tags': tags}}])\n\
          print('{{}}')"
     ));
+    // Reading needs no table: a caller that may not create one can still look.
+    run(&["status", "--cluster", "other-prod"]);
+    let tables = || boto("print(json.dumps(boto3.client('dynamodb').list_tables()['TableNames']))");
+    assert_eq!(tables(), json!([]), "a read made no table");
     let (code, status, stderr) = run(&["status", "--cluster", CLUSTER]);
     assert_eq!((code, &status["deploy"]["deploy_id"]), (0, &json!("old-1")), "{status}\n{stderr}");
+    assert_eq!(tables(), json!(["bakery-launcher"]), "moving the old record made it");
     assert_eq!(world(&stand)["templates"], json!([]), "the old record's template is gone once moved");
 
     let table_calls = ["DescribeTable", "CreateTable", "PutItem", "GetItem", "DeleteItem", "Query"];

@@ -136,9 +136,9 @@ pub trait ImageRegistry: Send + Sync {
     fn protect_image(&self, _image_id: &str, _protected: bool) -> Result<()> {
         Ok(())
     }
-    /// Marks an image deprecated from now, where the registry can (aws `DeprecationTime`):
-    /// what uses it goes on; nothing new should pick it.
-    fn deprecate_image(&self, _image_id: &str) -> Result<()> {
+    /// Marks an image deprecated from now, or no longer, where the registry can (aws
+    /// `DeprecationTime`): what uses it goes on; nothing new should pick it.
+    fn deprecate_image(&self, _image_id: &str, _deprecated: bool) -> Result<()> {
         Ok(())
     }
 }

@@ -10,6 +10,7 @@
 
 use crate::launch::cloud::{self, Cloud, ImageReference};
 use crate::provider::{self, Image, Provider};
+use crate::tags;
 use serde::Serialize;
 use snafu::{ResultExt, Snafu};
 use std::collections::BTreeMap;
@@ -36,6 +37,14 @@ pub struct Request {
     /// Images younger than this are kept.
     pub older_than: Option<Duration>,
     pub dry_run: bool,
+}
+
+impl Request {
+    /// Refuses a request that would leave nothing to roll back to.
+    pub fn check(&self) -> Result<()> {
+        snafu::ensure!(self.keep > 0, KeepNothingSnafu { app: &self.app });
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -69,31 +78,42 @@ pub struct Report {
     pub failed: Vec<String>,
 }
 
-/// Which of `images` go and which stay (and why): the pure part of a prune.
+/// Which of `images` go and which stay (and why): the pure part of a prune. The newest are
+/// those with the latest creation time; one whose time cannot be read is kept and counts for
+/// none of the newest.
 pub fn plan(
-    mut images: Vec<Image>,
+    images: Vec<Image>,
     keep: usize,
     older_than: Option<Duration>,
     now: u64,
     references: &[ImageReference],
 ) -> (Vec<Image>, Vec<(Image, Vec<String>)>) {
-    images.sort_by(|a, b| b.created.cmp(&a.created).then_with(|| b.id.cmp(&a.id)));
+    let mut dated: Vec<(Option<u64>, Image)> = images.into_iter().map(|i| (created_secs(&i.created), i)).collect();
+    // Newest first, the unreadable last.
+    dated.sort_by(|(a, x), (b, y)| b.is_some().cmp(&a.is_some()).then(b.cmp(a)).then_with(|| y.id.cmp(&x.id)));
     let mut used: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     for reference in references {
         used.entry(reference.image_id.as_str()).or_default().push(reference.by.clone());
     }
     let (mut gone, mut kept) = (Vec::new(), Vec::new());
-    for (rank, image) in images.into_iter().enumerate() {
+    for (rank, (created, image)) in dated.into_iter().enumerate() {
         let mut reasons = Vec::new();
-        if rank < keep {
-            reasons.push(format!("one of the newest {keep}"));
+        match created {
+            None => reasons.push(format!("its creation time {:?} is unreadable", image.created)),
+            Some(_) if rank < keep => reasons.push(format!("one of the newest {keep}")),
+            _ => {}
         }
-        match (older_than, created_secs(&image.created)) {
-            (Some(age), Some(created)) if now.saturating_sub(created) < age.as_secs() => {
+        if let (Some(age), Some(created)) = (older_than, created) {
+            if now.saturating_sub(created) < age.as_secs() {
                 reasons.push(format!("younger than {}", humantime::format_duration(age)));
             }
-            (_, None) => reasons.push(format!("its creation time {:?} is unreadable", image.created)),
-            _ => {}
+        }
+        // A copy elsewhere, or an account it is shared with, may run it: nothing here can tell.
+        if let Some(copies) = image.tags.get(tags::COPIES).filter(|c| !c.is_empty()) {
+            reasons.push(format!("copied to other regions ({copies}), which may run it"));
+        }
+        if let Some(accounts) = image.tags.get(tags::SHARED_WITH).filter(|a| !a.is_empty()) {
+            reasons.push(format!("shared with accounts {accounts}, which may run it"));
         }
         reasons.extend(used.get(image.id.as_str()).cloned().unwrap_or_default());
         match reasons.is_empty() {
@@ -110,7 +130,7 @@ fn created_secs(created: &str) -> Option<u64> {
 }
 
 pub fn prune(provider: &dyn Provider, cloud: &dyn Cloud, request: &Request) -> Result<Report> {
-    snafu::ensure!(request.keep > 0, KeepNothingSnafu { app: &request.app });
+    request.check()?;
     let images = provider.images().images_tagged("app", &request.app).context(ListSnafu { app: &request.app })?;
     let references = cloud.image_references().context(ReferencesSnafu { kind: cloud.kind() })?;
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
@@ -122,8 +142,14 @@ pub fn prune(provider: &dyn Provider, cloud: &dyn Cloud, request: &Request) -> R
         let only_used = !reasons.iter().any(|r| r.starts_with("one of the newest") || r.starts_with("younger than"));
         if !request.dry_run {
             let marked = match (serving, only_used) {
-                (true, _) => registry.protect_image(&image.id, true).map(|()| report.protected.push(image.id.clone())),
-                (false, true) => registry.deprecate_image(&image.id).map(|()| report.deprecated.push(image.id.clone())),
+                // Serving again after a rollback: no longer deprecated either.
+                (true, _) => registry
+                    .protect_image(&image.id, true)
+                    .and_then(|()| registry.deprecate_image(&image.id, false))
+                    .map(|()| report.protected.push(image.id.clone())),
+                (false, true) => {
+                    registry.deprecate_image(&image.id, true).map(|()| report.deprecated.push(image.id.clone()))
+                }
                 _ => Ok(()),
             };
             if let Err(error) = marked {
@@ -172,7 +198,14 @@ mod tests {
     #[test]
     fn the_newest_the_young_and_the_used_stay() {
         let now = created_secs("2026-12-01T00:00:00Z").unwrap();
+        let tagged = |id: &str, key: &str, value: &str| {
+            let mut image = image(id, "2026-01-01T00:00:00Z");
+            image.tags.insert(key.into(), value.into());
+            image
+        };
         let images = vec![
+            tagged("g", tags::COPIES, "eu-west-1=ami-1"),
+            tagged("h", tags::SHARED_WITH, "111122223333"),
             image("a", "2026-01-01T00:00:00Z"),
             image("b", "2026-02-01T00:00:00.000Z"),
             image("c", "2026-03-01T00:00:00Z"),
@@ -185,11 +218,13 @@ mod tests {
         let (gone, kept) = plan(images, 1, Some(month), now, &references);
         assert_eq!(gone.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), ["a"]);
         let why: BTreeMap<&str, Vec<String>> = kept.iter().map(|(i, r)| (i.id.as_str(), r.clone())).collect();
-        assert_eq!(why["f"], ["one of the newest 1", "its creation time \"garbled\" is unreadable"], "sorted first");
-        assert_eq!(why["e"], ["younger than 30days"]);
+        assert_eq!(why["f"], ["its creation time \"garbled\" is unreadable"], "kept, and not one of the newest");
+        assert_eq!(why["e"], ["one of the newest 1", "younger than 30days"]);
         assert_eq!(why["d"], ["younger than 30days"]);
         assert_eq!(why["c"], ["instance i-1 (stopped)"]);
         assert_eq!(why["b"], ["launch template lt-1 version 2"]);
+        assert!(why["g"][0].starts_with("copied to other regions (eu-west-1=ami-1)"), "{why:?}");
+        assert!(why["h"][0].starts_with("shared with accounts 111122223333"), "{why:?}");
         let (gone, _) =
             plan(vec![image("a", "2026-01-01T00:00:00Z"), image("b", "2026-02-01T00:00:00Z")], 1, None, now, &[]);
         assert_eq!(gone.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), ["a"], "the older goes");

@@ -22,6 +22,8 @@ unchanged except where this proxy has to step in:
   AWS updates the one entry. The proxy deregisters the old entry first.
 * AMI deregistration protection and deprecation: moto has neither. The proxy keeps both,
   refuses DeregisterImage of a protected image, and shows them in DescribeImages.
+* Auto Scaling: moto answers PutScalingPolicy without the policy's ARN, and keeps a deleted
+  group's scaling policies and scheduled actions; the proxy adds the ARN and deletes them.
 * CloudWatch: moto computes no percentile statistics. The proxy answers GetMetricData's `pNN`
   queries from the PutMetricData requests it recorded.
 * Faults: throttling, server errors, dropped connections, lost replies (the request takes effect,
@@ -115,7 +117,8 @@ HEALTH_REASONS = {
 }
 
 # What the proxy keeps about an image where moto keeps nothing.
-IMAGE_FLAGS = ("EnableImageDeregistrationProtection", "DisableImageDeregistrationProtection", "EnableImageDeprecation")
+IMAGE_FLAGS = ("EnableImageDeregistrationProtection", "DisableImageDeregistrationProtection",
+               "EnableImageDeprecation", "DisableImageDeprecation")
 
 # `lost`: the request is forwarded and takes effect, then the connection drops before the reply.
 FAULT_KINDS = ("drop", "lost", "throttle", "server_error")
@@ -565,6 +568,8 @@ class Proxy:
             return self.get_metric_data(request)
         if request.service == "autoscaling" and request.action == "PutScalingPolicy":
             return self.put_scaling_policy(request)
+        if request.service == "autoscaling" and request.action == "DeleteAutoScalingGroup":
+            return self.delete_auto_scaling_group(request)
         return self.forward(request)
 
     def put_scaling_policy(self, request):
@@ -584,6 +589,21 @@ class Proxy:
         if found:
             result = b"<PutScalingPolicyResult>" + found.group(0) + b"</PutScalingPolicyResult>"
             response.body = response.body.replace(b"<PutScalingPolicyResult/>", result)
+        return response
+
+    def delete_auto_scaling_group(self, request):
+        """AWS deletes a group's scaling policies and scheduled actions with it; moto keeps them."""
+        response = self.forward(request)
+        group = request.params.get("AutoScalingGroupName", "")
+        if response.status != 200:
+            return response
+        version = request.params.get("Version", "2011-01-01")
+        ask = lambda action, **params: self.forward(request.derive("/?" + urlencode(
+            {"Action": action, "Version": version, "AutoScalingGroupName": group, **params})))
+        for name in re.findall(rb"<PolicyName>([^<]*)</PolicyName>", ask("DescribePolicies").body):
+            ask("DeletePolicy", PolicyName=name.decode())
+        for name in re.findall(rb"<ScheduledActionName>([^<]*)</ScheduledActionName>", ask("DescribeScheduledActions").body):
+            ask("DeleteScheduledAction", ScheduledActionName=name.decode())
         return response
 
     def register_instance(self, request):
@@ -707,8 +727,10 @@ class Proxy:
                 self.state.protected.add(image_id)
             elif request.action == "DisableImageDeregistrationProtection":
                 self.state.protected.discard(image_id)
-            else:
+            elif request.action == "EnableImageDeprecation":
                 self.state.deprecations[image_id] = request.params.get("DeprecateAt", "")
+            else:
+                self.state.deprecations.pop(image_id, None)
         xml = (f'<{request.action}Response xmlns="http://ec2.amazonaws.com/doc/2016-11-15/">'
                f"<requestId>bakery-proxy</requestId><return>true</return></{request.action}Response>")
         return Response(200, [("Content-Type", "text/xml")], xml.encode())

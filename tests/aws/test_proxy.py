@@ -480,12 +480,14 @@ class QueryTest(ProxyTest):
         self.assertEqual(described["DeregistrationProtection"], "enabled-without-cooldown")
         self.assertTrue(described["DeprecationTime"].startswith("2030-01-01T00:00:00"), described)
         self.assertError(lambda: ec2.deregister_image(ImageId=image), "OperationNotPermitted", 400)
+        ec2.disable_image_deprecation(ImageId=image)
+        self.assertNotIn("DeprecationTime", ec2.describe_images(ImageIds=[image])["Images"][0])
         ec2.disable_image_deregistration_protection(ImageId=image)
         ec2.deregister_image(ImageId=image)
         self.assertError(lambda: ec2.enable_image_deregistration_protection(ImageId="ami-12345678"),
                          "InvalidAMIID.NotFound", 400)
 
-    def test_a_new_scaling_policy_is_answered_with_its_arn(self):
+    def test_a_new_scaling_policy_is_answered_with_its_arn_and_goes_with_its_group(self):
         client("ec2").create_launch_template(LaunchTemplateName="hello-v000", LaunchTemplateData={"ImageId": "ami-12345678"})
         autoscaling = client("autoscaling")
         autoscaling.create_auto_scaling_group(
@@ -496,6 +498,11 @@ class QueryTest(ProxyTest):
         described = autoscaling.describe_policies(AutoScalingGroupName="hello-v000")["ScalingPolicies"]
         self.assertEqual(put["PolicyARN"], described[0]["PolicyARN"])
         self.assertTrue(put["PolicyARN"].endswith(":autoScalingGroupName/hello-v000:policyName/up"), put)
+        autoscaling.put_scheduled_update_group_action(
+            AutoScalingGroupName="hello-v000", ScheduledActionName="nightly", Recurrence="0 2 * * *", MinSize=0)
+        autoscaling.delete_auto_scaling_group(AutoScalingGroupName="hello-v000", ForceDelete=True)
+        self.assertEqual(autoscaling.describe_policies()["ScalingPolicies"], [], "deleted with the group")
+        self.assertEqual(autoscaling.describe_scheduled_actions()["ScheduledUpdateGroupActions"], [])
 
     def test_registrations_are_checked_as_ec2_checks_them(self):
         ebs = with_account(client("ebs"), ACCOUNT)

@@ -80,13 +80,17 @@ impl VolumeBackend for AttachedVolumes {
         found
     }
 
-    fn detach_volume(&self, volume_id: &str, _device: &Path) -> Result<()> {
+    /// gc on this host opens attach mode for every dead journal, a direct-mode bake's too: its
+    /// volume is a loop device on the mirror's store. Both undos are no-ops on the other kind.
+    fn detach_volume(&self, volume_id: &str, device: &Path) -> Result<()> {
+        self.mirror.volumes.detach_volume(volume_id, device)?;
         Ok(self.block_on(self.ec2().detach(volume_id, &self.host.instance_id))?)
     }
 
-    /// Only volumes a journal names reach here (the bake's own, or a dead bake's): one still
-    /// attached anywhere is detached first.
+    /// Only volumes a journal names reach here (the bake's own, or a dead bake's): an EBS one
+    /// still attached anywhere is detached first; a direct-mode bake's goes from the store.
     fn delete_volume(&self, volume_id: &str) -> Result<()> {
+        self.mirror.volumes.delete_volume(volume_id)?;
         Ok(self.block_on(self.ec2().detach_and_delete_volume(volume_id))?)
     }
 

@@ -232,8 +232,16 @@ impl Ec2 {
         ignore_missing(changed)
     }
 
-    /// Deprecated from now on. Missing: done.
-    pub async fn deprecate(&self, id: &str) -> Result<()> {
+    /// Deprecated from now on, or no longer. Missing: done.
+    pub async fn deprecate(&self, id: &str, deprecated: bool) -> Result<()> {
+        if !deprecated {
+            return ignore_missing(
+                retry(self.policy, "DisableImageDeprecation", || {
+                    self.client.disable_image_deprecation().image_id(id).send()
+                })
+                .await,
+            );
+        }
         // EC2 rounds the time to the minute and wants it in the future.
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         let at = aws_smithy_types::DateTime::from_secs(now.as_secs() as i64 + 60);

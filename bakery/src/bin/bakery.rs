@@ -700,13 +700,11 @@ fn images(
             ui.print(&result, |_| format!("wrote {} to {}", image.id, output_file.display()));
         }
         ImagesCommand::Prune { app, keep, older_than, dry_run } => {
-            let cloud = open_cloud(cli)?;
             let request =
                 bakery::prune::Request { app: app.clone(), keep: *keep, older_than: *older_than, dry_run: *dry_run };
-            let report = bakery::prune::prune(provider, cloud.as_ref(), &request).map_err(|e| match e {
-                bakery::prune::Error::KeepNothing { .. } => failure(3, e),
-                _ => failure(1, e),
-            })?;
+            request.check().map_err(|e| failure(3, e))?;
+            let cloud = open_cloud(cli)?;
+            let report = bakery::prune::prune(provider, cloud.as_ref(), &request).map_err(|e| failure(1, e))?;
             ui.print(&report, describe_prune);
             if !report.failed.is_empty() {
                 return Err(reported_failure(1, format!("{} image(s) could not be pruned", report.failed.len())));

@@ -364,7 +364,7 @@ struct Failure {
 
 fn termination_policy(policy: &str) -> Result<String, String> {
     match bakery::launch::cloud::termination_policy_problem(policy) {
-        Some(problem) => Err(problem),
+        Some(problem) => Err(format!("{policy:?} {problem}")),
         None => Ok(policy.to_string()),
     }
 }
@@ -393,6 +393,10 @@ fn deploy_request(args: &DeployArgs) -> Result<DeployRequest, Failure> {
         health_check_grace: args.health_check_grace.map(|g| g.as_secs()),
         termination_policies: (!args.termination_policies.is_empty()).then(|| args.termination_policies.clone()),
     };
+    let problems = cluster_config::flag_problems(&given, &args.subnets, &args.target_groups);
+    if !problems.is_empty() {
+        return Err(bad_input(problems.join("\n")));
+    }
     let or_config = |given: &[String], configured: Vec<String>| match given.is_empty() {
         true => configured,
         false => given.to_vec(),

@@ -140,9 +140,7 @@ pub const TERMINATION_POLICIES: [&str; 7] = [
 /// Why `policy` is not a termination policy, if it is not.
 pub fn termination_policy_problem(policy: &str) -> Option<String> {
     let known = TERMINATION_POLICIES.contains(&policy) || policy.starts_with("arn:aws:lambda:");
-    (!known).then(|| {
-        format!("{policy:?} is not a termination policy ({} or a Lambda ARN)", TERMINATION_POLICIES.join(", "))
-    })
+    (!known).then(|| format!("is not a termination policy ({} or a Lambda ARN)", TERMINATION_POLICIES.join(", ")))
 }
 
 impl LaunchSettings {

@@ -97,15 +97,12 @@ pub fn load(path: &Path) -> Result<ClusterConfig, Error> {
     for key in table.keys().filter(|k| !KEYS.contains(&k.as_str())) {
         checker.problem(key, format!("is not a cluster setting (known: {})", KEYS.join(", ")));
     }
-    let plain = |v: &str| (v.is_empty() || v.contains(char::is_whitespace)).then_some("is empty or holds spaces");
     let mut config = ClusterConfig {
         launch: LaunchSettings {
-            instance_type: checker.string(&table, "instance_type", |v| {
-                (plain(v).is_some() || !v.contains('.')).then_some("is not an instance type such as t3.small")
-            }),
+            instance_type: checker.string(&table, "instance_type", instance_type_problem),
             security_groups: checker.list(&table, "security_groups", |id| id_problem(id, "sg-")),
-            instance_profile: checker.string(&table, "instance_profile", plain),
-            key_name: checker.string(&table, "key_name", |v| v.is_empty().then_some("is empty")),
+            instance_profile: checker.string(&table, "instance_profile", plain_problem),
+            key_name: checker.string(&table, "key_name", plain_problem),
             user_data: None,
             health_check_type: checker
                 .string(&table, "health_check_type", |v| {
@@ -118,7 +115,7 @@ pub fn load(path: &Path) -> Result<ClusterConfig, Error> {
         subnets: checker.list(&table, "subnets", |id| id_problem(id, "subnet-")).unwrap_or_default(),
         target_groups: checker.list(&table, "target_groups", |id| id_problem(id, "arn:")).unwrap_or_default(),
         health_url: checker.string(&table, "health_url", |v| (!v.starts_with('/')).then_some("must start with /")),
-        registry_namespace: checker.string(&table, "registry_namespace", plain),
+        registry_namespace: checker.string(&table, "registry_namespace", plain_problem),
         min: checker.count(&table, "min"),
         max: checker.count(&table, "max"),
         desired: checker.count(&table, "desired"),
@@ -151,7 +148,43 @@ pub fn load(path: &Path) -> Result<ClusterConfig, Error> {
 }
 
 fn id_problem(id: &str, prefix: &str) -> Option<String> {
-    (!id.starts_with(prefix) || id.len() == prefix.len()).then(|| format!("{id:?} is not an id starting {prefix}"))
+    (!id.starts_with(prefix) || id.len() == prefix.len()).then(|| format!("is not an id starting {prefix}"))
+}
+
+fn plain_problem(value: &str) -> Option<&'static str> {
+    (value.is_empty() || value.contains(char::is_whitespace)).then_some("is empty or holds spaces")
+}
+
+fn instance_type_problem(value: &str) -> Option<&'static str> {
+    (plain_problem(value).is_some() || !value.contains('.')).then_some("is not an instance type such as t3.small")
+}
+
+/// What is wrong with settings given as `launcher deploy` flags, checked as the same keys of a
+/// cluster config are.
+pub fn flag_problems(launch: &LaunchSettings, subnets: &[String], target_groups: &[String]) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut one = |flag: &str, value: &str, problem: Option<String>| {
+        problems.extend(problem.map(|problem| format!("{flag} {value:?}: {problem}")));
+    };
+    if let Some(kind) = &launch.instance_type {
+        one("--instance-type", kind, instance_type_problem(kind).map(String::from));
+    }
+    for id in launch.security_groups.iter().flatten() {
+        one("--security-group", id, id_problem(id, "sg-"));
+    }
+    if let Some(profile) = &launch.instance_profile {
+        one("--instance-profile", profile, plain_problem(profile).map(String::from));
+    }
+    if let Some(key) = &launch.key_name {
+        one("--key-name", key, plain_problem(key).map(String::from));
+    }
+    for id in subnets {
+        one("--subnets", id, id_problem(id, "subnet-"));
+    }
+    for arn in target_groups {
+        one("--target-group", arn, id_problem(arn, "arn:"));
+    }
+    problems
 }
 
 struct Checker<'a> {
@@ -198,7 +231,7 @@ impl Checker<'_> {
         for (i, value) in values.iter().enumerate() {
             match value.as_str().map(|v| (v, wrong(v))) {
                 Some((item, None)) => ids.push(item.to_string()),
-                Some((_, Some(message))) => self.problem(&format!("{key}[{i}]"), message),
+                Some((item, Some(message))) => self.problem(&format!("{key}[{i}]"), format!("{item:?} {message}")),
                 None => self.problem(&format!("{key}[{i}]"), format!("{value} is not a string")),
             }
         }
@@ -278,6 +311,27 @@ mod tests {
         assert_eq!(problems.len(), 8, "{problems:#?}");
         let shown = Error::Invalid { problems }.to_string();
         assert!(shown.contains("cluster.toml:3: health_check_type: \"HTTP\" must be \"ELB\" or \"EC2\""), "{shown}");
+    }
+
+    #[test]
+    fn flags_are_checked_as_the_config_keys_are() {
+        let launch = LaunchSettings {
+            instance_type: Some("big".into()),
+            security_groups: Some(vec!["sg-1".into(), "default".into()]),
+            key_name: Some(String::new()),
+            ..LaunchSettings::default()
+        };
+        let problems = flag_problems(&launch, &["subnet-1".into(), "net-2".into()], &[]);
+        assert_eq!(
+            problems,
+            [
+                "--instance-type \"big\": is not an instance type such as t3.small",
+                "--security-group \"default\": is not an id starting sg-",
+                "--key-name \"\": is empty or holds spaces",
+                "--subnets \"net-2\": is not an id starting subnet-",
+            ]
+        );
+        assert!(flag_problems(&LaunchSettings::default(), &[], &[]).is_empty());
     }
 
     #[test]

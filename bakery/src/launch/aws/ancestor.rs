@@ -14,13 +14,19 @@
 use super::user_data;
 use super::*;
 use crate::launch::cloud::LaunchSettings;
-use aws_sdk_autoscaling::types::{ScalingPolicy, ScheduledUpdateGroupAction};
+use aws_sdk_autoscaling::types::{ScalingPolicy, ScheduledUpdateGroupAction, TargetTrackingConfiguration};
 use aws_sdk_cloudwatch::types::{Dimension, MetricAlarm};
 use aws_sdk_ec2::types::{
     LaunchTemplateBlockDeviceMappingRequest, LaunchTemplateEbsBlockDeviceRequest,
     LaunchTemplateIamInstanceProfileSpecificationRequest, LaunchTemplateTagSpecificationRequest,
     LaunchTemplatesMonitoringRequest, ResponseLaunchTemplateData,
 };
+
+/// A new group's image's root device.
+pub(super) struct RootDevice {
+    pub name: String,
+    pub size_gib: Option<i32>,
+}
 
 /// What a new group copies, read before it is made.
 #[derive(Default)]
@@ -30,8 +36,8 @@ pub(super) struct Ancestor {
     pub template: Option<ResponseLaunchTemplateData>,
     pub policies: Vec<ScalingPolicy>,
     pub scheduled: Vec<ScheduledUpdateGroupAction>,
-    /// The alarms of `policies`, by the ARN of the policy they act on.
-    pub alarms: Vec<(String, MetricAlarm)>,
+    /// The alarms acting on `policies` (simple and step ones), each once.
+    pub alarms: Vec<MetricAlarm>,
 }
 
 /// `<group>-<name>` for a copy of `name`, which `ancestor` may have prefixed already.
@@ -52,16 +58,8 @@ impl AwsCloud {
             None => None,
         };
         let policies = self.policies(name).await?;
-        let output = retry(self.policy, "DescribeScheduledActions", || {
-            self.asg.describe_scheduled_actions().auto_scaling_group_name(name).send()
-        })
-        .await
-        .context(CallSnafu)?;
-        let scheduled = output.scheduled_update_group_actions().to_vec();
-        let mut alarms = Vec::new();
-        for arn in policies.iter().filter(|p| !is_target_tracking(p)).filter_map(|p| p.policy_arn()) {
-            alarms.extend(self.alarms_acting_on(arn).await?.into_iter().map(|a| (arn.to_string(), a)));
-        }
+        let scheduled = self.scheduled_actions(name).await?;
+        let alarms = self.alarms_of(&policies).await?;
         Ok(Ancestor { name: Some(name.to_string()), group: Some(group), template, policies, scheduled, alarms })
     }
 
@@ -104,8 +102,41 @@ impl AwsCloud {
         }
     }
 
+    async fn scheduled_actions(&self, group: &str) -> Result<Vec<ScheduledUpdateGroupAction>> {
+        let mut actions = Vec::new();
+        let mut token = None;
+        loop {
+            let page = retry(self.policy, "DescribeScheduledActions", || {
+                self.asg
+                    .describe_scheduled_actions()
+                    .auto_scaling_group_name(group)
+                    .set_next_token(token.clone())
+                    .send()
+            })
+            .await
+            .context(CallSnafu)?;
+            actions.extend(page.scheduled_update_group_actions().iter().cloned());
+            token = page.next_token().map(str::to_string);
+            if token.is_none() {
+                return Ok(actions);
+            }
+        }
+    }
+
+    /// The alarms acting on any of these (simple or step) policies, each once: one alarm may
+    /// scale up on ALARM and down on OK.
+    async fn alarms_of(&self, policies: &[ScalingPolicy]) -> Result<Vec<MetricAlarm>> {
+        let mut alarms: BTreeMap<String, MetricAlarm> = BTreeMap::new();
+        for arn in policies.iter().filter(|p| !is_target_tracking(p)).filter_map(|p| p.policy_arn()) {
+            for alarm in self.alarms_acting_on(arn).await? {
+                alarms.entry(alarm.alarm_name().unwrap_or_default().to_string()).or_insert(alarm);
+            }
+        }
+        Ok(alarms.into_values().collect())
+    }
+
     /// The alarms whose actions include the policy `arn`.
-    pub(super) async fn alarms_acting_on(&self, arn: &str) -> Result<Vec<MetricAlarm>> {
+    async fn alarms_acting_on(&self, arn: &str) -> Result<Vec<MetricAlarm>> {
         let mut alarms = Vec::new();
         let mut token = None;
         loop {
@@ -122,22 +153,30 @@ impl AwsCloud {
         }
     }
 
-    /// The root device name of `image`, whose snapshot a copied mapping must not carry over.
-    pub(super) async fn root_device(&self, image: &str) -> Result<Option<String>> {
+    /// The root device of `image`, whose snapshot a copied mapping must not carry over nor
+    /// ask for a smaller volume than.
+    pub(super) async fn root_device(&self, image: &str) -> Result<Option<RootDevice>> {
         let output = retry(self.policy, "DescribeImages", || self.ec2.describe_images().image_ids(image).send()).await;
         let output = match output {
             Err(e) if e.is_not_found() => return Ok(None),
             other => other.context(CallSnafu)?,
         };
-        Ok(output.images().first().and_then(|i| i.root_device_name()).map(str::to_string))
+        let Some(image) = output.images().first() else { return Ok(None) };
+        let Some(name) = image.root_device_name() else { return Ok(None) };
+        let mapping = image.block_device_mappings().iter().find(|m| m.device_name() == Some(name));
+        let size_gib = mapping.and_then(|m| m.ebs()).and_then(|e| e.volume_size());
+        Ok(Some(RootDevice { name: name.to_string(), size_gib }))
     }
 
     /// Recreates the ancestor's scaling policies (with their alarms) and scheduled actions on
     /// `group`. Every call is a put by name: a rerun after a crash converges.
     pub(super) async fn copy_scaling(&self, group: &str, ancestor: &Ancestor) -> Result<()> {
         let from = ancestor.name.as_deref();
+        // The new policy of each old one, for the copied alarms to act on.
+        let mut arns: BTreeMap<String, String> = BTreeMap::new();
         for policy in &ancestor.policies {
             let name = copied_name(policy.policy_name().unwrap_or_default(), from, group);
+            let tracking = policy.target_tracking_configuration().map(|t| tracking_for(t, from, group));
             let output = retry(self.policy, "PutScalingPolicy", || {
                 self.asg
                     .put_scaling_policy()
@@ -153,20 +192,24 @@ impl AwsCloud {
                         (!policy.step_adjustments().is_empty()).then(|| policy.step_adjustments().to_vec()),
                     )
                     .set_estimated_instance_warmup(policy.estimated_instance_warmup())
-                    .set_target_tracking_configuration(policy.target_tracking_configuration().cloned())
+                    .set_target_tracking_configuration(tracking.clone())
+                    .set_predictive_scaling_configuration(policy.predictive_scaling_configuration().cloned())
                     .set_enabled(policy.enabled())
                     .send()
             })
             .await
             .context(CallSnafu)?;
-            let (Some(old), Some(new)) = (policy.policy_arn(), output.policy_arn()) else { continue };
-            for (_, alarm) in ancestor.alarms.iter().filter(|(arn, _)| arn == old) {
-                self.copy_alarm(alarm, from, group, old, new).await?;
+            if let (Some(old), Some(new)) = (policy.policy_arn(), output.policy_arn()) {
+                arns.insert(old.to_string(), new.to_string());
             }
         }
-        let now = aws_smithy_types::DateTime::from_secs(now() as i64);
+        for alarm in &ancestor.alarms {
+            self.copy_alarm(alarm, from, group, &arns).await?;
+        }
+        // EC2 refuses a start in the past: one due within the minute has, in effect, run.
+        let soon = now() as i64 + 60;
         for action in &ancestor.scheduled {
-            let start = action.start_time().or(action.time()).filter(|t| t.secs() > now.secs());
+            let start = action.start_time().or(action.time()).filter(|t| t.secs() > soon);
             // A one-time action that has run is history; a recurring one starts from now.
             if action.recurrence().is_none() && start.is_none() {
                 continue;
@@ -192,25 +235,25 @@ impl AwsCloud {
         Ok(())
     }
 
+    /// Copies `alarm` for `group`: every action on an old policy acts on its new one instead,
+    /// and a dimension naming the ancestor names the group.
     async fn copy_alarm(
         &self,
         alarm: &MetricAlarm,
         from: Option<&str>,
         group: &str,
-        old: &str,
-        new: &str,
+        arns: &BTreeMap<String, String>,
     ) -> Result<()> {
         let name = copied_name(alarm.alarm_name().unwrap_or_default(), from, group);
         let swap = |actions: &[String]| -> Option<Vec<String>> {
-            (!actions.is_empty())
-                .then(|| actions.iter().map(|a| if a == old { new.to_string() } else { a.clone() }).collect())
+            (!actions.is_empty()).then(|| actions.iter().map(|a| arns.get(a).unwrap_or(a).clone()).collect())
         };
         let dimensions: Vec<Dimension> = alarm
             .dimensions()
             .iter()
             .map(|d| match (d.name(), from) {
-                (Some("AutoScalingGroupName"), Some(from)) if d.value() == Some(from) => {
-                    Dimension::builder().name("AutoScalingGroupName").value(group).build()
+                (Some(GROUP_DIMENSION), Some(from)) if d.value() == Some(from) => {
+                    Dimension::builder().name(GROUP_DIMENSION).value(group).build()
                 }
                 _ => d.clone(),
             })
@@ -248,45 +291,42 @@ impl AwsCloud {
         Ok(())
     }
 
-    /// Removes what `copy_scaling` made for `group` (and a user's alarms on its policies, which
-    /// nothing could trigger once it is gone). Before the group: AWS deletes its policies and
+    /// Deletes the alarms acting on `group`'s policies (copied ones, or a user's, which nothing
+    /// could trigger once it is gone), before the group: AWS deletes a group's policies and
     /// scheduled actions with it, but not the alarms that act on them.
-    pub(super) async fn delete_scaling(&self, group: &str) -> Result<()> {
-        for policy in self.policies(group).await? {
-            let Some(arn) = policy.policy_arn() else { continue };
-            let names: Vec<String> =
-                self.alarms_acting_on(arn).await?.iter().filter_map(|a| a.alarm_name().map(str::to_string)).collect();
-            if !names.is_empty() {
-                retry(self.policy, "DeleteAlarms", || {
-                    self.metrics.delete_alarms().set_alarm_names(Some(names.clone())).send()
-                })
-                .await
-                .context(CallSnafu)?;
-            }
-            let name = policy.policy_name().unwrap_or_default();
-            ignore_missing(
-                retry(self.policy, "DeletePolicy", || {
-                    self.asg.delete_policy().auto_scaling_group_name(group).policy_name(name).send()
-                })
-                .await,
-            )?;
-        }
-        let output = retry(self.policy, "DescribeScheduledActions", || {
-            self.asg.describe_scheduled_actions().auto_scaling_group_name(group).send()
-        })
-        .await
-        .context(CallSnafu)?;
-        for action in output.scheduled_update_group_actions() {
-            let name = action.scheduled_action_name().unwrap_or_default();
-            ignore_missing(
-                retry(self.policy, "DeleteScheduledAction", || {
-                    self.asg.delete_scheduled_action().auto_scaling_group_name(group).scheduled_action_name(name).send()
-                })
-                .await,
-            )?;
+    pub(super) async fn delete_alarms(&self, group: &str) -> Result<()> {
+        let alarms = self.alarms_of(&self.policies(group).await?).await?;
+        let names: Vec<String> = alarms.iter().filter_map(|a| a.alarm_name().map(str::to_string)).collect();
+        // DeleteAlarms takes at most 100 names.
+        for batch in names.chunks(100) {
+            retry(self.policy, "DeleteAlarms", || {
+                self.metrics.delete_alarms().set_alarm_names(Some(batch.to_vec())).send()
+            })
+            .await
+            .context(CallSnafu)?;
         }
         Ok(())
     }
+}
+
+/// The dimension CloudWatch's Auto Scaling metrics name a group by.
+const GROUP_DIMENSION: &str = "AutoScalingGroupName";
+
+/// A target-tracking configuration for `group`: a customized metric whose dimension named the
+/// ancestor names the group.
+fn tracking_for(
+    tracking: &TargetTrackingConfiguration,
+    from: Option<&str>,
+    group: &str,
+) -> TargetTrackingConfiguration {
+    let mut tracking = tracking.clone();
+    let custom = tracking.customized_metric_specification.as_mut();
+    for dimension in custom.and_then(|c| c.dimensions.as_mut()).into_iter().flatten() {
+        if dimension.name.as_deref() == Some(GROUP_DIMENSION) && from.is_some() && dimension.value.as_deref() == from {
+            dimension.value = Some(group.to_string());
+        }
+    }
+    tracking
 }
 
 fn is_target_tracking(policy: &ScalingPolicy) -> bool {
@@ -295,21 +335,22 @@ fn is_target_tracking(policy: &ScalingPolicy) -> bool {
 
 /// The launch template data of a new group: the ancestor's, with `given` over it, the image,
 /// and the user data (the ancestor's team part unless given, beside the launcher's `ours`).
-/// A copied block device mapping of the root device drops its snapshot: that is the old image's.
+/// A copied block device mapping of the root device drops its snapshot (the old image's) and
+/// asks for no less than the new image's root volume.
 pub(super) fn template_data(
     ancestor: Option<&ResponseLaunchTemplateData>,
     given: &LaunchSettings,
     image_id: &str,
-    root_device: Option<&str>,
+    root_device: Option<&RootDevice>,
     ours: Option<&str>,
-) -> RequestLaunchTemplateData {
+) -> Result<RequestLaunchTemplateData> {
     let from = ancestor.cloned().unwrap_or_else(|| ResponseLaunchTemplateData::builder().build());
     let team = given.user_data.clone().or_else(|| {
         let decoded = base64::engine::general_purpose::STANDARD.decode(from.user_data()?).ok()?;
         user_data::team_part(&decoded)
     });
-    let user_data =
-        user_data::merge(team.as_deref(), ours).map(|d| base64::engine::general_purpose::STANDARD.encode(d));
+    let merged = user_data::merge(team.as_deref(), ours).map_err(|message| Error::UserData { message })?;
+    let user_data = merged.map(|d| base64::engine::general_purpose::STANDARD.encode(d));
     let instance_type = given
         .instance_type
         .as_deref()
@@ -352,15 +393,18 @@ pub(super) fn template_data(
         .block_device_mappings()
         .iter()
         .map(|m| {
-            let root = m.device_name().is_some() && m.device_name() == root_device;
+            let root = root_device.filter(|r| m.device_name() == Some(r.name.as_str()));
             let ebs = m.ebs().map(|e| {
                 LaunchTemplateEbsBlockDeviceRequest::builder()
                     .set_encrypted(e.encrypted())
                     .set_delete_on_termination(e.delete_on_termination())
                     .set_iops(e.iops())
                     .set_kms_key_id(e.kms_key_id().map(str::to_string))
-                    .set_snapshot_id(e.snapshot_id().filter(|_| !root).map(str::to_string))
-                    .set_volume_size(e.volume_size())
+                    .set_snapshot_id(e.snapshot_id().filter(|_| root.is_none()).map(str::to_string))
+                    .set_volume_size(match root.and_then(|r| r.size_gib) {
+                        Some(least) => e.volume_size().map(|size| size.max(least)),
+                        None => e.volume_size(),
+                    })
                     .set_volume_type(e.volume_type().cloned())
                     .set_throughput(e.throughput())
                     .build()
@@ -383,7 +427,7 @@ pub(super) fn template_data(
                 .build()
         })
         .collect();
-    RequestLaunchTemplateData::builder()
+    Ok(RequestLaunchTemplateData::builder()
         .image_id(image_id)
         .instance_type(instance_type)
         .set_user_data(user_data)
@@ -398,7 +442,7 @@ pub(super) fn template_data(
             from.monitoring().map(|m| LaunchTemplatesMonitoringRequest::builder().set_enabled(m.enabled()).build()),
         )
         .set_ebs_optimized(from.ebs_optimized())
-        .build()
+        .build())
 }
 
 fn nonempty<T: Clone>(items: &[T]) -> Option<Vec<T>> {
@@ -413,6 +457,26 @@ mod tests {
     };
 
     #[test]
+    fn a_customized_metric_of_the_ancestor_tracks_the_new_group() {
+        use aws_sdk_autoscaling::types::{CustomizedMetricSpecification, MetricDimension};
+        let dimension = |value: &str| MetricDimension::builder().name(GROUP_DIMENSION).value(value).build();
+        let tracking = TargetTrackingConfiguration::builder()
+            .customized_metric_specification(
+                CustomizedMetricSpecification::builder()
+                    .metric_name("RequestCount")
+                    .dimensions(dimension("hello-v001"))
+                    .dimensions(MetricDimension::builder().name("Stage").value("hello-v001").build())
+                    .build(),
+            )
+            .target_value(100.0)
+            .build();
+        let copied = tracking_for(&tracking, Some("hello-v001"), "hello-v002");
+        let dimensions = copied.customized_metric_specification().unwrap().dimensions();
+        assert_eq!(dimensions[0].value(), Some("hello-v002"));
+        assert_eq!(dimensions[1].value(), Some("hello-v001"), "only the group's dimension");
+    }
+
+    #[test]
     fn copied_names_carry_one_group_prefix() {
         assert_eq!(copied_name("scale-out", None, "hello-v001"), "hello-v001-scale-out");
         assert_eq!(copied_name("hello-v001-scale-out", Some("hello-v001"), "hello-v002"), "hello-v002-scale-out");
@@ -421,7 +485,8 @@ mod tests {
 
     #[test]
     fn a_copy_keeps_the_ancestors_settings_under_what_is_given() {
-        let team = user_data::merge(Some(b"#!/bin/sh\necho team\n"), Some("REGISTRY_URL='cloudmap:old'\n")).unwrap();
+        let team =
+            user_data::merge(Some(b"#!/bin/sh\necho team\n"), Some("REGISTRY_URL='cloudmap:old'\n")).unwrap().unwrap();
         let ancestor = ResponseLaunchTemplateData::builder()
             .image_id("ami-old")
             .instance_type(InstanceType::M5Large)
@@ -443,7 +508,8 @@ mod tests {
             )
             .build();
         let given = LaunchSettings { key_name: Some("new".into()), ..LaunchSettings::default() };
-        let data = template_data(Some(&ancestor), &given, "ami-new", Some("/dev/xvda"), Some("REGISTRY_URL='x'\n"));
+        let root = RootDevice { name: "/dev/xvda".into(), size_gib: Some(30) };
+        let data = template_data(Some(&ancestor), &given, "ami-new", Some(&root), Some("REGISTRY_URL='x'\n")).unwrap();
         assert_eq!(data.image_id(), Some("ami-new"));
         assert_eq!(data.instance_type(), Some(&InstanceType::M5Large));
         assert_eq!(data.security_group_ids(), ["sg-1"]);
@@ -451,14 +517,14 @@ mod tests {
         assert_eq!(data.iam_instance_profile().and_then(|p| p.name()), Some("hello"));
         let mappings = data.block_device_mappings();
         assert_eq!(mappings[0].ebs().unwrap().snapshot_id(), None, "the old root snapshot is not carried over");
-        assert_eq!(mappings[0].ebs().unwrap().volume_size(), Some(20));
+        assert_eq!(mappings[0].ebs().unwrap().volume_size(), Some(30), "no smaller than the new image's root");
         assert_eq!(mappings[1].ebs().unwrap().snapshot_id(), Some("snap-data"));
         let decoded = base64::engine::general_purpose::STANDARD.decode(data.user_data().unwrap()).unwrap();
         assert_eq!(user_data::team_part(&decoded).as_deref(), Some(&b"#!/bin/sh\necho team\n"[..]));
         let text = String::from_utf8(decoded).unwrap();
         assert!(text.contains("REGISTRY_URL='x'") && !text.contains("cloudmap:old"), "{text}");
 
-        let first = template_data(None, &LaunchSettings::default(), "ami-1", None, None);
+        let first = template_data(None, &LaunchSettings::default(), "ami-1", None, None).unwrap();
         assert_eq!(first.instance_type(), Some(&InstanceType::T3Small));
         assert_eq!(first.user_data(), None);
         let imds = first.metadata_options().unwrap();

@@ -122,6 +122,9 @@ pub enum Error {
     #[snafu(display("target group {arn} uses {protocol}: the health gate needs an HTTP or HTTPS target group (an Application Load Balancer)"))]
     NotHttp { arn: String, protocol: String },
 
+    #[snafu(display("{message}"))]
+    UserData { message: &'static str },
+
     #[snafu(display("{what} in {resource} is unreadable: {reason}"))]
     Corrupt { what: String, resource: String, reason: String },
 
@@ -338,7 +341,7 @@ impl AwsCloud {
     /// The group's user data when its instances register: what their agent reads (the
     /// instance's own id, address and zone it takes from the instance metadata).
     fn registration_user_data(&self, spec: &GroupSpec, app: &str, service: &str, port: Option<i32>) -> String {
-        let env = crate::instance::shell_env(&[
+        crate::instance::shell_env(&[
             ("REGISTRY_URL", &format!("cloudmap:{service}")),
             ("REGION", &self.region),
             ("APP", app),
@@ -347,8 +350,7 @@ impl AwsCloud {
             ("PORT", &port.unwrap_or(8080).to_string()),
             ("VERSION", &spec.image_id),
             ("HEALTH_PATH", &spec.health_url),
-        ]);
-        env
+        ])
     }
 
     async fn create(&self, spec: &GroupSpec) -> Result<()> {
@@ -357,7 +359,14 @@ impl AwsCloud {
             same_image(&spec.name, &existing, &spec.image_id)?;
             return self.copy_scaling(&spec.name, &ancestor).await;
         }
-        let subnets = self.subnets(&spec.subnets).await?;
+        // Without subnets given, the ancestor's: its security groups belong to their VPC.
+        let copied_subnets: Vec<String> = ancestor
+            .group
+            .as_ref()
+            .and_then(|g| g.vpc_zone_identifier())
+            .map(|z| z.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect())
+            .unwrap_or_default();
+        let subnets = self.subnets(if spec.subnets.is_empty() { &copied_subnets } else { &spec.subnets }).await?;
         let (mut service, mut user_data) = (None, None);
         if let Some(namespace) = &spec.registry_namespace {
             let app = crate::launch::names::Cluster::parse(&spec.cluster)
@@ -376,9 +385,9 @@ impl AwsCloud {
             ancestor.template.as_ref(),
             &spec.launch,
             &spec.image_id,
-            root_device.as_deref(),
+            root_device.as_ref(),
             user_data.as_deref(),
-        );
+        )?;
         let template_tags =
             vec![(CLUSTER_TAG.to_string(), spec.cluster.clone()), (IMAGE_TAG.to_string(), spec.image_id.clone())];
         if !self.create_template(&spec.name, data.clone(), &template_tags).await? {
@@ -558,7 +567,7 @@ impl AwsCloud {
             if let Some(service) = tag(&asg, SERVICE_TAG) {
                 self.deregister(service, &member_ids(&asg)).await?;
             }
-            self.delete_scaling(group).await?;
+            self.delete_alarms(group).await?;
             let deleted = retry(self.policy, "DeleteAutoScalingGroup", || {
                 self.asg.delete_auto_scaling_group().auto_scaling_group_name(group).force_delete(true).send()
             })
@@ -681,9 +690,15 @@ impl Cloud for AwsCloud {
         Ok(self.runtime.block_on(self.destroy(group))?)
     }
 
-    /// A group must be gated by something that checks it, over at least three zones.
+    /// A group must be gated by something that checks it, over at least three zones, and the
+    /// team's user data must be able to sit beside the launcher's.
     fn check_request(&self, request: &super::plan::DeployRequest) -> cloud::Result<()> {
         snafu::ensure!(!request.target_groups.is_empty() || request.registry_namespace.is_some(), NoHealthCheckSnafu);
+        if let (Some(team), Some(_)) = (&request.launch.user_data, &request.registry_namespace) {
+            if let Some(message) = user_data::unmergeable(team) {
+                return Err(Error::UserData { message }.into());
+            }
+        }
         self.runtime.block_on(self.subnets(&request.subnets))?;
         Ok(())
     }

@@ -5,8 +5,9 @@
 //! Items are keyed by `cluster` and `key`:
 //! - `lock`: the holder (JSON) with its `deploy_id` and `expires`. Taken with a conditional put
 //!   that succeeds when there is none or it is already ours, so a retry whose first reply was
-//!   lost finds it ours; a stale holder is replaced by a put conditioned on *its* deploy id, so
-//!   two runs taking over the same stale lock cannot both win; released by a delete
+//!   lost finds it ours; a stale holder is replaced by a put conditioned on *its* deploy id and
+//!   expiry, so two runs taking over the same stale lock cannot both win, nor one take a lock
+//!   its holder has just renewed; released by a delete
 //!   conditioned on our deploy id.
 //! - `deploy/<started>/<deploy id>`: one record per launcher run, rewritten after every step
 //!   with a put conditioned on not going back in time (`updated`), read newest first.
@@ -48,35 +49,37 @@ fn conditional_failed(error: &CallError) -> bool {
 }
 
 impl AwsCloud {
-    /// Creates the table if it is missing and waits until it is active; once per process.
-    async fn table(&self) -> Result<&str> {
-        self.table_ready
-            .get_or_try_init(|| async {
-                let described = retry(self.policy, "DescribeTable", || {
-                    self.dynamodb.describe_table().table_name(&self.state_table).send()
-                })
+    /// The table's name once it is active, after creating it when it is missing and a write
+    /// needs it (reads of a missing table find nothing: a read-only caller need not be allowed
+    /// to create it). Known once per process.
+    async fn table(&self, create: bool) -> Result<Option<&str>> {
+        if self.table_ready.initialized() {
+            return Ok(Some(&self.state_table));
+        }
+        let described =
+            retry(self.policy, "DescribeTable", || self.dynamodb.describe_table().table_name(&self.state_table).send())
                 .await;
-                match described {
-                    Err(e) if e.is_not_found() => self.create_table().await?,
-                    other => {
-                        other.context(CallSnafu)?;
-                    }
-                }
-                wait_for(&format!("DynamoDB table {} active", self.state_table), WAIT, || async {
-                    let call = |source| ec2_calls::Error::Call { source };
-                    let output = retry(self.policy, "DescribeTable", || {
-                        self.dynamodb.describe_table().table_name(&self.state_table).send()
-                    })
-                    .await
-                    .map_err(call)?;
-                    let status = output.table().and_then(|t| t.table_status());
-                    Ok((status == Some(&TableStatus::Active)).then_some(()))
-                })
-                .await
-                .context(WaitSnafu)
+        match described {
+            Err(e) if e.is_not_found() && !create => return Ok(None),
+            Err(e) if e.is_not_found() => self.create_table().await?,
+            other => {
+                other.context(CallSnafu)?;
+            }
+        }
+        wait_for(&format!("DynamoDB table {} active", self.state_table), WAIT, || async {
+            let call = |source| ec2_calls::Error::Call { source };
+            let output = retry(self.policy, "DescribeTable", || {
+                self.dynamodb.describe_table().table_name(&self.state_table).send()
             })
-            .await?;
-        Ok(&self.state_table)
+            .await
+            .map_err(call)?;
+            let status = output.table().and_then(|t| t.table_status());
+            Ok((status == Some(&TableStatus::Active)).then_some(()))
+        })
+        .await
+        .context(WaitSnafu)?;
+        let _ = self.table_ready.set(());
+        Ok(Some(&self.state_table))
     }
 
     async fn create_table(&self) -> Result<()> {
@@ -104,7 +107,7 @@ impl AwsCloud {
     }
 
     pub(super) async fn get(&self, cluster: &str, key: &str) -> Result<Option<Item>> {
-        let table = self.table().await?;
+        let Some(table) = self.table(false).await? else { return Ok(None) };
         let output = retry(self.policy, "GetItem", || {
             self.dynamodb
                 .get_item()
@@ -122,7 +125,7 @@ impl AwsCloud {
     /// Puts `item`, if `condition` (an expression and its values) holds when there is one;
     /// Ok(false) when it does not.
     pub(super) async fn put(&self, item: Item, condition: Option<(&str, Item)>) -> Result<bool> {
-        let table = self.table().await?;
+        let table = self.table(true).await?.expect("made when missing");
         let (expression, values) = condition.unzip();
         let names =
             expression.filter(|e| e.contains("#key")).map(|_| HashMap::from([("#key".to_string(), "key".to_string())]));
@@ -157,12 +160,16 @@ impl AwsCloud {
                 return Ok(None);
             }
             // Held by another run: live (refuse) or dead (take it over from exactly that one).
-            let Some(current) = self.lock_item(cluster).await? else { continue };
+            let Some(current) = self.holder(cluster).await? else { continue };
             if !current.is_stale_here(now()) {
                 return Ok(Some(current));
             }
-            let theirs = Item::from([(":theirs".to_string(), s(&current.deploy_id))]);
-            if self.put(item.clone(), Some(("deploy_id = :theirs", theirs))).await? {
+            // Exactly the stale holding read: not one its holder renewed since.
+            let theirs = Item::from([
+                (":theirs".to_string(), s(&current.deploy_id)),
+                (":expires".to_string(), n(current.expires)),
+            ]);
+            if self.put(item.clone(), Some(("deploy_id = :theirs AND expires = :expires", theirs))).await? {
                 return Ok(None);
             }
         }
@@ -178,7 +185,7 @@ impl AwsCloud {
 
     /// Deletes an item, if `condition` holds when there is one; Ok(false) when it does not.
     pub(super) async fn delete(&self, cluster: &str, key: &str, condition: Option<(&str, Item)>) -> Result<bool> {
-        let table = self.table().await?;
+        let Some(table) = self.table(false).await? else { return Ok(false) };
         let (expression, values) = condition.unzip();
         let deleted = retry(self.policy, "DeleteItem", || {
             self.dynamodb
@@ -199,10 +206,6 @@ impl AwsCloud {
 
     /// Who the lock item names, live or not.
     pub(super) async fn holder(&self, cluster: &str) -> Result<Option<LockHolder>> {
-        self.lock_item(cluster).await
-    }
-
-    async fn lock_item(&self, cluster: &str) -> Result<Option<LockHolder>> {
         let Some(item) = self.get(cluster, LOCK_KEY).await? else { return Ok(None) };
         Ok(Some(self.parse(&item, "holder", "the lock holder")?))
     }
@@ -265,7 +268,7 @@ impl AwsCloud {
         newest_first: bool,
         limit: Option<usize>,
     ) -> Result<Vec<Item>> {
-        let table = self.table().await?;
+        let Some(table) = self.table(false).await? else { return Ok(Vec::new()) };
         let mut items = pages(limit, |start| async move {
             let page = retry(self.policy, "Query", || {
                 self.dynamodb
@@ -293,7 +296,7 @@ impl AwsCloud {
 
     /// Every cluster's items whose key starts with `prefix`.
     pub(super) async fn scan(&self, prefix: &str) -> Result<Vec<Item>> {
-        let table = self.table().await?;
+        let Some(table) = self.table(false).await? else { return Ok(Vec::new()) };
         pages(None, |start| async move {
             let page = retry(self.policy, "Scan", || {
                 self.dynamodb

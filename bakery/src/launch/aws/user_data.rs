@@ -12,12 +12,27 @@ use sha2::{Digest, Sha256};
 
 const OURS: &str = "text/x-bakery-env";
 
+/// Why the team's user data cannot sit beside the launcher's part, if it cannot: a MIME
+/// multipart of its own or gzip would stop being read by cloud-init once wrapped in ours.
+pub(super) fn unmergeable(team: &[u8]) -> Option<&'static str> {
+    if team.starts_with(&[0x1f, 0x8b]) {
+        Some("the team's user data is gzip-compressed; give it uncompressed to go beside the launcher's registry part")
+    } else if team.starts_with(b"Content-Type:") || team.starts_with(b"MIME-Version:") {
+        Some("the team's user data is a MIME message of its own; give its script or cloud-config to go beside the launcher's registry part")
+    } else {
+        None
+    }
+}
+
 /// The user data for a group: `team` (verbatim) beside `ours`; None when both are absent.
-pub(super) fn merge(team: Option<&[u8]>, ours: Option<&str>) -> Option<Vec<u8>> {
+pub(super) fn merge(team: Option<&[u8]>, ours: Option<&str>) -> Result<Option<Vec<u8>>, &'static str> {
     let (team, ours) = match (team, ours) {
         (Some(team), Some(ours)) => (team, ours),
-        (team, ours) => return team.map(<[u8]>::to_vec).or(ours.map(|o| o.as_bytes().to_vec())),
+        (team, ours) => return Ok(team.map(<[u8]>::to_vec).or(ours.map(|o| o.as_bytes().to_vec()))),
     };
+    if let Some(problem) = unmergeable(team) {
+        return Err(problem);
+    }
     let boundary = format!("==bakery-{}==", &hex::encode(Sha256::digest(team))[..16]);
     let mut out = format!("Content-Type: multipart/mixed; boundary=\"{boundary}\"\nMIME-Version: 1.0\n\n").into_bytes();
     let part = |content_type: &str| {
@@ -26,7 +41,7 @@ pub(super) fn merge(team: Option<&[u8]>, ours: Option<&str>) -> Option<Vec<u8>> 
     out.extend(part(content_type(team)).bytes());
     out.extend_from_slice(team);
     out.extend(format!("\n{}{ours}\n--{boundary}--\n", part(OURS)).bytes());
-    Some(out)
+    Ok(Some(out))
 }
 
 /// The team's part of a group's user data, exactly as it was given; None when there is only the
@@ -80,14 +95,14 @@ mod tests {
     fn the_team_part_survives_a_merge_byte_for_byte() {
         let ours = "REGISTRY_URL='cloudmap:srv-1'\nGROUP='hello-v001'\n";
         for team in [&b"#!/bin/sh\necho hi\n"[..], b"#cloud-config\nruncmd: [true]", b"\n\nodd\n\n", b"x"] {
-            let merged = merge(Some(team), Some(ours)).unwrap();
+            let merged = merge(Some(team), Some(ours)).unwrap().unwrap();
             let text = String::from_utf8(merged.clone()).unwrap();
             assert!(text.contains("Content-Type: text/x-bakery-env") && text.contains(ours), "{text}");
             assert_eq!(team_part(&merged).as_deref(), Some(team), "{text}");
-            let without_ours = merge(Some(team), None).unwrap();
+            let without_ours = merge(Some(team), None).unwrap().unwrap();
             assert_eq!(team_part(&without_ours).as_deref(), Some(team));
         }
-        assert!(String::from_utf8(merge(Some(b"#!/bin/sh\n"), Some(ours)).unwrap())
+        assert!(String::from_utf8(merge(Some(b"#!/bin/sh\n"), Some(ours)).unwrap().unwrap())
             .unwrap()
             .contains("Content-Type: text/x-shellscript"));
     }
@@ -95,12 +110,15 @@ mod tests {
     #[test]
     fn the_launchers_lines_alone_are_no_team_part() {
         let ours = "REGISTRY_URL='cloudmap:srv-1'\n";
-        assert_eq!(merge(None, Some(ours)).as_deref(), Some(ours.as_bytes()));
+        assert_eq!(merge(None, Some(ours)).unwrap().as_deref(), Some(ours.as_bytes()));
         assert_eq!(team_part(ours.as_bytes()), None);
         assert_eq!(team_part(b""), None);
-        assert_eq!(merge(None, None), None);
-        // A team's own multipart is the team's.
+        assert_eq!(merge(None, None), Ok(None));
+        // A team's own multipart is the team's, alone; beside ours cloud-init would skip it.
         let theirs = b"Content-Type: multipart/mixed; boundary=\"x\"\n\n--x\n\nhi\n--x--\n";
         assert_eq!(team_part(theirs).as_deref(), Some(&theirs[..]));
+        assert_eq!(merge(Some(theirs), None), Ok(Some(theirs.to_vec())));
+        assert!(merge(Some(theirs), Some(ours)).unwrap_err().contains("MIME message"));
+        assert!(merge(Some(&[0x1f, 0x8b, 8]), Some(ours)).unwrap_err().contains("gzip"));
     }
 }
