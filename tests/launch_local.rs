@@ -978,15 +978,16 @@ fn images_prune_keeps_what_a_group_runs_and_the_newest() {
     let _serial = serial();
     base_image();
     let dir = tempfile::tempdir().unwrap();
-    // An app of its own, so that no other test's images are in play: the webapp recipe's
-    // base, without its chown of a directory named after the app.
+    // An app of this run's own, so that no other test's (or run's) images are in play: the
+    // webapp recipe's base, without its chown of a directory named after the app.
+    let app = bakery::ids::new_id("pruned").replace('-', "");
     let recipe = dir.path().join("pruned.toml");
     let base = workspace().join("recipes/tomcat-base.toml");
     std::fs::write(&recipe, format!("extends = {:?}\n", base.to_str().unwrap())).unwrap();
     let bake = |version: &str| {
         let package = sample_package_with(dir.path(), version, &[]).to_string_lossy().into_owned();
         let args = ["bake", "--base", BASE, "--recipe", recipe.to_str().unwrap(), "--package", &package];
-        let (code, baked, stderr) = run_json(&[&args[..], &["--app", "pruned", "--version", version]].concat());
+        let (code, baked, stderr) = run_json(&[&args[..], &["--app", &app, "--version", version]].concat());
         assert_eq!(code, 0, "{stderr}");
         // Creation times count seconds: one image per second keeps their order plain.
         std::thread::sleep(Duration::from_millis(1100));
@@ -1001,8 +1002,7 @@ fn images_prune_keeps_what_a_group_runs_and_the_newest() {
         launcher_json(&["deploy", "--cluster", &cluster, "--image", &old, "--health-url", "/hello/health"]);
     assert_eq!(code, 0, "{deployed}\n{stderr}");
 
-    let prune =
-        |extra: &[&str]| run_json(&[&["images", "prune", "--app", "pruned", "--keep", "1"][..], extra].concat());
+    let prune = |extra: &[&str]| run_json(&[&["images", "prune", "--app", &app, "--keep", "1"][..], extra].concat());
     let (code, dry, stderr) = prune(&["--dry-run"]);
     assert_eq!(code, 0, "{dry}\n{stderr}");
     assert_eq!(dry["deleted"].as_array().unwrap().iter().map(|i| &i["id"]).collect::<Vec<_>>(), [&json!(unused)]);
@@ -1022,4 +1022,7 @@ fn images_prune_keeps_what_a_group_runs_and_the_newest() {
     assert!(snapshot(&old_snapshot).exists());
     let (code, _, stderr) = prune(&["--keep", "0"]);
     assert_eq!(code, 3, "{stderr}");
+    // The deleted image's blocks that nothing else holds are gc's to reclaim, as after `rm`.
+    let (code, report, stderr) = run_json(&["gc"]);
+    assert_eq!(code, 0, "{report}\n{stderr}");
 }

@@ -131,6 +131,10 @@ pub trait ImageRegistry: Send + Sync {
     fn document(&self, _image_id: &str, _document: Document) -> Result<Option<Vec<u8>>> {
         Ok(None)
     }
+    /// Who else may launch the image (accounts it is shared with), where the registry can tell.
+    fn shared_with(&self, _image_id: &str) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
     /// Turns the registry's protection against deregistration on or off, where it has one
     /// (aws); elsewhere nothing to do.
     fn protect_image(&self, _image_id: &str, _protected: bool) -> Result<()> {

@@ -112,9 +112,6 @@ pub fn plan(
         if let Some(copies) = image.tags.get(tags::COPIES).filter(|c| !c.is_empty()) {
             reasons.push(format!("copied to other regions ({copies}), which may run it"));
         }
-        if let Some(accounts) = image.tags.get(tags::SHARED_WITH).filter(|a| !a.is_empty()) {
-            reasons.push(format!("shared with accounts {accounts}, which may run it"));
-        }
         reasons.extend(used.get(image.id.as_str()).cloned().unwrap_or_default());
         match reasons.is_empty() {
             true => gone.push(image),
@@ -134,12 +131,26 @@ pub fn prune(provider: &dyn Provider, cloud: &dyn Cloud, request: &Request) -> R
     let images = provider.images().images_tagged("app", &request.app).context(ListSnafu { app: &request.app })?;
     let references = cloud.image_references().context(ReferencesSnafu { kind: cloud.kind() })?;
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let (gone, kept) = plan(images, request.keep, request.older_than, now, &references);
-    let mut report = Report { app: request.app.clone(), dry_run: request.dry_run, ..Report::default() };
+    let (candidates, mut kept) = plan(images, request.keep, request.older_than, now, &references);
     let registry = provider.images();
+    // Another account may run a shared image: nothing here can tell, so it stays.
+    let mut gone = Vec::new();
+    for image in candidates {
+        let accounts = registry.shared_with(&image.id).context(ListSnafu { app: &request.app })?;
+        match accounts.is_empty() {
+            true => gone.push(image),
+            false => {
+                let reason = format!("shared with {}, which may run it", accounts.join(", "));
+                kept.push((image, vec![reason]));
+            }
+        }
+    }
+    let mut report = Report { app: request.app.clone(), dry_run: request.dry_run, ..Report::default() };
     for (image, reasons) in kept {
-        let serving = references.iter().any(|r| r.image_id == image.id && r.serving);
-        let only_used = !reasons.iter().any(|r| r.starts_with("one of the newest") || r.starts_with("younger than"));
+        let used_by = references.iter().filter(|r| r.image_id == image.id);
+        let serving = used_by.clone().any(|r| r.serving);
+        // Deprecated only when nothing but its use keeps it.
+        let only_used = used_by.count() == reasons.len();
         if !request.dry_run {
             let marked = match (serving, only_used) {
                 // Serving again after a rollback: no longer deprecated either.
@@ -205,7 +216,6 @@ mod tests {
         };
         let images = vec![
             tagged("g", tags::COPIES, "eu-west-1=ami-1"),
-            tagged("h", tags::SHARED_WITH, "111122223333"),
             image("a", "2026-01-01T00:00:00Z"),
             image("b", "2026-02-01T00:00:00.000Z"),
             image("c", "2026-03-01T00:00:00Z"),
@@ -224,7 +234,6 @@ mod tests {
         assert_eq!(why["c"], ["instance i-1 (stopped)"]);
         assert_eq!(why["b"], ["launch template lt-1 version 2"]);
         assert!(why["g"][0].starts_with("copied to other regions (eu-west-1=ami-1)"), "{why:?}");
-        assert!(why["h"][0].starts_with("shared with accounts 111122223333"), "{why:?}");
         let (gone, _) =
             plan(vec![image("a", "2026-01-01T00:00:00Z"), image("b", "2026-02-01T00:00:00Z")], 1, None, now, &[]);
         assert_eq!(gone.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), ["a"], "the older goes");

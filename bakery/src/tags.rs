@@ -31,8 +31,6 @@ pub const SBOM_SHA256: &str = "bakery:sbom-sha256";
 pub const PUSHED_FROM: &str = "bakery:pushed-from";
 /// Copies of an image in other regions (`region=ami-…,…`), deleted with it.
 pub const COPIES: &str = "bakery:copies";
-/// The accounts an image is shared with (`111122223333,…`): `images prune` leaves it alone.
-pub const SHARED_WITH: &str = "bakery:shared-with";
 /// `in-progress` on a snapshot until its image is registered; gc reclaims old ones.
 pub const STATUS: &str = "bakery:status";
 /// `true` or `false` once `bakery verify` has booted the image.

@@ -4,9 +4,9 @@
 use super::retry::{retry, CallError, Policy};
 use crate::provider::Image;
 use aws_sdk_ec2::types::{
-    ArchitectureValues, BlockDeviceMapping, BootModeValues, EbsBlockDevice, Filter, ImdsSupportValues,
-    LaunchPermission, LaunchPermissionModifications, OperationType, ResourceType, SnapshotAttributeName, Tag,
-    TagSpecification, VolumeType,
+    ArchitectureValues, BlockDeviceMapping, BootModeValues, EbsBlockDevice, Filter, ImageAttributeName,
+    ImdsSupportValues, LaunchPermission, LaunchPermissionModifications, OperationType, ResourceType,
+    SnapshotAttributeName, Tag, TagSpecification, VolumeType,
 };
 use snafu::{ResultExt, Snafu};
 use std::collections::BTreeMap;
@@ -443,6 +443,33 @@ impl Ec2 {
     }
 
     /// Grants launch permission on the image and create-volume permission on its snapshot.
+    /// Who else may launch `image`: account ids, `group:all` when it is public. Missing: none.
+    pub async fn launch_permissions(&self, image: &str) -> Result<Vec<String>> {
+        let output = retry(self.policy, "DescribeImageAttribute", || {
+            self.client
+                .describe_image_attribute()
+                .image_id(image)
+                .attribute(ImageAttributeName::LaunchPermission)
+                .send()
+        })
+        .await;
+        let output = match output {
+            Err(e) if e.is_not_found() => return Ok(Vec::new()),
+            other => other.context(CallSnafu)?,
+        };
+        Ok(output
+            .launch_permissions()
+            .iter()
+            .filter_map(|p| {
+                p.user_id()
+                    .map(str::to_string)
+                    .or_else(|| p.group().map(|g| format!("group:{}", g.as_str())))
+                    .or_else(|| p.organization_arn().map(str::to_string))
+                    .or_else(|| p.organizational_unit_arn().map(str::to_string))
+            })
+            .collect())
+    }
+
     pub async fn share(&self, image: &str, snapshot: &str, accounts: &[String]) -> Result<()> {
         let launch: Vec<LaunchPermission> =
             accounts.iter().map(|a| LaunchPermission::builder().user_id(a).build()).collect();

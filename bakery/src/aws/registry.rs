@@ -121,8 +121,6 @@ impl Ec2Registry {
         self.ec2.tag(&[&request.snapshot_id], &registered).await?;
         if !self.share_with.is_empty() {
             self.ec2.share(id, &request.snapshot_id, &self.share_with).await?;
-            let tag = BTreeMap::from([(tags::SHARED_WITH.to_string(), self.share_with.join(","))]);
-            self.ec2.tag(&[id], &tag).await?;
         }
         let mut image = self
             .ec2
@@ -217,6 +215,10 @@ impl ImageRegistry for Ec2Registry {
 
     fn protect_image(&self, image_id: &str, protected: bool) -> Result<()> {
         Ok(self.runtime.block_on(self.ec2.protect(image_id, protected))?)
+    }
+
+    fn shared_with(&self, image_id: &str) -> Result<Vec<String>> {
+        Ok(self.runtime.block_on(self.ec2.launch_permissions(image_id))?)
     }
 
     fn deprecate_image(&self, image_id: &str, deprecated: bool) -> Result<()> {

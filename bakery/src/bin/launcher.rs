@@ -393,7 +393,13 @@ fn deploy_request(args: &DeployArgs) -> Result<DeployRequest, Failure> {
         health_check_grace: args.health_check_grace.map(|g| g.as_secs()),
         termination_policies: (!args.termination_policies.is_empty()).then(|| args.termination_policies.clone()),
     };
-    let problems = cluster_config::flag_problems(&given, &args.subnets, &args.target_groups);
+    let problems = cluster_config::flag_problems(
+        &given,
+        &args.subnets,
+        &args.target_groups,
+        args.health_url.as_deref(),
+        args.registry_namespace.as_deref(),
+    );
     if !problems.is_empty() {
         return Err(bad_input(problems.join("\n")));
     }
@@ -640,7 +646,9 @@ fn chaos_command(cli: &Cli, engine: &Engine, command: &ChaosCommand, ui: &bakery
                 let mut done = Vec::new();
                 for config in chaos.enabled().map_err(failed)? {
                     let log = chaos.log(Some(&config.cluster)).map_err(failed)?;
-                    if !chaos::is_due(&config, now(), &log, interval.as_secs(), rand::Rng::gen(&mut rng)) {
+                    if !chaos::is_due(&config, now(), &log, interval.as_secs(), rand::Rng::gen(&mut rng))
+                        || !chaos.claim_kill(&config, now()).map_err(failed)?
+                    {
                         continue;
                     }
                     match engine.chaos_kill(&config.cluster, 1, false, &mut rng) {

@@ -67,6 +67,12 @@ pub trait ChaosStore {
     fn record(&self, entries: &[AuditEntry]) -> Result<()>;
     /// The audit log, oldest first, of one cluster or all.
     fn log(&self, cluster: Option<&str>) -> Result<Vec<AuditEntry>>;
+    /// Takes one of the cluster's kills for the local day that `now` falls in, for the
+    /// scheduler; false when the day's `max_per_day` is used up by any host. A store used from
+    /// one host only has nothing to add to what [`is_due`] counted in the log.
+    fn claim_kill(&self, _config: &Config, _now: u64) -> Result<bool> {
+        Ok(true)
+    }
 }
 
 /// The state directory's chaos records.

@@ -102,7 +102,7 @@ pub fn load(path: &Path) -> Result<ClusterConfig, Error> {
             instance_type: checker.string(&table, "instance_type", instance_type_problem),
             security_groups: checker.list(&table, "security_groups", |id| id_problem(id, "sg-")),
             instance_profile: checker.string(&table, "instance_profile", plain_problem),
-            key_name: checker.string(&table, "key_name", plain_problem),
+            key_name: checker.string(&table, "key_name", key_name_problem),
             user_data: None,
             health_check_type: checker
                 .string(&table, "health_check_type", |v| {
@@ -114,7 +114,7 @@ pub fn load(path: &Path) -> Result<ClusterConfig, Error> {
         },
         subnets: checker.list(&table, "subnets", |id| id_problem(id, "subnet-")).unwrap_or_default(),
         target_groups: checker.list(&table, "target_groups", |id| id_problem(id, "arn:")).unwrap_or_default(),
-        health_url: checker.string(&table, "health_url", |v| (!v.starts_with('/')).then_some("must start with /")),
+        health_url: checker.string(&table, "health_url", health_url_problem),
         registry_namespace: checker.string(&table, "registry_namespace", plain_problem),
         min: checker.count(&table, "min"),
         max: checker.count(&table, "max"),
@@ -155,13 +155,28 @@ fn plain_problem(value: &str) -> Option<&'static str> {
     (value.is_empty() || value.contains(char::is_whitespace)).then_some("is empty or holds spaces")
 }
 
+/// EC2 key pair names may hold spaces, but not at either end.
+fn key_name_problem(value: &str) -> Option<&'static str> {
+    (value.trim().is_empty() || value.trim() != value).then_some("is empty or starts or ends with a space")
+}
+
+fn health_url_problem(value: &str) -> Option<&'static str> {
+    (!value.starts_with('/')).then_some("must start with /")
+}
+
 fn instance_type_problem(value: &str) -> Option<&'static str> {
     (plain_problem(value).is_some() || !value.contains('.')).then_some("is not an instance type such as t3.small")
 }
 
 /// What is wrong with settings given as `launcher deploy` flags, checked as the same keys of a
 /// cluster config are.
-pub fn flag_problems(launch: &LaunchSettings, subnets: &[String], target_groups: &[String]) -> Vec<String> {
+pub fn flag_problems(
+    launch: &LaunchSettings,
+    subnets: &[String],
+    target_groups: &[String],
+    health_url: Option<&str>,
+    registry_namespace: Option<&str>,
+) -> Vec<String> {
     let mut problems = Vec::new();
     let mut one = |flag: &str, value: &str, problem: Option<String>| {
         problems.extend(problem.map(|problem| format!("{flag} {value:?}: {problem}")));
@@ -176,7 +191,13 @@ pub fn flag_problems(launch: &LaunchSettings, subnets: &[String], target_groups:
         one("--instance-profile", profile, plain_problem(profile).map(String::from));
     }
     if let Some(key) = &launch.key_name {
-        one("--key-name", key, plain_problem(key).map(String::from));
+        one("--key-name", key, key_name_problem(key).map(String::from));
+    }
+    if let Some(url) = health_url {
+        one("--health-url", url, health_url_problem(url).map(String::from));
+    }
+    if let Some(namespace) = registry_namespace {
+        one("--registry-namespace", namespace, plain_problem(namespace).map(String::from));
     }
     for id in subnets {
         one("--subnets", id, id_problem(id, "subnet-"));
@@ -321,17 +342,20 @@ mod tests {
             key_name: Some(String::new()),
             ..LaunchSettings::default()
         };
-        let problems = flag_problems(&launch, &["subnet-1".into(), "net-2".into()], &[]);
+        let problems = flag_problems(&launch, &["subnet-1".into(), "net-2".into()], &[], Some("health"), None);
         assert_eq!(
             problems,
             [
                 "--instance-type \"big\": is not an instance type such as t3.small",
                 "--security-group \"default\": is not an id starting sg-",
-                "--key-name \"\": is empty or holds spaces",
+                "--key-name \"\": is empty or starts or ends with a space",
+                "--health-url \"health\": must start with /",
                 "--subnets \"net-2\": is not an id starting subnet-",
             ]
         );
-        assert!(flag_problems(&LaunchSettings::default(), &[], &[]).is_empty());
+        assert!(flag_problems(&LaunchSettings::default(), &[], &[], Some("/"), Some("prod")).is_empty());
+        let spaced = LaunchSettings { key_name: Some("ops team".into()), ..LaunchSettings::default() };
+        assert!(flag_problems(&spaced, &[], &[], None, None).is_empty(), "a key pair name may hold a space");
     }
 
     #[test]

@@ -64,7 +64,10 @@ impl AwsCloud {
     }
 
     /// The launch template version a group launches from.
-    async fn template_version(&self, spec: &LaunchTemplateSpecification) -> Result<Option<ResponseLaunchTemplateData>> {
+    pub(super) async fn template_version(
+        &self,
+        spec: &LaunchTemplateSpecification,
+    ) -> Result<Option<ResponseLaunchTemplateData>> {
         let version = spec.version().unwrap_or("$Default").to_string();
         let found = retry(self.policy, "DescribeLaunchTemplateVersions", || {
             self.ec2
@@ -206,7 +209,7 @@ impl AwsCloud {
         for alarm in &ancestor.alarms {
             self.copy_alarm(alarm, from, group, &arns).await?;
         }
-        // EC2 refuses a start in the past: one due within the minute has, in effect, run.
+        // Auto Scaling refuses a start in the past: one due within the minute has, in effect, run.
         let soon = now() as i64 + 60;
         for action in &ancestor.scheduled {
             let start = action.start_time().or(action.time()).filter(|t| t.secs() > soon);
@@ -345,10 +348,7 @@ pub(super) fn template_data(
     ours: Option<&str>,
 ) -> Result<RequestLaunchTemplateData> {
     let from = ancestor.cloned().unwrap_or_else(|| ResponseLaunchTemplateData::builder().build());
-    let team = given.user_data.clone().or_else(|| {
-        let decoded = base64::engine::general_purpose::STANDARD.decode(from.user_data()?).ok()?;
-        user_data::team_part(&decoded)
-    });
+    let team = given.user_data.clone().or_else(|| team_user_data(&from));
     let merged = user_data::merge(team.as_deref(), ours).map_err(|message| Error::UserData { message })?;
     let user_data = merged.map(|d| base64::engine::general_purpose::STANDARD.encode(d));
     let instance_type = given
@@ -443,6 +443,12 @@ pub(super) fn template_data(
         )
         .set_ebs_optimized(from.ebs_optimized())
         .build())
+}
+
+/// The team's part of a launch template's user data.
+pub(super) fn team_user_data(data: &ResponseLaunchTemplateData) -> Option<Vec<u8>> {
+    let decoded = base64::engine::general_purpose::STANDARD.decode(data.user_data()?).ok()?;
+    user_data::team_part(&decoded)
 }
 
 fn nonempty<T: Clone>(items: &[T]) -> Option<Vec<T>> {

@@ -2,7 +2,8 @@
 //! the deploy lock and records, so that monkeys on any host share one consent and one log (and
 //! the daily limit counts every host's kills). A cluster's consent is its `chaos` item; each
 //! action is an `audit/<time>/<instance>/<monkey>` item, so a log entry written twice (a retry
-//! after a lost reply) is still one entry.
+//! after a lost reply) is still one entry; the scheduler takes each kill from a day's
+//! `kills/<midnight>` counter with a conditional add, so hosts together keep to `max_per_day`.
 
 use super::state::{s, text, Item};
 use super::*;
@@ -10,6 +11,8 @@ use crate::launch::chaos::{self, AuditEntry, ChaosStore, Config};
 
 const CONSENT_KEY: &str = "chaos";
 const AUDIT_PREFIX: &str = "audit/";
+/// `kills/<local midnight>`: the scheduler's kills of a cluster that day, by every host.
+const KILLS_PREFIX: &str = "kills/";
 
 /// The aws cloud's table as a [`ChaosStore`].
 pub struct TableChaos<'a> {
@@ -68,6 +71,12 @@ impl ChaosStore for TableChaos<'_> {
             }
             Ok(())
         })
+    }
+
+    fn claim_kill(&self, config: &Config, now: u64) -> chaos::Result<bool> {
+        let (_, midnight) = chaos::local_day(now);
+        let key = format!("{KILLS_PREFIX}{midnight}");
+        self.run(self.cloud.count_up(&config.cluster, &key, config.max_per_day))
     }
 
     fn log(&self, cluster: Option<&str>) -> chaos::Result<Vec<AuditEntry>> {

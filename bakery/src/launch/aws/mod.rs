@@ -240,14 +240,28 @@ impl AwsCloud {
 }
 
 impl AwsCloud {
-    /// The given subnets, or one default subnet per zone of the default VPC; either way over
-    /// at least three zones.
-    async fn subnets(&self, given: &[String]) -> Result<Vec<String>> {
+    /// Where a new group's instances go: the subnets given, else its ancestor's (its security
+    /// groups belong to their VPC), else one default subnet per zone of the default VPC; over
+    /// at least three zones either way.
+    async fn subnets(&self, given: &[String], ancestor: Option<&AutoScalingGroup>) -> Result<Vec<String>> {
+        let copied: Vec<String> = ancestor
+            .and_then(|g| g.vpc_zone_identifier())
+            .map(|z| z.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect())
+            .unwrap_or_default();
+        let (given, what) = match (given.is_empty(), copied.is_empty()) {
+            (false, _) => (given.to_vec(), format!("--subnets {} are", given.join(","))),
+            (true, false) => {
+                let name = ancestor.and_then(|g| g.auto_scaling_group_name()).unwrap_or_default();
+                let what = format!("the subnets of {name} ({}), which a new group copies, are", copied.join(","));
+                (copied, what)
+            }
+            (true, true) => (Vec::new(), "the default VPC has default subnets".to_string()),
+        };
         let request = || {
             let describe = self.ec2.describe_subnets();
             match given.is_empty() {
                 true => describe.filters(Ec2Filter::builder().name("default-for-az").values("true").build()),
-                false => describe.set_subnet_ids(Some(given.to_vec())),
+                false => describe.set_subnet_ids(Some(given.clone())),
             }
         };
         let output = retry(self.policy, "DescribeSubnets", || request().send()).await.context(CallSnafu)?;
@@ -258,16 +272,43 @@ impl AwsCloud {
             }
         }
         if by_zone.len() < 3 {
-            let what = match given.is_empty() {
-                true => "the default VPC has default subnets".to_string(),
-                false => format!("--subnets {} are", given.join(",")),
-            };
             return TooFewZonesSnafu { what, zones: by_zone.into_keys().collect::<Vec<_>>() }.fail();
         }
         Ok(match given.is_empty() {
             true => by_zone.into_values().filter_map(|ids| ids.into_iter().next()).collect(),
-            false => given.to_vec(),
+            false => given,
         })
+    }
+
+    /// The group a new one of `cluster` copies, as the plan picks it: the newest serving one,
+    /// else the newest.
+    async fn ancestor_group(&self, cluster: &str) -> Result<Option<AutoScalingGroup>> {
+        let asgs = self.describe_groups(&[], Some(cluster)).await.context(CallSnafu)?;
+        let age = |g: &&AutoScalingGroup| {
+            (g.created_time().map(|t| t.secs()), g.auto_scaling_group_name().map(str::to_string))
+        };
+        let serving = asgs.iter().filter(|g| tag(g, IN_SERVICE_TAG).is_some()).max_by_key(age);
+        Ok(serving.or(asgs.iter().max_by_key(age)).cloned())
+    }
+
+    /// Refuses before anything is made what `create` would fail on: subnets over fewer than
+    /// three zones, and team user data (given, or the ancestor's) that cannot sit beside the
+    /// registry part.
+    async fn check(&self, request: &super::plan::DeployRequest) -> Result<()> {
+        let ancestor = self.ancestor_group(&request.cluster).await?;
+        self.subnets(&request.subnets, ancestor.as_ref()).await?;
+        if request.registry_namespace.is_none() {
+            return Ok(());
+        }
+        let team = match (&request.launch.user_data, ancestor.as_ref().and_then(|g| g.launch_template())) {
+            (Some(given), _) => Some(given.clone()),
+            (None, Some(spec)) => self.template_version(spec).await?.and_then(|data| ancestor::team_user_data(&data)),
+            (None, None) => None,
+        };
+        match team.as_deref().and_then(user_data::unmergeable) {
+            Some(message) => UserDataSnafu { message }.fail(),
+            None => Ok(()),
+        }
     }
 
     /// Private addresses and launch times of these instances (a filter, not ids: a terminated
@@ -359,14 +400,7 @@ impl AwsCloud {
             same_image(&spec.name, &existing, &spec.image_id)?;
             return self.copy_scaling(&spec.name, &ancestor).await;
         }
-        // Without subnets given, the ancestor's: its security groups belong to their VPC.
-        let copied_subnets: Vec<String> = ancestor
-            .group
-            .as_ref()
-            .and_then(|g| g.vpc_zone_identifier())
-            .map(|z| z.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect())
-            .unwrap_or_default();
-        let subnets = self.subnets(if spec.subnets.is_empty() { &copied_subnets } else { &spec.subnets }).await?;
+        let subnets = self.subnets(&spec.subnets, ancestor.group.as_ref()).await?;
         let (mut service, mut user_data) = (None, None);
         if let Some(namespace) = &spec.registry_namespace {
             let app = crate::launch::names::Cluster::parse(&spec.cluster)
@@ -694,13 +728,7 @@ impl Cloud for AwsCloud {
     /// team's user data must be able to sit beside the launcher's.
     fn check_request(&self, request: &super::plan::DeployRequest) -> cloud::Result<()> {
         snafu::ensure!(!request.target_groups.is_empty() || request.registry_namespace.is_some(), NoHealthCheckSnafu);
-        if let (Some(team), Some(_)) = (&request.launch.user_data, &request.registry_namespace) {
-            if let Some(message) = user_data::unmergeable(team) {
-                return Err(Error::UserData { message }.into());
-            }
-        }
-        self.runtime.block_on(self.subnets(&request.subnets))?;
-        Ok(())
+        Ok(self.runtime.block_on(self.check(request))?)
     }
 
     /// The group keeps its desired capacity and launches a replacement.

@@ -1,6 +1,7 @@
 //! The deploy lock and every deploy record (and Chaos Monkey's items, [`super::chaos_state`]), in
 //! a DynamoDB table (`bakery-launcher` unless
-//! `--state-table` names another), created on first use (on-demand capacity).
+//! `--state-table` names another), created on the first write (on-demand capacity); reads of a
+//! missing table find nothing.
 //!
 //! Items are keyed by `cluster` and `key`:
 //! - `lock`: the holder (JSON) with its `deploy_id` and `expires`. Taken with a conditional put
@@ -181,6 +182,29 @@ impl AwsCloud {
         let mine = Item::from([(":me".to_string(), s(deploy_id))]);
         self.delete(cluster, LOCK_KEY, Some(("deploy_id = :me", mine))).await?;
         Ok(())
+    }
+
+    /// Adds one to the `count` of an item while it is below `limit`; Ok(false) at the limit.
+    pub(super) async fn count_up(&self, cluster: &str, key: &str, limit: u32) -> Result<bool> {
+        let table = self.table(true).await?.expect("made when missing");
+        let added = retry(self.policy, "UpdateItem", || {
+            self.dynamodb
+                .update_item()
+                .table_name(table)
+                .key("cluster", s(cluster))
+                .key("key", s(key))
+                .update_expression("ADD #count :one")
+                .condition_expression("attribute_not_exists(#count) OR #count < :limit")
+                .expression_attribute_names("#count", "count")
+                .expression_attribute_values(":one", n(1))
+                .expression_attribute_values(":limit", n(limit.into()))
+                .send()
+        })
+        .await;
+        match added {
+            Err(e) if conditional_failed(&e) => Ok(false),
+            other => other.map(|_| true).context(CallSnafu),
+        }
     }
 
     /// Deletes an item, if `condition` holds when there is one; Ok(false) when it does not.
