@@ -722,12 +722,12 @@ fn chaos_kill_terminates_through_the_group_which_keeps_its_capacity() {
     // The day's scheduler kills are counted in the table, by every host: with another host's
     // kills there, this one keeps to the limit though its own log would allow one more.
     let kills = || {
-        boto(&format!(
+        boto(
             "ddb = boto3.client('dynamodb')\n\
              items = [i for i in ddb.scan(TableName='bakery-launcher')['Items'] if i['key']['S'].startswith('kills/')]\n\
-             [ddb.update_item(TableName='bakery-launcher', Key={{'cluster': i['cluster'], 'key': i['key']}}, UpdateExpression='ADD #c :n', ExpressionAttributeNames={{'#c': 'count'}}, ExpressionAttributeValues={{':n': {{'N': '2'}}}}) for i in items]\n\
+             [ddb.update_item(TableName='bakery-launcher', Key={'cluster': i['cluster'], 'key': i['key']}, UpdateExpression='ADD #c :n', ExpressionAttributeNames={'#c': 'count'}, ExpressionAttributeValues={':n': {'N': '2'}}) for i in items]\n\
              print(json.dumps([int(i['count']['N']) for i in items]))"
-        ))
+        )
     };
     assert_eq!(kills(), json!([1]), "the scheduler's one kill today (then two more by another host)");
     let args =
