@@ -257,6 +257,22 @@ fn metadata_service(instance: &str, zone: &str) -> String {
     address
 }
 
+/// An instance in moto for a bake to run on, and its metadata service here: (id, endpoint).
+fn pretend_ec2_host(ami: &str) -> (String, String) {
+    let instance = boto(&format!(
+        "r = ec2.run_instances(ImageId='{ami}', MinCount=1, MaxCount=1, InstanceType='t3.micro', \
+         Placement={{'AvailabilityZone': 'us-east-1b'}})\nprint(json.dumps(r['Instances'][0]['InstanceId']))"
+    ));
+    let instance = instance.as_str().unwrap().to_string();
+    let imds = metadata_service(&instance, "us-east-1b");
+    (instance, imds)
+}
+
+/// The environment that makes bakery find itself on the pretend host.
+fn imds_env(imds: &str) -> [(&'static str, &str); 2] {
+    [("AWS_EC2_METADATA_DISABLED", "false"), ("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds)]
+}
+
 /// Plays the kernel of the pretend EC2 host: once the proxy has seen AttachVolume, the volume
 /// appears at the device name it asked for, as on a Xen instance: a device node over a loop
 /// device on a copy of the base disk, its root partition beside it (`/dev/sdf2`). Dropping it
@@ -321,18 +337,14 @@ impl Drop for PretendKernel {
 #[test]
 fn attach_mode_creates_attaches_detaches_snapshots_registers_and_deletes_the_volume() {
     let (_serial, ami, base_snapshot) = fresh_cloud_with_base();
-    let instance = boto(&format!(
-        "r = ec2.run_instances(ImageId='{ami}', MinCount=1, MaxCount=1, InstanceType='t3.micro', \
-         Placement={{'AvailabilityZone': 'us-east-1b'}})\nprint(json.dumps(r['Instances'][0]['InstanceId']))"
-    ));
-    let instance = instance.as_str().unwrap();
-    let imds = metadata_service(instance, "us-east-1b");
+    let (instance, imds) = pretend_ec2_host(&ami);
+    let instance = instance.as_str();
     let dir = tempfile::tempdir().unwrap();
     let package = sample_package(dir.path(), "3.3.0", 0);
     let mut args = bake_args(&ami, package.to_str().unwrap(), "3.3.0");
     let key = "arn:aws:kms:us-east-1:123456789012:key/0b1c2d3e-bake-ry00-test-000000000000";
     args.extend(["--mode", "attach", "--kms-key", key]);
-    let env = [("AWS_EC2_METADATA_DISABLED", "false"), ("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds.as_str())];
+    let env = imds_env(&imds);
     let kernel = PretendKernel::start();
     proxy_post("/_proxy/faults", &json!({ "lost": 1.0, "actions": ["CreateSnapshot"], "max": 1 }));
     let (code, baked, stderr) = run_aws_json(&args, &env);
@@ -381,13 +393,9 @@ fn attached_to(instance: &str) -> Value {
 #[test]
 fn gc_reclaims_a_killed_attach_mode_bake_s_attached_volume() {
     let (_serial, ami, _) = fresh_cloud_with_base();
-    let instance = boto(&format!(
-        "r = ec2.run_instances(ImageId='{ami}', MinCount=1, MaxCount=1, InstanceType='t3.micro', \
-         Placement={{'AvailabilityZone': 'us-east-1b'}})\nprint(json.dumps(r['Instances'][0]['InstanceId']))"
-    ));
-    let instance = instance.as_str().unwrap();
-    let imds = metadata_service(instance, "us-east-1b");
-    let env = [("AWS_EC2_METADATA_DISABLED", "false"), ("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds.as_str())];
+    let (instance, imds) = pretend_ec2_host(&ami);
+    let instance = instance.as_str();
+    let env = imds_env(&imds);
     let own = attached_to(instance);
     let dir = tempfile::tempdir().unwrap();
     let package = sample_package(dir.path(), "3.6.0", 0);
@@ -518,7 +526,10 @@ fn a_direct_bake_killed_while_uploading_is_cleaned_up_by_gc() {
     proxy_post("/_proxy/faults", &json!({}));
     assert_ne!(cloud_leftovers(), json!([]), "the unfinished snapshot is there until gc runs");
 
-    let (code, report, stderr) = run_aws_json(&["gc", "--older-than", "0s"], &[]);
+    // gc on an EC2 host runs in attach mode, and still undoes a direct-mode bake: its volume
+    // is a loop device on this host's store.
+    let (_, imds) = pretend_ec2_host(&ami);
+    let (code, report, stderr) = run_aws_json(&["gc", "--older-than", "0s"], &imds_env(&imds));
     assert_eq!(code, 0, "{report}\n{stderr}");
     assert_eq!(cloud_leftovers(), json!([]), "{report}");
     let images_after = boto("print(json.dumps(len(ec2.describe_images(Owners=['self'])['Images'])))");

@@ -1026,3 +1026,16 @@ fn images_prune_keeps_what_a_group_runs_and_the_newest() {
     let (code, report, stderr) = run_json(&["gc"]);
     assert_eq!(code, 0, "{report}\n{stderr}");
 }
+
+/// What only a cloud's launch templates carry is refused on this host, naming each flag, before
+/// anything is made, rather than ignored.
+#[test]
+fn cloud_only_settings_are_refused_on_this_host() {
+    let _serial = serial();
+    let cluster = new_cluster();
+    let args = ["deploy", "--cluster", &cluster, "--image", "ami-00000000000000000", "--security-group", "sg-1"];
+    let (code, value, stderr) = launcher_json(&[&args[..], &["--subnets", "subnet-a,subnet-b,subnet-c"]].concat());
+    assert_eq!(code, 3, "{value}\n{stderr}");
+    assert!(stderr.contains("--security-group, --subnets set(s) what only a cloud's"), "{stderr}");
+    assert!(!state_dir().join("clusters").join(&cluster).exists(), "nothing made");
+}

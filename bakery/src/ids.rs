@@ -17,6 +17,11 @@ pub fn is_id(prefix: &str, text: &str) -> bool {
         .is_some_and(|hex| hex.len() == 17 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
+/// Now in Unix seconds.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
 /// Now as an RFC 3339 UTC timestamp with second precision, the format EC2 uses for CreationDate.
 pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()

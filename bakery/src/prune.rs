@@ -130,7 +130,7 @@ pub fn prune(provider: &dyn Provider, cloud: &dyn Cloud, request: &Request) -> R
     request.check()?;
     let images = provider.images().images_tagged("app", &request.app).context(ListSnafu { app: &request.app })?;
     let references = cloud.image_references().context(ReferencesSnafu { kind: cloud.kind() })?;
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let now = crate::ids::unix_now();
     let (candidates, mut kept) = plan(images, request.keep, request.older_than, now, &references);
     let registry = provider.images();
     // Another account may run a shared image: nothing here can tell, so it stays.
@@ -202,10 +202,6 @@ mod tests {
         }
     }
 
-    fn reference(image_id: &str, by: &str) -> ImageReference {
-        ImageReference { image_id: image_id.into(), by: by.into(), serving: false }
-    }
-
     #[test]
     fn the_newest_the_young_and_the_used_stay() {
         let now = created_secs("2026-12-01T00:00:00Z").unwrap();
@@ -223,7 +219,10 @@ mod tests {
             image("e", "2026-11-30T00:00:00Z"),
             image("f", "garbled"),
         ];
-        let references = [reference("b", "launch template lt-1 version 2"), reference("c", "instance i-1 (stopped)")];
+        let references = [
+            ImageReference::new("b", "launch template lt-1 version 2".into()),
+            ImageReference::new("c", "instance i-1 (stopped)".into()),
+        ];
         let month = Duration::from_secs(30 * 86_400);
         let (gone, kept) = plan(images, 1, Some(month), now, &references);
         assert_eq!(gone.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), ["a"]);

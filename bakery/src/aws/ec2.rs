@@ -243,8 +243,7 @@ impl Ec2 {
             );
         }
         // EC2 rounds the time to the minute and wants it in the future.
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        let at = aws_smithy_types::DateTime::from_secs(now.as_secs() as i64 + 60);
+        let at = aws_smithy_types::DateTime::from_secs(crate::ids::unix_now() as i64 + 60);
         ignore_missing(
             retry(self.policy, "EnableImageDeprecation", || {
                 self.client.enable_image_deprecation().image_id(id).deprecate_at(at).send()
@@ -442,7 +441,6 @@ impl Ec2 {
         }
     }
 
-    /// Grants launch permission on the image and create-volume permission on its snapshot.
     /// Who else may launch `image`: account ids, `group:all` when it is public. Missing: none.
     pub async fn launch_permissions(&self, image: &str) -> Result<Vec<String>> {
         let output = retry(self.policy, "DescribeImageAttribute", || {
@@ -470,6 +468,7 @@ impl Ec2 {
             .collect())
     }
 
+    /// Grants launch permission on the image and create-volume permission on its snapshot.
     pub async fn share(&self, image: &str, snapshot: &str, accounts: &[String]) -> Result<()> {
         let launch: Vec<LaunchPermission> =
             accounts.iter().map(|a| LaunchPermission::builder().user_id(a).build()).collect();

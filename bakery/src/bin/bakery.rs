@@ -630,17 +630,13 @@ fn describe_prune(report: &bakery::prune::Report) -> String {
 
 /// The launcher's view of the same provider: what uses images.
 fn open_cloud(cli: &Cli) -> Result<Box<dyn bakery::launch::cloud::Cloud>, Failure> {
-    match cli.provider {
-        ProviderKind::Local => bakery::launch::local::LocalCloud::open(&cli.state_dir)
-            .map(|c| Box::new(c) as Box<dyn bakery::launch::cloud::Cloud>)
-            .map_err(|e| failure(2, format!("the launcher's local clusters: {e}"))),
-        #[cfg(feature = "aws")]
-        ProviderKind::Aws => bakery::launch::aws::AwsCloud::open(cli.aws.region.clone())
-            .map(|c| Box::new(c) as Box<dyn bakery::launch::cloud::Cloud>)
-            .map_err(|e| failure(2, format!("the launcher's aws clusters: {e}"))),
-        #[cfg(not(feature = "aws"))]
-        ProviderKind::Aws => Err(failure(2, bakery::AWS_NOT_BUILT)),
-    }
+    let kind = match cli.provider {
+        ProviderKind::Local => bakery::launch::CloudKind::Local,
+        ProviderKind::Aws => bakery::launch::CloudKind::Aws,
+    };
+    // The launcher's state table is not read: only what uses images.
+    bakery::launch::open_cloud(kind, &cli.state_dir, cli.aws.region.clone(), None)
+        .map_err(|e| failure(2, format!("the launcher's clusters: {e}")))
 }
 
 /// An image by id, name or base family; exit 4 when there is none.

@@ -437,22 +437,12 @@ fn deploy_request(args: &DeployArgs) -> Result<DeployRequest, Failure> {
 const WATCH_INTERVAL: Duration = Duration::from_secs(2);
 
 fn open_cloud(cli: &Cli) -> Result<Box<dyn Cloud>, Failure> {
-    let opened: Result<Box<dyn Cloud>, bakery::launch::cloud::Error> = match cli.provider {
-        CloudKind::Local => match bakery::launch::local::LocalCloud::open(&cli.state_dir) {
-            Ok(local) => Ok(Box::new(local)),
-            Err(error) => Err(error.into()),
-        },
-        #[cfg(feature = "aws")]
-        CloudKind::Aws => bakery::launch::aws::AwsCloud::open(cli.region.clone())
-            .map(|aws| match &cli.state_table {
-                Some(table) => aws.with_state_table(table.clone()),
-                None => aws,
-            })
-            .map(|aws| Box::new(aws) as Box<dyn Cloud>),
-        #[cfg(not(feature = "aws"))]
-        CloudKind::Aws => Err(bakery::AWS_NOT_BUILT.into()),
+    let kind = match cli.provider {
+        CloudKind::Local => bakery::launch::CloudKind::Local,
+        CloudKind::Aws => bakery::launch::CloudKind::Aws,
     };
-    opened.map_err(|e| Failure { code: 2, message: format!("opening the {} provider: {e}", cloud_name(cli)) })
+    bakery::launch::open_cloud(kind, &cli.state_dir, cli.region.clone(), cli.state_table.clone())
+        .map_err(|e| Failure { code: 2, message: format!("opening the {} provider: {e}", cloud_name(cli)) })
 }
 
 fn cloud_name(cli: &Cli) -> &'static str {
@@ -537,7 +527,7 @@ fn describe_status(status: &Status) -> String {
 
 /// The soak: time left, the figures against the thresholds, and the verdict.
 fn describe_soak(soak: &Soak) -> String {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+    let now = bakery::ids::unix_now();
     let left = humantime::format_duration(Duration::from_secs(soak.until.saturating_sub(now)));
     let figures = |t: &Option<Traffic>| match t {
         Some(t) => format!("{} requests, {:.2}% 5xx, p99 {} ms", t.requests, t.error_rate() * 100.0, t.p99_ms),
@@ -596,7 +586,7 @@ fn watch_once(engine: &Engine, ui: &bakery::ui::Ui, cluster: &str, once: bool) -
 fn chaos_command(cli: &Cli, engine: &Engine, command: &ChaosCommand, ui: &bakery::ui::Ui) -> Result<(), Failure> {
     let chaos = engine.cloud.chaos_store(&cli.state_dir);
     let failed = |e: chaos::Error| Failure { code: 1, message: e.to_string() };
-    let now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+    let now = || bakery::ids::unix_now();
     match command {
         ChaosCommand::Enable { cluster, mean_interval, window, max_per_day } => {
             bakery::launch::names::Cluster::parse(cluster)
@@ -716,7 +706,7 @@ fn chaos_command(cli: &Cli, engine: &Engine, command: &ChaosCommand, ui: &bakery
 
 /// Chaos Monkey's terminations as the audit log keeps them.
 fn audit_entries(cluster: &str, outcomes: Vec<(String, String, String)>) -> Vec<AuditEntry> {
-    let time = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+    let time = bakery::ids::unix_now();
     let entry = |(group, instance, result)| AuditEntry {
         time,
         cluster: cluster.to_string(),

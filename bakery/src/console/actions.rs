@@ -6,6 +6,7 @@
 
 use super::auth::Viewer;
 use crate::events::{Event, Sink};
+use crate::ids::unix_now as now;
 use crate::launch::cloud::{Cloud, DeployRecord};
 use crate::launch::engine::{Engine, Identity, SystemClock};
 use crate::launch::plan::DeployRequest;
@@ -156,10 +157,6 @@ pub struct Actions {
 struct Audit {
     path: PathBuf,
     writing: Mutex<()>,
-}
-
-pub fn now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs()
 }
 
 impl Actions {

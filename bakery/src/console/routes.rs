@@ -2,11 +2,12 @@
 //! GET and change nothing; actions are POST (the guard has checked their CSRF token) and, from a
 //! page, run only on a second POST carrying the fingerprint of the plan the first one showed.
 
-use super::actions::{now, Request as ActionRequest, Run};
+use super::actions::{Request as ActionRequest, Run};
 use super::auth::{session_cookie, Verdict, Viewer, SESSION_COOKIE};
 use super::html::{url_part, Header};
 use super::views::{self, ClusterView};
 use super::{blocking, pages, Console, Error};
+use crate::ids::unix_now as now;
 use crate::launch::plan::{DeployRequest, StrategyKind};
 use crate::launch::soak::Thresholds;
 use crate::provider::Document;

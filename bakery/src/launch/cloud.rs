@@ -318,6 +318,13 @@ pub struct ImageReference {
     pub serving: bool,
 }
 
+impl ImageReference {
+    /// A use that is not a serving group.
+    pub fn new(image_id: &str, by: String) -> ImageReference {
+        ImageReference { image_id: image_id.to_string(), by, serving: false }
+    }
+}
+
 /// The images of every cluster's groups, serving or not.
 pub fn cluster_references(cloud: &(impl Cloud + ?Sized)) -> Result<Vec<ImageReference>> {
     let mut references = Vec::new();
@@ -357,6 +364,11 @@ pub trait Cloud: Send + Sync {
     /// Refuses, before anything is made, a deploy this cloud could not carry out as asked (the
     /// message names the problem and what would do).
     fn check_request(&self, _request: &super::plan::DeployRequest) -> Result<()> {
+        Ok(())
+    }
+    /// Refuses, before anything is made, a planned group this cloud could not make (what it
+    /// copies from its ancestor included).
+    fn check_group(&self, _spec: &GroupSpec) -> Result<()> {
         Ok(())
     }
     /// None: the lock is ours now (also when `holder.deploy_id` already held it: that refreshes

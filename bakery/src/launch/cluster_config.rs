@@ -24,6 +24,7 @@
 
 use super::cloud::{termination_policy_problem, HealthCheckType, LaunchSettings};
 use crate::recipe::{lines, Problem};
+use clap::ValueEnum;
 use snafu::Snafu;
 use std::path::{Path, PathBuf};
 use toml::Value;
@@ -106,9 +107,9 @@ pub fn load(path: &Path) -> Result<ClusterConfig, Error> {
             user_data: None,
             health_check_type: checker
                 .string(&table, "health_check_type", |v| {
-                    (!matches!(v, "ELB" | "EC2")).then_some("must be \"ELB\" or \"EC2\"")
+                    HealthCheckType::from_str(v, false).is_err().then_some("must be \"ELB\" or \"EC2\"")
                 })
-                .map(|v| if v == "ELB" { HealthCheckType::Elb } else { HealthCheckType::Ec2 }),
+                .and_then(|v| HealthCheckType::from_str(&v, false).ok()),
             health_check_grace: None,
             termination_policies: checker.list(&table, "termination_policies", termination_policy_problem),
         },

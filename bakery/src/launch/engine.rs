@@ -220,6 +220,7 @@ impl<'a> Engine<'a> {
         self.cloud.check_request(request).context(RefusedSnafu { cluster: &request.cluster })?;
         self.locked(&request.cluster, |run, state| {
             let plan = strategy.plan_deploy(state, request, &run.deploy_id).context(PlanSnafu)?;
+            self.check_groups(&plan, &request.cluster)?;
             // The same image again while it soaks: nothing to do, and the soak goes on.
             if let Some(soaking) = state.record.as_ref().filter(|r| plan.steps.is_empty() && r.phase == Phase::Soaking)
             {
@@ -367,7 +368,19 @@ impl<'a> Engine<'a> {
     pub fn plan_deploy(&self, request: &DeployRequest) -> Result<Plan> {
         self.cloud.check_request(request).context(RefusedSnafu { cluster: &request.cluster })?;
         let state = self.state(&request.cluster)?;
-        request.strategy.strategy().plan_deploy(&state, request, "preview").context(PlanSnafu)
+        let plan = request.strategy.strategy().plan_deploy(&state, request, "preview").context(PlanSnafu)?;
+        self.check_groups(&plan, &request.cluster)?;
+        Ok(plan)
+    }
+
+    /// The cloud's own check of every group the plan would create.
+    fn check_groups(&self, plan: &Plan, cluster: &str) -> Result<()> {
+        for step in &plan.steps {
+            if let Operation::CreateGroup(spec) = step {
+                self.cloud.check_group(spec).context(RefusedSnafu { cluster })?;
+            }
+        }
+        Ok(())
     }
 
     /// What a rollback would do now.

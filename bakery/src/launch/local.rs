@@ -21,6 +21,7 @@ use super::cloud::{self, Capacity, Cloud, DeployRecord, Group, GroupSpec, Health
 use super::haproxy::{self, Balancer, Server};
 use super::registry::{self, Instance, Registry};
 use super::soak::Traffic;
+use crate::ids::unix_now as now;
 use crate::instance::{self, Endpoint, Method};
 use crate::journal::{self, Journal};
 use crate::local::LocalProvider;
@@ -517,7 +518,10 @@ impl Cloud for LocalCloud {
     }
 
     fn check_request(&self, request: &super::plan::DeployRequest) -> cloud::Result<()> {
-        let flags = request.launch.cloud_only();
+        let mut flags = request.launch.cloud_only();
+        if !request.subnets.is_empty() {
+            flags.push("--subnets");
+        }
         snafu::ensure!(flags.is_empty(), CloudOnlySnafu { flags });
         Ok(())
     }
@@ -776,10 +780,6 @@ impl Cloud for LocalCloud {
 /// For health probes: an instance that does not answer at once is not healthy.
 fn probe_agent() -> ureq::Agent {
     ureq::AgentBuilder::new().timeout_connect(Duration::from_millis(500)).timeout(Duration::from_secs(2)).build()
-}
-
-fn now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// Names become path components under the state directory.

@@ -35,9 +35,6 @@ pub enum Error {
     ))]
     BadCapacity { min: u32, desired: u32, max: u32, from: String },
 
-    #[snafu(display("{count} subnet(s) given: give at least 3 (one per zone), or none for the default ones"))]
-    TooFewSubnets { count: usize },
-
     #[snafu(display("--soak needs the old group kept to switch back to: use red-black with --keep 1 or more"))]
     SoakWithoutRollback,
 
@@ -266,8 +263,7 @@ fn capacity(request: &DeployRequest, previous: Option<&Group>) -> Result<Capacit
 fn plan_flip(state: &ClusterState, request: &DeployRequest, deploy_id: &str, keep: usize) -> Result<Plan> {
     let cluster = Cluster::parse(&request.cluster).context(BadClusterSnafu { cluster: &request.cluster })?;
     ensure!(!request.image_id.is_empty(), NoImageSnafu);
-    let count = request.subnets.len();
-    ensure!(count == 0 || count >= 3, TooFewSubnetsSnafu { count });
+    // Subnets are the cloud's to check (aws: their zones, whether given or copied).
     ensure!(request.soak.is_none() || keep > 0, SoakWithoutRollbackSnafu);
 
     // A rerun after a crash continues the unfinished deploy of this image instead of starting a
@@ -518,8 +514,6 @@ pub(crate) mod tests {
         let bad_name = DeployRequest { cluster: "hello-v001".into(), ..request("ami-1") };
         assert!(deploy(&s, &bad_name).unwrap_err().to_string().contains("version token"));
         assert!(matches!(deploy(&s, &request("")), Err(Error::NoImage)));
-        let two = DeployRequest { subnets: vec!["a".into(), "b".into()], ..request("ami-1") };
-        assert!(matches!(deploy(&s, &two), Err(Error::TooFewSubnets { count: 2 })));
         assert!("blue-green".parse::<StrategyKind>().is_err());
         assert_eq!("highlander".parse::<StrategyKind>().unwrap(), StrategyKind::Highlander);
     }

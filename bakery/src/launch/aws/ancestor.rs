@@ -89,26 +89,19 @@ impl AwsCloud {
     }
 
     pub(super) async fn policies(&self, group: &str) -> Result<Vec<ScalingPolicy>> {
-        let mut policies = Vec::new();
-        let mut token = None;
-        loop {
+        paged(None, |token| async move {
             let page = retry(self.policy, "DescribePolicies", || {
                 self.asg.describe_policies().auto_scaling_group_name(group).set_next_token(token.clone()).send()
             })
             .await
             .context(CallSnafu)?;
-            policies.extend(page.scaling_policies().iter().cloned());
-            token = page.next_token().map(str::to_string);
-            if token.is_none() {
-                return Ok(policies);
-            }
-        }
+            Ok((page.scaling_policies().to_vec(), page.next_token().map(str::to_string)))
+        })
+        .await
     }
 
     async fn scheduled_actions(&self, group: &str) -> Result<Vec<ScheduledUpdateGroupAction>> {
-        let mut actions = Vec::new();
-        let mut token = None;
-        loop {
+        paged(None, |token| async move {
             let page = retry(self.policy, "DescribeScheduledActions", || {
                 self.asg
                     .describe_scheduled_actions()
@@ -118,12 +111,9 @@ impl AwsCloud {
             })
             .await
             .context(CallSnafu)?;
-            actions.extend(page.scheduled_update_group_actions().iter().cloned());
-            token = page.next_token().map(str::to_string);
-            if token.is_none() {
-                return Ok(actions);
-            }
-        }
+            Ok((page.scheduled_update_group_actions().to_vec(), page.next_token().map(str::to_string)))
+        })
+        .await
     }
 
     /// The alarms acting on any of these (simple or step) policies, each once: one alarm may
@@ -140,20 +130,15 @@ impl AwsCloud {
 
     /// The alarms whose actions include the policy `arn`.
     async fn alarms_acting_on(&self, arn: &str) -> Result<Vec<MetricAlarm>> {
-        let mut alarms = Vec::new();
-        let mut token = None;
-        loop {
+        paged(None, |token| async move {
             let page = retry(self.policy, "DescribeAlarms", || {
                 self.metrics.describe_alarms().action_prefix(arn).set_next_token(token.clone()).send()
             })
             .await
             .context(CallSnafu)?;
-            alarms.extend(page.metric_alarms().iter().cloned());
-            token = page.next_token().map(str::to_string);
-            if token.is_none() {
-                return Ok(alarms);
-            }
-        }
+            Ok((page.metric_alarms().to_vec(), page.next_token().map(str::to_string)))
+        })
+        .await
     }
 
     /// The root device of `image`, whose snapshot a copied mapping must not carry over nor
@@ -191,9 +176,7 @@ impl AwsCloud {
                     .set_scaling_adjustment(policy.scaling_adjustment())
                     .set_cooldown(policy.cooldown())
                     .set_metric_aggregation_type(policy.metric_aggregation_type().map(str::to_string))
-                    .set_step_adjustments(
-                        (!policy.step_adjustments().is_empty()).then(|| policy.step_adjustments().to_vec()),
-                    )
+                    .set_step_adjustments(nonempty(policy.step_adjustments()))
                     .set_estimated_instance_warmup(policy.estimated_instance_warmup())
                     .set_target_tracking_configuration(tracking.clone())
                     .set_predictive_scaling_configuration(policy.predictive_scaling_configuration().cloned())
@@ -248,8 +231,8 @@ impl AwsCloud {
         arns: &BTreeMap<String, String>,
     ) -> Result<()> {
         let name = copied_name(alarm.alarm_name().unwrap_or_default(), from, group);
-        let swap = |actions: &[String]| -> Option<Vec<String>> {
-            (!actions.is_empty()).then(|| actions.iter().map(|a| arns.get(a).unwrap_or(a).clone()).collect())
+        let swap = |actions: &[String]| {
+            nonempty(&actions.iter().map(|a| arns.get(a).unwrap_or(a).clone()).collect::<Vec<_>>())
         };
         let dimensions: Vec<Dimension> = alarm
             .dimensions()
@@ -274,7 +257,7 @@ impl AwsCloud {
                 .set_namespace(alarm.namespace().map(str::to_string))
                 .set_statistic(alarm.statistic().cloned())
                 .set_extended_statistic(alarm.extended_statistic().map(str::to_string))
-                .set_dimensions((!dimensions.is_empty()).then(|| dimensions.clone()))
+                .set_dimensions(nonempty(&dimensions))
                 .set_period(alarm.period())
                 .set_unit(alarm.unit().cloned())
                 .set_evaluation_periods(alarm.evaluation_periods())
@@ -285,7 +268,7 @@ impl AwsCloud {
                 .set_evaluate_low_sample_count_percentile(
                     alarm.evaluate_low_sample_count_percentile().map(str::to_string),
                 )
-                .set_metrics((!alarm.metrics().is_empty()).then(|| alarm.metrics().to_vec()))
+                .set_metrics(nonempty(alarm.metrics()))
                 .set_threshold_metric_id(alarm.threshold_metric_id().map(str::to_string))
                 .send()
         })

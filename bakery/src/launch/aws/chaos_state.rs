@@ -5,7 +5,7 @@
 //! after a lost reply) is still one entry; the scheduler takes each kill from a day's
 //! `kills/<midnight>` counter with a conditional add, so hosts together keep to `max_per_day`.
 
-use super::state::{s, text, Item};
+use super::state::{item, s, text};
 use super::*;
 use crate::launch::chaos::{self, AuditEntry, ChaosStore, Config};
 
@@ -35,11 +35,8 @@ impl ChaosStore for TableChaos<'_> {
     }
 
     fn enable(&self, config: &Config) -> chaos::Result<()> {
-        let item = Item::from([
-            ("cluster".to_string(), s(&config.cluster)),
-            ("key".to_string(), s(CONSENT_KEY)),
-            ("config".to_string(), s(serde_json::to_string(config).expect("serialisable"))),
-        ]);
+        let config_json = s(serde_json::to_string(config).expect("serialisable"));
+        let item = item(&config.cluster, CONSENT_KEY, vec![("config", config_json)]);
         self.run(async { self.cloud.put(item, None).await.map(|_| ()) })
     }
 
@@ -62,11 +59,8 @@ impl ChaosStore for TableChaos<'_> {
         self.run(async {
             for entry in entries {
                 let key = format!("{AUDIT_PREFIX}{:012}/{}/{}", entry.time, entry.instance, entry.monkey);
-                let item = Item::from([
-                    ("cluster".to_string(), s(&entry.cluster)),
-                    ("key".to_string(), s(key)),
-                    ("entry".to_string(), s(serde_json::to_string(entry).expect("serialisable"))),
-                ]);
+                let entry_json = s(serde_json::to_string(entry).expect("serialisable"));
+                let item = item(&entry.cluster, key, vec![("entry", entry_json)]);
                 self.cloud.put(item, None).await?;
             }
             Ok(())

@@ -45,6 +45,7 @@ use super::registry::{self, Instance};
 use super::soak::Traffic;
 use crate::aws::ec2::{self as ec2_calls, wait_for};
 use crate::aws::retry::{retry, CallError, Policy};
+use crate::ids::unix_now as now;
 use aws_sdk_autoscaling::types::{
     AutoScalingGroup, Filter as AsgFilter, LaunchTemplateSpecification, Tag as AsgTag, TagDescription,
 };
@@ -280,29 +281,23 @@ impl AwsCloud {
         })
     }
 
-    /// The group a new one of `cluster` copies, as the plan picks it: the newest serving one,
-    /// else the newest.
-    async fn ancestor_group(&self, cluster: &str) -> Result<Option<AutoScalingGroup>> {
-        let asgs = self.describe_groups(&[], Some(cluster)).await.context(CallSnafu)?;
-        let age = |g: &&AutoScalingGroup| {
-            (g.created_time().map(|t| t.secs()), g.auto_scaling_group_name().map(str::to_string))
-        };
-        let serving = asgs.iter().filter(|g| tag(g, IN_SERVICE_TAG).is_some()).max_by_key(age);
-        Ok(serving.or(asgs.iter().max_by_key(age)).cloned())
-    }
-
     /// Refuses before anything is made what `create` would fail on: subnets over fewer than
     /// three zones, and team user data (given, or the ancestor's) that cannot sit beside the
     /// registry part.
-    async fn check(&self, request: &super::plan::DeployRequest) -> Result<()> {
-        let ancestor = self.ancestor_group(&request.cluster).await?;
-        self.subnets(&request.subnets, ancestor.as_ref()).await?;
-        if request.registry_namespace.is_none() {
+    async fn check(&self, spec: &GroupSpec) -> Result<()> {
+        let ancestor = match &spec.ancestor {
+            Some(name) => self.describe_group(name).await.context(CallSnafu)?,
+            None => None,
+        };
+        self.subnets(&spec.subnets, ancestor.as_ref()).await?;
+        if spec.registry_namespace.is_none() {
             return Ok(());
         }
-        let team = match (&request.launch.user_data, ancestor.as_ref().and_then(|g| g.launch_template())) {
+        let team = match (&spec.launch.user_data, ancestor.as_ref().and_then(|g| g.launch_template())) {
             (Some(given), _) => Some(given.clone()),
-            (None, Some(spec)) => self.template_version(spec).await?.and_then(|data| ancestor::team_user_data(&data)),
+            (None, Some(template)) => {
+                self.template_version(template).await?.and_then(|data| ancestor::team_user_data(&data))
+            }
             (None, None) => None,
         };
         match team.as_deref().and_then(user_data::unmergeable) {
@@ -724,11 +719,15 @@ impl Cloud for AwsCloud {
         Ok(self.runtime.block_on(self.destroy(group))?)
     }
 
-    /// A group must be gated by something that checks it, over at least three zones, and the
-    /// team's user data must be able to sit beside the launcher's.
+    /// A group must be gated by something that checks it.
     fn check_request(&self, request: &super::plan::DeployRequest) -> cloud::Result<()> {
         snafu::ensure!(!request.target_groups.is_empty() || request.registry_namespace.is_some(), NoHealthCheckSnafu);
-        Ok(self.runtime.block_on(self.check(request))?)
+        Ok(())
+    }
+
+    /// Over at least three zones, and the team's user data able to sit beside the launcher's.
+    fn check_group(&self, spec: &GroupSpec) -> cloud::Result<()> {
+        Ok(self.runtime.block_on(self.check(spec))?)
     }
 
     /// The group keeps its desired capacity and launches a replacement.
@@ -861,10 +860,6 @@ fn member_ids(asg: &AutoScalingGroup) -> Vec<String> {
     asg.instances().iter().filter_map(|i| i.instance_id().map(str::to_string)).collect()
 }
 
-fn now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
 fn asg_tag(group: &str, key: &str, value: &str, propagate: bool) -> AsgTag {
     AsgTag::builder()
         .resource_id(group)
@@ -953,6 +948,25 @@ fn to_group(
         // The group's activity history says what it replaced; not read here.
         replacements: Vec::new(),
         members,
+    }
+}
+
+/// The items of every page `page` reads (given the cursor where the last one stopped: a next
+/// token, a last key), until one is the last or `limit` items are there.
+async fn paged<T, C, F, Fut>(limit: Option<usize>, mut page: F) -> Result<Vec<T>>
+where
+    F: FnMut(Option<C>) -> Fut,
+    Fut: std::future::Future<Output = Result<(Vec<T>, Option<C>)>>,
+{
+    let mut items = Vec::new();
+    let mut cursor = None;
+    loop {
+        let (found, next) = page(cursor).await?;
+        items.extend(found);
+        cursor = next;
+        if cursor.is_none() || limit.is_some_and(|l| items.len() >= l) {
+            return Ok(items);
+        }
     }
 }
 

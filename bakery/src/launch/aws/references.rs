@@ -17,71 +17,59 @@ impl AwsCloud {
     }
 
     async fn template_references(&self) -> Result<Vec<ImageReference>> {
-        let mut references = Vec::new();
-        let mut token = None;
-        loop {
+        let templates = paged(None, |token| async move {
             let page = retry(self.policy, "DescribeLaunchTemplates", || {
                 self.ec2.describe_launch_templates().set_next_token(token.clone()).send()
             })
             .await
             .context(CallSnafu)?;
-            for template in page.launch_templates() {
-                let Some(id) = template.launch_template_id() else { continue };
-                let name = template.launch_template_name().unwrap_or(id);
-                let mut versions_token = None;
-                loop {
-                    let versions = retry(self.policy, "DescribeLaunchTemplateVersions", || {
-                        self.ec2
-                            .describe_launch_template_versions()
-                            .launch_template_id(id)
-                            .set_next_token(versions_token.clone())
-                            .send()
-                    })
-                    .await
-                    .context(CallSnafu)?;
-                    for version in versions.launch_template_versions() {
-                        let Some(image) = version.launch_template_data().and_then(|d| d.image_id()) else { continue };
-                        let number = version.version_number().unwrap_or_default();
-                        references.push(ImageReference {
-                            image_id: image.to_string(),
-                            by: format!("launch template {name} version {number}"),
-                            serving: false,
-                        });
-                    }
-                    versions_token = versions.next_token().map(str::to_string);
-                    if versions_token.is_none() {
-                        break;
-                    }
-                }
-            }
-            token = page.next_token().map(str::to_string);
-            if token.is_none() {
-                return Ok(references);
-            }
+            Ok((page.launch_templates().to_vec(), page.next_token().map(str::to_string)))
+        })
+        .await?;
+        let mut references = Vec::new();
+        for template in &templates {
+            let Some(id) = template.launch_template_id() else { continue };
+            let name = template.launch_template_name().unwrap_or(id);
+            // Every version: any of them can be launched by name and number.
+            let versions = paged(None, |token| async move {
+                let page = retry(self.policy, "DescribeLaunchTemplateVersions", || {
+                    self.ec2
+                        .describe_launch_template_versions()
+                        .launch_template_id(id)
+                        .set_next_token(token.clone())
+                        .send()
+                })
+                .await
+                .context(CallSnafu)?;
+                Ok((page.launch_template_versions().to_vec(), page.next_token().map(str::to_string)))
+            })
+            .await?;
+            references.extend(versions.iter().filter_map(|version| {
+                let image = version.launch_template_data()?.image_id()?;
+                let number = version.version_number().unwrap_or_default();
+                Some(ImageReference::new(image, format!("launch template {name} version {number}")))
+            }));
         }
+        Ok(references)
     }
 
     async fn configuration_references(&self) -> Result<Vec<ImageReference>> {
-        let mut references = Vec::new();
-        let mut token = None;
-        loop {
+        let configurations = paged(None, |token| async move {
             let page = retry(self.policy, "DescribeLaunchConfigurations", || {
                 self.asg.describe_launch_configurations().set_next_token(token.clone()).send()
             })
             .await
             .context(CallSnafu)?;
-            references.extend(page.launch_configurations().iter().filter_map(|c| {
-                Some(ImageReference {
-                    image_id: c.image_id()?.to_string(),
-                    by: format!("launch configuration {}", c.launch_configuration_name().unwrap_or_default()),
-                    serving: false,
-                })
-            }));
-            token = page.next_token().map(str::to_string);
-            if token.is_none() {
-                return Ok(references);
-            }
-        }
+            Ok((page.launch_configurations().to_vec(), page.next_token().map(str::to_string)))
+        })
+        .await?;
+        Ok(configurations
+            .iter()
+            .filter_map(|c| {
+                let name = c.launch_configuration_name().unwrap_or_default();
+                Some(ImageReference::new(c.image_id()?, format!("launch configuration {name}")))
+            })
+            .collect())
     }
 
     async fn instance_references(&self) -> Result<Vec<ImageReference>> {
@@ -89,27 +77,24 @@ impl AwsCloud {
             .name("instance-state-name")
             .set_values(Some(LIVE_STATES.map(String::from).to_vec()))
             .build();
-        let mut references = Vec::new();
-        let mut token = None;
-        loop {
+        let states = &states;
+        let reservations = paged(None, |token| async move {
             let page = retry(self.policy, "DescribeInstances", || {
                 self.ec2.describe_instances().filters(states.clone()).set_next_token(token.clone()).send()
             })
             .await
             .context(CallSnafu)?;
-            for instance in page.reservations().iter().flat_map(|r| r.instances()) {
-                let (Some(image), Some(id)) = (instance.image_id(), instance.instance_id()) else { continue };
+            Ok((page.reservations().to_vec(), page.next_token().map(str::to_string)))
+        })
+        .await?;
+        Ok(reservations
+            .iter()
+            .flat_map(|r| r.instances())
+            .filter_map(|instance| {
+                let (image, id) = (instance.image_id()?, instance.instance_id()?);
                 let state = instance.state().and_then(|s| s.name()).map_or("", |s| s.as_str());
-                references.push(ImageReference {
-                    image_id: image.to_string(),
-                    by: format!("instance {id} ({state})"),
-                    serving: false,
-                });
-            }
-            token = page.next_token().map(str::to_string);
-            if token.is_none() {
-                return Ok(references);
-            }
-        }
+                Some(ImageReference::new(image, format!("instance {id} ({state})")))
+            })
+            .collect())
     }
 }

@@ -41,6 +41,13 @@ fn n(value: u64) -> AttributeValue {
     AttributeValue::N(value.to_string())
 }
 
+/// The item at `cluster` and `key`, with these attributes.
+pub(super) fn item(cluster: &str, key: impl Into<String>, attributes: Vec<(&str, AttributeValue)>) -> Item {
+    let mut item = Item::from([("cluster".to_string(), s(cluster)), ("key".to_string(), s(key))]);
+    item.extend(attributes.into_iter().map(|(name, value)| (name.to_string(), value)));
+    item
+}
+
 pub(super) fn text<'a>(item: &'a Item, name: &str) -> Option<&'a str> {
     item.get(name).and_then(|v| v.as_s().ok()).map(String::as_str)
 }
@@ -50,18 +57,18 @@ fn conditional_failed(error: &CallError) -> bool {
 }
 
 impl AwsCloud {
-    /// The table's name once it is active, after creating it when it is missing and a write
+    /// Whether the table is there and active, after creating it when it is missing and a write
     /// needs it (reads of a missing table find nothing: a read-only caller need not be allowed
     /// to create it). Known once per process.
-    async fn table(&self, create: bool) -> Result<Option<&str>> {
+    async fn table(&self, create: bool) -> Result<bool> {
         if self.table_ready.initialized() {
-            return Ok(Some(&self.state_table));
+            return Ok(true);
         }
         let described =
             retry(self.policy, "DescribeTable", || self.dynamodb.describe_table().table_name(&self.state_table).send())
                 .await;
         match described {
-            Err(e) if e.is_not_found() && !create => return Ok(None),
+            Err(e) if e.is_not_found() && !create => return Ok(false),
             Err(e) if e.is_not_found() => self.create_table().await?,
             other => {
                 other.context(CallSnafu)?;
@@ -80,7 +87,7 @@ impl AwsCloud {
         .await
         .context(WaitSnafu)?;
         let _ = self.table_ready.set(());
-        Ok(Some(&self.state_table))
+        Ok(true)
     }
 
     async fn create_table(&self) -> Result<()> {
@@ -108,7 +115,10 @@ impl AwsCloud {
     }
 
     pub(super) async fn get(&self, cluster: &str, key: &str) -> Result<Option<Item>> {
-        let Some(table) = self.table(false).await? else { return Ok(None) };
+        if !self.table(false).await? {
+            return Ok(None);
+        }
+        let table = &self.state_table;
         let output = retry(self.policy, "GetItem", || {
             self.dynamodb
                 .get_item()
@@ -126,7 +136,8 @@ impl AwsCloud {
     /// Puts `item`, if `condition` (an expression and its values) holds when there is one;
     /// Ok(false) when it does not.
     pub(super) async fn put(&self, item: Item, condition: Option<(&str, Item)>) -> Result<bool> {
-        let table = self.table(true).await?.expect("made when missing");
+        self.table(true).await?;
+        let table = &self.state_table;
         let (expression, values) = condition.unzip();
         let names =
             expression.filter(|e| e.contains("#key")).map(|_| HashMap::from([("#key".to_string(), "key".to_string())]));
@@ -148,13 +159,15 @@ impl AwsCloud {
     }
 
     pub(super) async fn acquire(&self, cluster: &str, holder: &LockHolder) -> Result<Option<LockHolder>> {
-        let item = Item::from([
-            ("cluster".to_string(), s(cluster)),
-            ("key".to_string(), s(LOCK_KEY)),
-            ("deploy_id".to_string(), s(&holder.deploy_id)),
-            ("holder".to_string(), s(serde_json::to_string(holder).expect("serialisable"))),
-            ("expires".to_string(), n(holder.expires)),
-        ]);
+        let item = item(
+            cluster,
+            LOCK_KEY,
+            vec![
+                ("deploy_id", s(&holder.deploy_id)),
+                ("holder", s(serde_json::to_string(holder).expect("serialisable"))),
+                ("expires", n(holder.expires)),
+            ],
+        );
         let mine = Item::from([(":me".to_string(), s(&holder.deploy_id))]);
         for _ in 0..5 {
             if self.put(item.clone(), Some(("attribute_not_exists(#key) OR deploy_id = :me", mine.clone()))).await? {
@@ -186,7 +199,8 @@ impl AwsCloud {
 
     /// Adds one to the `count` of an item while it is below `limit`; Ok(false) at the limit.
     pub(super) async fn count_up(&self, cluster: &str, key: &str, limit: u32) -> Result<bool> {
-        let table = self.table(true).await?.expect("made when missing");
+        self.table(true).await?;
+        let table = &self.state_table;
         let added = retry(self.policy, "UpdateItem", || {
             self.dynamodb
                 .update_item()
@@ -209,7 +223,10 @@ impl AwsCloud {
 
     /// Deletes an item, if `condition` holds when there is one; Ok(false) when it does not.
     pub(super) async fn delete(&self, cluster: &str, key: &str, condition: Option<(&str, Item)>) -> Result<bool> {
-        let Some(table) = self.table(false).await? else { return Ok(false) };
+        if !self.table(false).await? {
+            return Ok(false);
+        }
+        let table = &self.state_table;
         let (expression, values) = condition.unzip();
         let deleted = retry(self.policy, "DeleteItem", || {
             self.dynamodb
@@ -236,13 +253,15 @@ impl AwsCloud {
 
     pub(super) async fn save(&self, record: &DeployRecord) -> Result<()> {
         let key = format!("{RECORD_PREFIX}{:012}/{}", record.started, record.deploy_id);
-        let item = Item::from([
-            ("cluster".to_string(), s(&record.cluster)),
-            ("key".to_string(), s(key)),
-            ("deploy_id".to_string(), s(&record.deploy_id)),
-            ("record".to_string(), s(serde_json::to_string(record).expect("serialisable"))),
-            ("updated".to_string(), n(record.updated)),
-        ]);
+        let item = item(
+            &record.cluster,
+            key,
+            vec![
+                ("deploy_id", s(&record.deploy_id)),
+                ("record", s(serde_json::to_string(record).expect("serialisable"))),
+                ("updated", n(record.updated)),
+            ],
+        );
         let updated = Item::from([(":updated".to_string(), n(record.updated))]);
         // A save that lost the race with a later step's changes nothing.
         self.put(item, Some(("attribute_not_exists(#key) OR updated <= :updated", updated))).await?;
@@ -292,8 +311,11 @@ impl AwsCloud {
         newest_first: bool,
         limit: Option<usize>,
     ) -> Result<Vec<Item>> {
-        let Some(table) = self.table(false).await? else { return Ok(Vec::new()) };
-        let mut items = pages(limit, |start| async move {
+        if !self.table(false).await? {
+            return Ok(Vec::new());
+        }
+        let table = &self.state_table;
+        let mut items = paged(limit, |start| async move {
             let page = retry(self.policy, "Query", || {
                 self.dynamodb
                     .query()
@@ -320,8 +342,11 @@ impl AwsCloud {
 
     /// Every cluster's items whose key starts with `prefix`.
     pub(super) async fn scan(&self, prefix: &str) -> Result<Vec<Item>> {
-        let Some(table) = self.table(false).await? else { return Ok(Vec::new()) };
-        pages(None, |start| async move {
+        if !self.table(false).await? {
+            return Ok(Vec::new());
+        }
+        let table = &self.state_table;
+        paged(None, |start| async move {
             let page = retry(self.policy, "Scan", || {
                 self.dynamodb
                     .scan()
@@ -350,25 +375,6 @@ impl AwsCloud {
         }
         self.delete_template(Some(&id), None).await?;
         Ok(record)
-    }
-}
-
-/// The items of every page `page` reads (given where the last one stopped), until one is the
-/// last or `limit` items are there.
-async fn pages<F, Fut>(limit: Option<usize>, mut page: F) -> Result<Vec<Item>>
-where
-    F: FnMut(Option<Item>) -> Fut,
-    Fut: std::future::Future<Output = Result<(Vec<Item>, Option<Item>)>>,
-{
-    let mut items = Vec::new();
-    let mut start = None;
-    loop {
-        let (found, next) = page(start).await?;
-        items.extend(found);
-        start = next;
-        if start.is_none() || limit.is_some_and(|l| items.len() >= l) {
-            return Ok(items);
-        }
     }
 }
 
