@@ -56,13 +56,18 @@ pub fn age(since: u64, now: u64) -> String {
     }
 }
 
-/// A table: a header row and rows of cells already rendered as HTML.
+/// A table: a header row (none when every header is empty, as for name/value facts) and rows
+/// of cells already rendered as HTML.
 pub fn table(id: &str, headers: &[&str], rows: impl IntoIterator<Item = Vec<String>>) -> String {
-    let mut out = format!("<table id=\"{}\"><thead><tr>", escape(id));
-    for header in headers {
-        let _ = write!(out, "<th>{}</th>", escape(header));
+    let mut out = format!("<table id=\"{}\">", escape(id));
+    if headers.iter().any(|h| !h.is_empty()) {
+        out.push_str("<thead><tr>");
+        for header in headers {
+            let _ = write!(out, "<th>{}</th>", escape(header));
+        }
+        out.push_str("</tr></thead>");
     }
-    out.push_str("</tr></thead><tbody>");
+    out.push_str("<tbody>");
     let mut empty = true;
     for row in rows {
         empty = false;
@@ -132,6 +137,14 @@ mod tests {
         );
         assert_eq!(url_part("a b/<c>"), "a%20b%2F%3Cc%3E");
         assert_eq!(link("/images?app=a&b", "<b>"), "<a href=\"/images?app=a&amp;b\">&lt;b&gt;</a>");
+    }
+
+    #[test]
+    fn a_table_of_facts_has_no_empty_header_row() {
+        let facts = table("image", &["", ""], [vec!["Name".to_string(), "x".to_string()]]);
+        assert!(!facts.contains("<thead>"), "{facts}");
+        let listed = table("images", &["Image", "App"], Vec::<Vec<String>>::new());
+        assert!(listed.contains("<th>Image</th>") && listed.contains("colspan=\"2\""), "{listed}");
     }
 
     #[test]
