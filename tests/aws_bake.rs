@@ -415,6 +415,14 @@ fn gc_reclaims_a_killed_attach_mode_bake_s_attached_volume() {
     }
     bake.kill().unwrap();
     bake.wait().unwrap();
+    // A kill can also land mid-save of the journal: leave such a torn copy beside it.
+    let journals = state_dir().join("journal");
+    for entry in std::fs::read_dir(&journals).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("bake-") && name.ends_with(".json") {
+            std::fs::write(journals.join(format!(".{name}.tmp-00000000000000000")), b"{").unwrap();
+        }
+    }
     let volume = recorded("AttachVolume")[0]["params"]["VolumeId"].as_str().unwrap().to_string();
     assert!(attached_to(instance).as_array().unwrap().contains(&json!(volume)), "attached when the bake died");
 

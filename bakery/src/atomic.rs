@@ -23,6 +23,33 @@ pub fn write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     result
 }
 
+/// Removes the temporary files a writer of `path` that was killed mid-[`write`] left beside it.
+/// Only for a path nobody writes any more (a dead bake's journal, under its lock).
+pub fn remove_leftovers(path: &Path) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let prefix = format!(".{}.", path.file_name().unwrap_or_default().to_string_lossy());
+    let entries = match fs::read_dir(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        other => other?,
+    };
+    for entry in entries {
+        let entry = entry?;
+        if is_temporary(&entry.path()) && entry.file_name().to_string_lossy().starts_with(&prefix) {
+            match fs::remove_file(entry.path()) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether `path` is one of the temporary files [`write`] makes.
+pub fn is_temporary(path: &Path) -> bool {
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    name.starts_with('.') && name.rsplit_once('.').is_some_and(|(_, last)| crate::ids::is_id("tmp", last))
+}
+
 /// [`write`]s `value` as pretty JSON.
 pub fn write_json<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
     write(path, &serde_json::to_vec_pretty(value).expect("state serialises"))

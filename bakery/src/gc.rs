@@ -97,5 +97,17 @@ fn sweep_host(state_dir: &Path, dry_run: bool, live: &[Resource]) -> Result<Vec<
             removed.push(format!("leftover {}", path.display()));
         }
     }
+    // No journal is open while the sweep lock is ours: a temporary copy beside one is a killed
+    // save's (reclaim removes those of journals it finds; this also gets a bake killed mid-begin).
+    let journals = journal::journal_dir(state_dir);
+    for entry in fs::read_dir(&journals).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if crate::atomic::is_temporary(&path) {
+            if !dry_run {
+                fs::remove_file(&path).map_err(|source| Error::Host { path: path.clone(), source })?;
+            }
+            removed.push(format!("leftover {}", path.display()));
+        }
+    }
     Ok(removed)
 }

@@ -210,7 +210,7 @@ pub struct Journal {
     record: Record,
 }
 
-fn journal_dir(state_dir: &Path) -> PathBuf {
+pub(crate) fn journal_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("journal")
 }
 
@@ -404,6 +404,8 @@ pub fn reclaim(cloud: &(impl Undo + ?Sized), record: &Record, path: &Path) -> Re
     for resource in record.resources.iter().rev() {
         resource.release(cloud).context(ReleaseSnafu { resource: resource.to_string() })?;
     }
+    // A bake killed while saving its journal left a temporary copy beside it.
+    crate::atomic::remove_leftovers(path).context(IoSnafu { path })?;
     match fs::remove_file(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e).context(IoSnafu { path }),
         _ => {}
@@ -448,5 +450,24 @@ mod tests {
         reclaim(&HostOnly, record, path).unwrap();
         assert!(!file.exists(), "reclaimed once its process is gone");
         assert!(Journal::adopt(state.path(), "j").unwrap().is_none());
+    }
+
+    #[test]
+    fn reclaiming_a_journal_removes_what_its_killed_writer_left_mid_save() {
+        let state = tempfile::tempdir().unwrap();
+        drop(Journal::begin(state.path(), "k", "test", "local").unwrap());
+        let dir = journal_dir(state.path());
+        let torn = dir.join(".k.json.tmp-0123456789abcdef0");
+        let other = dir.join(".kk.json.tmp-0123456789abcdef0");
+        fs::write(&torn, b"{").unwrap();
+        fs::write(&other, b"{").unwrap();
+        assert!(crate::atomic::is_temporary(&torn) && !crate::atomic::is_temporary(&dir.join("k.json")));
+
+        let census = census(state.path()).unwrap();
+        let (record, path, _lock) = &census.dead[0];
+        reclaim(&HostOnly, record, path).unwrap();
+        assert!(!torn.exists(), "the dead writer's temporary copy is gone");
+        assert!(other.exists(), "another journal's file stays");
+        assert!(!path.exists());
     }
 }
