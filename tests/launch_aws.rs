@@ -521,7 +521,8 @@ fn instances_register_in_cloud_map_and_the_flip_waits_for_them() {
     let (_, status, _) = run(&["status", "--cluster", CLUSTER]);
     assert_eq!(status["groups"][0]["members"][0]["registry_status"], "UP", "{status}");
 
-    let second = start_deploy_with(&stand, 1, &registry);
+    // No --registry-namespace: the new group registers in its ancestor's service all the same.
+    let second = start_deploy(&stand, 1);
     let _v001 = start_agents("hello-prod-v001", &app);
     let (code, flipped) = finished(second);
     assert_eq!(code, 0, "{flipped}");
@@ -813,8 +814,9 @@ fn the_console_shows_what_the_aws_provider_reads() {
     let _ = console.wait();
 }
 
-/// A deploy that nothing would gate (no target group, no registry) or whose subnets span fewer
-/// than three zones is refused as bad input, naming the problem, before anything is made.
+/// A deploy that nothing would gate (no target group, no registry), whose subnets span fewer
+/// than three zones, or whose security group or key pair does not exist is refused as bad
+/// input, naming the problem, before anything is made.
 #[test]
 fn a_deploy_nothing_would_check_or_over_two_zones_is_refused_before_anything_is_made() {
     let _serial = serial();
@@ -843,6 +845,14 @@ fn a_deploy_nothing_would_check_or_over_two_zones_is_refused_before_anything_is_
     assert_eq!(code, 3, "{value}\n{stderr}");
     assert!(stderr.contains("--security-group \"default\": is not an id starting sg-"), "{stderr}");
     assert!(stderr.contains("--instance-type \"big\""), "{stderr}");
+    // Well-formed, but not there: looked up before anything is made.
+    let mut args = deploy_args(&stand, 0, "60s");
+    args.extend_from_slice(&["--security-group", "sg-0123456789abcdef0", "--key-name", "nobody"]);
+    let (code, value, stderr) = run(&args);
+    assert_eq!(code, 3, "{value}\n{stderr}");
+    for missing in ["security group sg-0123456789abcdef0 does not exist", "key pair nobody does not exist"] {
+        assert!(stderr.contains(missing), "{missing} not reported: {stderr}");
+    }
     // A team's own MIME user data could not run beside the launcher's registry part.
     let mime = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(mime.path(), "Content-Type: multipart/mixed; boundary=\"x\"\n\n--x\n\n#!/bin/sh\n--x--\n").unwrap();
@@ -924,7 +934,9 @@ fn decoded_user_data(settings: &Value) -> String {
 
 /// A cluster config with mistakes is refused with all of them; a good one sets up the first
 /// group; the second copies it and everything the operator then added to the first (a launch
-/// template version with block devices, a tag, scaling policies with an alarm, a scheduled action), the flags given win, and destroying the first takes its alarms along.
+/// template version with block devices, placement, CPU and credit options, a tag, scaling
+/// policies with an alarm, a scheduled action), the flags given win, the third copies the
+/// target group it is not given, and destroying the first takes its alarms along.
 #[test]
 fn a_new_group_copies_its_ancestor_and_what_is_given_wins() {
     let _serial = serial();
@@ -988,6 +1000,9 @@ fn a_new_group_copies_its_ancestor_and_what_is_given_wins() {
          data = ec2.describe_launch_template_versions(LaunchTemplateName=g, Versions=['$Latest'])['LaunchTemplateVersions'][0]['LaunchTemplateData']\n\
          data['BlockDeviceMappings'] = [{{'DeviceName': '/dev/xvda', 'Ebs': {{'SnapshotId': snapshot, 'VolumeSize': 20, 'VolumeType': 'gp3'}}}},\n\
              {{'DeviceName': '/dev/xvdb', 'Ebs': {{'VolumeSize': 50, 'VolumeType': 'gp3', 'DeleteOnTermination': True}}}}]\n\
+         data['Placement'] = {{'Tenancy': 'default', 'AvailabilityZone': 'us-east-1a'}}\n\
+         data['CpuOptions'] = {{'CoreCount': 1, 'ThreadsPerCore': 2}}\n\
+         data['CreditSpecification'] = {{'CpuCredits': 'unlimited'}}\n\
          ec2.create_launch_template_version(LaunchTemplateName=g, LaunchTemplateData=data)\n\
          asg.create_or_update_tags(Tags=[{{'ResourceId': g, 'ResourceType': 'auto-scaling-group', 'Key': 'team', 'Value': 'web', 'PropagateAtLaunch': True}}])\n\
          asg.put_scaling_policy(AutoScalingGroupName=g, PolicyName='cpu', PolicyType='TargetTrackingScaling', TargetTrackingConfiguration={{'PredefinedMetricSpecification': {{'PredefinedMetricType': 'ASGAverageCPUUtilization'}}, 'TargetValue': 50.0}})\n\
@@ -1029,6 +1044,9 @@ fn a_new_group_copies_its_ancestor_and_what_is_given_wins() {
     assert_eq!(mappings[0]["Ebs"].get("SnapshotId"), None, "not the old image's root: {data}");
     assert_eq!(mappings[0]["Ebs"]["VolumeSize"], 20);
     assert_eq!(mappings[1]["Ebs"]["VolumeSize"], 50);
+    assert_eq!(data["Placement"], json!({"Tenancy": "default"}), "not the zone: the group spreads over three");
+    assert_eq!(data["CpuOptions"], json!({"CoreCount": 1, "ThreadsPerCore": 2}));
+    assert_eq!(data["CreditSpecification"], json!({"CpuCredits": "unlimited"}));
     assert_eq!(v001["health_check"], json!(["EC2", 120]), "the flag wins, the grace is copied");
     assert_eq!(v001["termination"], json!(["OldestInstance"]));
     assert_eq!(v001["subnets"], setup["subnets"], "the subnets too, with no --subnets given");
@@ -1054,7 +1072,23 @@ fn a_new_group_copies_its_ancestor_and_what_is_given_wins() {
     // The disabled ancestor's policies and schedule cannot resize it.
     assert_disabled(&world(&stand), "hello-prod-v000", &stand.target_group);
 
-    let third = deploy(&stand, 2, &["--security-group", sg_b]);
+    // No --target-group: the ancestor's is copied, and gates and serves the new group.
+    let image = stand.images[2].as_str();
+    let (code, third, stderr) = run(&[
+        "deploy",
+        "--cluster",
+        CLUSTER,
+        "--image",
+        image,
+        "--health-url",
+        "/hello/health",
+        "--health-timeout",
+        "60s",
+        "--security-group",
+        sg_b,
+    ]);
+    assert_eq!((code, &third["phase"]), (0, &json!("succeeded")), "{third}\n{stderr}");
+    assert_serving(&world(&stand), "hello-prod-v002", &stand.target_group);
     let v002 = launch_settings("hello-prod-v002");
     assert_eq!(v002["data"]["SecurityGroupIds"], json!([sg_b]));
     assert_eq!(v002["data"]["KeyName"], "ops2", "copied from v001");

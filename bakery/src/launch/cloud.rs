@@ -361,15 +361,15 @@ pub trait Cloud: Send + Sync {
     fn remove_from_service(&self, group: &str, at: u64) -> Result<()>;
     /// Group, instances and launch template. Missing → Ok.
     fn destroy_group(&self, group: &str) -> Result<()>;
-    /// Refuses, before anything is made, a deploy this cloud could not carry out as asked (the
-    /// message names the problem and what would do).
-    fn check_request(&self, _request: &super::plan::DeployRequest) -> Result<()> {
-        Ok(())
+    /// What makes a deploy one this cloud could not carry out as asked, each problem named with
+    /// what would do; it is refused before anything is made unless there is none.
+    fn check_request(&self, _request: &super::plan::DeployRequest) -> Vec<String> {
+        Vec::new()
     }
-    /// Refuses, before anything is made, a planned group this cloud could not make (what it
-    /// copies from its ancestor included).
-    fn check_group(&self, _spec: &GroupSpec) -> Result<()> {
-        Ok(())
+    /// What makes a planned group one this cloud could not make (what it copies from its
+    /// ancestor included), as `check_request`; an error when it could not look.
+    fn check_group(&self, _spec: &GroupSpec) -> Result<Vec<String>> {
+        Ok(Vec::new())
     }
     /// None: the lock is ours now (also when `holder.deploy_id` already held it: that refreshes
     /// `expires`). Some(h): held by the live holder h.

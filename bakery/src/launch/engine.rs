@@ -49,8 +49,11 @@ pub enum Error {
     #[snafu(display("{source}"))]
     Plan { source: plan::Error },
 
-    #[snafu(display("deploy to {cluster} refused: {source}"))]
-    Refused { cluster: String, source: cloud::Error },
+    #[snafu(display("deploy to {cluster} refused:\n  {}", problems.join("\n  ")))]
+    Refused { cluster: String, problems: Vec<String> },
+
+    #[snafu(display("checking the deploy to {cluster}: {source}"))]
+    Check { cluster: String, source: cloud::Error },
 
     #[snafu(display("saving the deploy record of {cluster}: {source}"))]
     Save { cluster: String, source: cloud::Error },
@@ -63,6 +66,12 @@ pub enum Error {
 
     #[snafu(display("cancelled; rerun the same command to continue"))]
     Cancelled { record: Box<DeployRecord> },
+}
+
+/// A deploy with problems is refused (as bad input) with every one of them.
+fn refuse(cluster: &str, problems: Vec<String>) -> Result<()> {
+    snafu::ensure!(problems.is_empty(), RefusedSnafu { cluster, problems });
+    Ok(())
 }
 
 impl Error {
@@ -217,10 +226,12 @@ impl<'a> Engine<'a> {
 
     pub fn deploy(&self, request: &DeployRequest) -> Result<DeployRecord> {
         let strategy = request.strategy.strategy();
-        self.cloud.check_request(request).context(RefusedSnafu { cluster: &request.cluster })?;
+        // Checked on a plan made before locking, so a refused deploy takes no lock (nor makes
+        // the cloud's state store); the locked plan's groups are the same unless another
+        // deploy got in between, whose own group was checked.
+        self.plan_deploy(request)?;
         self.locked(&request.cluster, |run, state| {
             let plan = strategy.plan_deploy(state, request, &run.deploy_id).context(PlanSnafu)?;
-            self.check_groups(&plan, &request.cluster)?;
             // The same image again while it soaks: nothing to do, and the soak goes on.
             if let Some(soaking) = state.record.as_ref().filter(|r| plan.steps.is_empty() && r.phase == Phase::Soaking)
             {
@@ -366,21 +377,22 @@ impl<'a> Engine<'a> {
 
     /// What a deploy would do now, planned on the cluster as it is, without doing it.
     pub fn plan_deploy(&self, request: &DeployRequest) -> Result<Plan> {
-        self.cloud.check_request(request).context(RefusedSnafu { cluster: &request.cluster })?;
+        refuse(&request.cluster, self.cloud.check_request(request))?;
         let state = self.state(&request.cluster)?;
         let plan = request.strategy.strategy().plan_deploy(&state, request, "preview").context(PlanSnafu)?;
         self.check_groups(&plan, &request.cluster)?;
         Ok(plan)
     }
 
-    /// The cloud's own check of every group the plan would create.
+    /// The cloud's own check of every group the plan would create, all problems at once.
     fn check_groups(&self, plan: &Plan, cluster: &str) -> Result<()> {
+        let mut problems = Vec::new();
         for step in &plan.steps {
             if let Operation::CreateGroup(spec) = step {
-                self.cloud.check_group(spec).context(RefusedSnafu { cluster })?;
+                problems.extend(self.cloud.check_group(spec).context(CheckSnafu { cluster })?);
             }
         }
-        Ok(())
+        refuse(cluster, problems)
     }
 
     /// What a rollback would do now.

@@ -517,13 +517,15 @@ impl Cloud for LocalCloud {
         Ok(groups.collect())
     }
 
-    fn check_request(&self, request: &super::plan::DeployRequest) -> cloud::Result<()> {
+    fn check_request(&self, request: &super::plan::DeployRequest) -> Vec<String> {
         let mut flags = request.launch.cloud_only();
         if !request.subnets.is_empty() {
             flags.push("--subnets");
         }
-        snafu::ensure!(flags.is_empty(), CloudOnlySnafu { flags });
-        Ok(())
+        match flags.is_empty() {
+            true => Vec::new(),
+            false => vec![Error::CloudOnly { flags }.to_string()],
+        }
     }
 
     fn create_group(&self, spec: &GroupSpec) -> cloud::Result<()> {

@@ -1,9 +1,9 @@
 //! A new group starts as a copy of its ancestor (the group it replaces), as Spinnaker's "copy
-//! from the previous server group" does: the launch template version it runs (security groups,
-//! instance profile, key pair, the team's user data, block devices, metadata options, tags,
-//! instance type, monitoring, EBS optimisation) and its Auto Scaling settings (health check type
-//! and grace, termination policies, cooldown, user tags, scaling policies with their alarms,
-//! scheduled actions). The deploy's own settings win over each.
+//! from the previous server group" does: the launch template version it runs (made into the new
+//! group's by `template_data`), its Auto Scaling settings (health check type and grace,
+//! termination policies, cooldown, user tags, scaling policies with their alarms, scheduled
+//! actions), and what checks and finds its instances (target groups, the registry's service).
+//! The deploy's own settings win over each.
 //!
 //! Scaling policies, their alarms and scheduled actions are named `<group>-<name>`: a copy
 //! takes the ancestor's name without the ancestor's prefix, so names stay short however many
@@ -11,22 +11,11 @@
 //! Target-tracking policies make their own alarms; a simple or step policy's alarms (those whose
 //! actions name it) are copied to name the new policy and group.
 
-use super::user_data;
+use super::template_data::RootDevice;
 use super::*;
-use crate::launch::cloud::LaunchSettings;
 use aws_sdk_autoscaling::types::{ScalingPolicy, ScheduledUpdateGroupAction, TargetTrackingConfiguration};
 use aws_sdk_cloudwatch::types::{Dimension, MetricAlarm};
-use aws_sdk_ec2::types::{
-    LaunchTemplateBlockDeviceMappingRequest, LaunchTemplateEbsBlockDeviceRequest,
-    LaunchTemplateIamInstanceProfileSpecificationRequest, LaunchTemplateTagSpecificationRequest,
-    LaunchTemplatesMonitoringRequest, ResponseLaunchTemplateData,
-};
-
-/// A new group's image's root device.
-pub(super) struct RootDevice {
-    pub name: String,
-    pub size_gib: Option<i32>,
-}
+use aws_sdk_ec2::types::ResponseLaunchTemplateData;
 
 /// What a new group copies, read before it is made.
 #[derive(Default)]
@@ -319,131 +308,9 @@ fn is_target_tracking(policy: &ScalingPolicy) -> bool {
     policy.policy_type() == Some("TargetTrackingScaling")
 }
 
-/// The launch template data of a new group: the ancestor's, with `given` over it, the image,
-/// and the user data (the ancestor's team part unless given, beside the launcher's `ours`).
-/// A copied block device mapping of the root device drops its snapshot (the old image's) and
-/// asks for no less than the new image's root volume.
-pub(super) fn template_data(
-    ancestor: Option<&ResponseLaunchTemplateData>,
-    given: &LaunchSettings,
-    image_id: &str,
-    root_device: Option<&RootDevice>,
-    ours: Option<&str>,
-) -> Result<RequestLaunchTemplateData> {
-    let from = ancestor.cloned().unwrap_or_else(|| ResponseLaunchTemplateData::builder().build());
-    let team = given.user_data.clone().or_else(|| team_user_data(&from));
-    let merged = user_data::merge(team.as_deref(), ours).map_err(|message| Error::UserData { message })?;
-    let user_data = merged.map(|d| base64::engine::general_purpose::STANDARD.encode(d));
-    let instance_type = given
-        .instance_type
-        .as_deref()
-        .map(InstanceType::from)
-        .or(from.instance_type().cloned())
-        .unwrap_or(InstanceType::T3Small);
-    let (security_group_ids, security_groups) = match &given.security_groups {
-        Some(ids) => (Some(ids.clone()), None),
-        None => (nonempty(from.security_group_ids()), nonempty(from.security_groups())),
-    };
-    let profile = match &given.instance_profile {
-        Some(p) if p.starts_with("arn:") => {
-            Some(LaunchTemplateIamInstanceProfileSpecificationRequest::builder().arn(p).build())
-        }
-        Some(p) => Some(LaunchTemplateIamInstanceProfileSpecificationRequest::builder().name(p).build()),
-        None => from.iam_instance_profile().map(|p| {
-            LaunchTemplateIamInstanceProfileSpecificationRequest::builder()
-                .set_arn(p.arn().map(str::to_string))
-                .set_name(p.name().map(str::to_string))
-                .build()
-        }),
-    };
-    let metadata = from.metadata_options().map_or_else(
-        || {
-            LaunchTemplateInstanceMetadataOptionsRequest::builder()
-                .http_tokens(LaunchTemplateHttpTokensState::Required)
-                .http_endpoint(LaunchTemplateInstanceMetadataEndpointState::Enabled)
-                .build()
-        },
-        |m| {
-            LaunchTemplateInstanceMetadataOptionsRequest::builder()
-                .set_http_tokens(m.http_tokens().cloned())
-                .set_http_put_response_hop_limit(m.http_put_response_hop_limit())
-                .set_http_endpoint(m.http_endpoint().cloned())
-                .set_instance_metadata_tags(m.instance_metadata_tags().cloned())
-                .build()
-        },
-    );
-    let mappings: Vec<LaunchTemplateBlockDeviceMappingRequest> = from
-        .block_device_mappings()
-        .iter()
-        .map(|m| {
-            let root = root_device.filter(|r| m.device_name() == Some(r.name.as_str()));
-            let ebs = m.ebs().map(|e| {
-                LaunchTemplateEbsBlockDeviceRequest::builder()
-                    .set_encrypted(e.encrypted())
-                    .set_delete_on_termination(e.delete_on_termination())
-                    .set_iops(e.iops())
-                    .set_kms_key_id(e.kms_key_id().map(str::to_string))
-                    .set_snapshot_id(e.snapshot_id().filter(|_| root.is_none()).map(str::to_string))
-                    .set_volume_size(match root.and_then(|r| r.size_gib) {
-                        Some(least) => e.volume_size().map(|size| size.max(least)),
-                        None => e.volume_size(),
-                    })
-                    .set_volume_type(e.volume_type().cloned())
-                    .set_throughput(e.throughput())
-                    .build()
-            });
-            LaunchTemplateBlockDeviceMappingRequest::builder()
-                .set_device_name(m.device_name().map(str::to_string))
-                .set_virtual_name(m.virtual_name().map(str::to_string))
-                .set_no_device(m.no_device().map(str::to_string))
-                .set_ebs(ebs)
-                .build()
-        })
-        .collect();
-    let tag_specifications: Vec<LaunchTemplateTagSpecificationRequest> = from
-        .tag_specifications()
-        .iter()
-        .map(|t| {
-            LaunchTemplateTagSpecificationRequest::builder()
-                .set_resource_type(t.resource_type().cloned())
-                .set_tags(nonempty(t.tags()))
-                .build()
-        })
-        .collect();
-    Ok(RequestLaunchTemplateData::builder()
-        .image_id(image_id)
-        .instance_type(instance_type)
-        .set_user_data(user_data)
-        .set_security_group_ids(security_group_ids)
-        .set_security_groups(security_groups)
-        .set_iam_instance_profile(profile)
-        .set_key_name(given.key_name.clone().or(from.key_name().map(str::to_string)))
-        .metadata_options(metadata)
-        .set_block_device_mappings(nonempty(&mappings))
-        .set_tag_specifications(nonempty(&tag_specifications))
-        .set_monitoring(
-            from.monitoring().map(|m| LaunchTemplatesMonitoringRequest::builder().set_enabled(m.enabled()).build()),
-        )
-        .set_ebs_optimized(from.ebs_optimized())
-        .build())
-}
-
-/// The team's part of a launch template's user data.
-pub(super) fn team_user_data(data: &ResponseLaunchTemplateData) -> Option<Vec<u8>> {
-    let decoded = base64::engine::general_purpose::STANDARD.decode(data.user_data()?).ok()?;
-    user_data::team_part(&decoded)
-}
-
-fn nonempty<T: Clone>(items: &[T]) -> Option<Vec<T>> {
-    (!items.is_empty()).then(|| items.to_vec())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use aws_sdk_ec2::types::{
-        LaunchTemplateBlockDeviceMapping, LaunchTemplateEbsBlockDevice, LaunchTemplateIamInstanceProfileSpecification,
-    };
 
     #[test]
     fn a_customized_metric_of_the_ancestor_tracks_the_new_group() {
@@ -470,53 +337,5 @@ mod tests {
         assert_eq!(copied_name("scale-out", None, "hello-v001"), "hello-v001-scale-out");
         assert_eq!(copied_name("hello-v001-scale-out", Some("hello-v001"), "hello-v002"), "hello-v002-scale-out");
         assert_eq!(copied_name("scale-out", Some("hello-v001"), "hello-v002"), "hello-v002-scale-out");
-    }
-
-    #[test]
-    fn a_copy_keeps_the_ancestors_settings_under_what_is_given() {
-        let team =
-            user_data::merge(Some(b"#!/bin/sh\necho team\n"), Some("REGISTRY_URL='cloudmap:old'\n")).unwrap().unwrap();
-        let ancestor = ResponseLaunchTemplateData::builder()
-            .image_id("ami-old")
-            .instance_type(InstanceType::M5Large)
-            .security_group_ids("sg-1")
-            .key_name("ops")
-            .user_data(base64::engine::general_purpose::STANDARD.encode(team))
-            .iam_instance_profile(LaunchTemplateIamInstanceProfileSpecification::builder().name("hello").build())
-            .block_device_mappings(
-                LaunchTemplateBlockDeviceMapping::builder()
-                    .device_name("/dev/xvda")
-                    .ebs(LaunchTemplateEbsBlockDevice::builder().snapshot_id("snap-old").volume_size(20).build())
-                    .build(),
-            )
-            .block_device_mappings(
-                LaunchTemplateBlockDeviceMapping::builder()
-                    .device_name("/dev/xvdb")
-                    .ebs(LaunchTemplateEbsBlockDevice::builder().snapshot_id("snap-data").build())
-                    .build(),
-            )
-            .build();
-        let given = LaunchSettings { key_name: Some("new".into()), ..LaunchSettings::default() };
-        let root = RootDevice { name: "/dev/xvda".into(), size_gib: Some(30) };
-        let data = template_data(Some(&ancestor), &given, "ami-new", Some(&root), Some("REGISTRY_URL='x'\n")).unwrap();
-        assert_eq!(data.image_id(), Some("ami-new"));
-        assert_eq!(data.instance_type(), Some(&InstanceType::M5Large));
-        assert_eq!(data.security_group_ids(), ["sg-1"]);
-        assert_eq!(data.key_name(), Some("new"));
-        assert_eq!(data.iam_instance_profile().and_then(|p| p.name()), Some("hello"));
-        let mappings = data.block_device_mappings();
-        assert_eq!(mappings[0].ebs().unwrap().snapshot_id(), None, "the old root snapshot is not carried over");
-        assert_eq!(mappings[0].ebs().unwrap().volume_size(), Some(30), "no smaller than the new image's root");
-        assert_eq!(mappings[1].ebs().unwrap().snapshot_id(), Some("snap-data"));
-        let decoded = base64::engine::general_purpose::STANDARD.decode(data.user_data().unwrap()).unwrap();
-        assert_eq!(user_data::team_part(&decoded).as_deref(), Some(&b"#!/bin/sh\necho team\n"[..]));
-        let text = String::from_utf8(decoded).unwrap();
-        assert!(text.contains("REGISTRY_URL='x'") && !text.contains("cloudmap:old"), "{text}");
-
-        let first = template_data(None, &LaunchSettings::default(), "ami-1", None, None).unwrap();
-        assert_eq!(first.instance_type(), Some(&InstanceType::T3Small));
-        assert_eq!(first.user_data(), None);
-        let imds = first.metadata_options().unwrap();
-        assert_eq!(imds.http_tokens(), Some(&LaunchTemplateHttpTokensState::Required));
     }
 }

@@ -37,10 +37,11 @@ mod gate;
 mod metrics;
 mod references;
 mod state;
+mod template_data;
 mod templates;
 mod user_data;
 
-use super::cloud::{self, Capacity, Cloud, DeployRecord, Group, GroupSpec, Health, LockHolder, Member};
+use super::cloud::{self, Capacity, Cloud, DeployRecord, Group, GroupSpec, Health, LaunchSettings, LockHolder, Member};
 use super::registry::{self, Instance};
 use super::soak::Traffic;
 use crate::aws::ec2::{self as ec2_calls, wait_for};
@@ -96,7 +97,7 @@ pub enum Error {
     TooFewZones { what: String, zones: Vec<String> },
 
     #[snafu(display(
-        "nothing would check --health-url: give --target-group ARN (its health checks gate the group), or --registry-namespace NS (the gate then waits for every instance UP in Cloud Map)"
+        "nothing would check --health-url: give --target-group ARN (its health checks gate the group), or --registry-namespace NS (the gate then waits for every instance UP in Cloud Map); later deploys copy them from the group they replace"
     ))]
     NoHealthCheck,
 
@@ -281,29 +282,69 @@ impl AwsCloud {
         })
     }
 
-    /// Refuses before anything is made what `create` would fail on: subnets over fewer than
-    /// three zones, and team user data (given, or the ancestor's) that cannot sit beside the
-    /// registry part.
-    async fn check(&self, spec: &GroupSpec) -> Result<()> {
+    /// What `create` would fail on, found before anything is made: subnets over fewer than
+    /// three zones, a security group or key pair that is not there, nothing to check the group
+    /// (given or the ancestor's), and team user data (given, or the ancestor's) that cannot sit
+    /// beside the registry part.
+    async fn check(&self, spec: &GroupSpec) -> Result<Vec<String>> {
+        let mut problems = Vec::new();
         let ancestor = match &spec.ancestor {
             Some(name) => self.describe_group(name).await.context(CallSnafu)?,
             None => None,
         };
-        self.subnets(&spec.subnets, ancestor.as_ref()).await?;
-        if spec.registry_namespace.is_none() {
-            return Ok(());
+        match self.subnets(&spec.subnets, ancestor.as_ref()).await {
+            Err(too_few @ Error::TooFewZones { .. }) => problems.push(too_few.to_string()),
+            other => {
+                other?;
+            }
+        }
+        problems.extend(self.missing(&spec.launch).await?);
+        let serving = Serving::of(spec, ancestor.as_ref());
+        if serving.target_groups.is_empty() && serving.registry.is_none() {
+            problems.push(Error::NoHealthCheck.to_string());
         }
         let team = match (&spec.launch.user_data, ancestor.as_ref().and_then(|g| g.launch_template())) {
+            _ if serving.registry.is_none() => None,
             (Some(given), _) => Some(given.clone()),
             (None, Some(template)) => {
-                self.template_version(template).await?.and_then(|data| ancestor::team_user_data(&data))
+                self.template_version(template).await?.and_then(|data| template_data::team_user_data(&data))
             }
             (None, None) => None,
         };
-        match team.as_deref().and_then(user_data::unmergeable) {
-            Some(message) => UserDataSnafu { message }.fail(),
-            None => Ok(()),
+        if let Some(message) = team.as_deref().and_then(user_data::unmergeable) {
+            problems.push(message.to_string());
         }
+        Ok(problems)
+    }
+
+    /// The security groups and key pair a deploy names that are not there, so that a typo is
+    /// refused before anything is made rather than when the group fails to launch.
+    async fn missing(&self, given: &LaunchSettings) -> Result<Vec<String>> {
+        let mut missing = Vec::new();
+        if let Some(ids) = &given.security_groups {
+            let filter = Ec2Filter::builder().name("group-id").set_values(Some(ids.clone())).build();
+            let found = retry(self.policy, "DescribeSecurityGroups", || {
+                self.ec2.describe_security_groups().filters(filter.clone()).send()
+            })
+            .await
+            .context(CallSnafu)?;
+            let found: BTreeSet<&str> = found.security_groups().iter().filter_map(|g| g.group_id()).collect();
+            let absent = ids.iter().filter(|id| !found.contains(id.as_str()));
+            missing.extend(absent.map(|id| format!("security group {id} does not exist in {}", self.region)));
+        }
+        if let Some(name) = &given.key_name {
+            let found =
+                retry(self.policy, "DescribeKeyPairs", || self.ec2.describe_key_pairs().key_names(name).send()).await;
+            match found {
+                Err(e) if e.code.as_deref() == Some("InvalidKeyPair.NotFound") => {
+                    missing.push(format!("key pair {name} does not exist in {}", self.region))
+                }
+                other => {
+                    other.context(CallSnafu)?;
+                }
+            }
+        }
+        Ok(missing)
     }
 
     /// Private addresses and launch times of these instances (a filter, not ids: a terminated
@@ -396,13 +437,17 @@ impl AwsCloud {
             return self.copy_scaling(&spec.name, &ancestor).await;
         }
         let subnets = self.subnets(&spec.subnets, ancestor.group.as_ref()).await?;
+        let serving = Serving::of(spec, ancestor.group.as_ref());
         let (mut service, mut user_data) = (None, None);
-        if let Some(namespace) = &spec.registry_namespace {
+        if let Some(registry) = &serving.registry {
             let app = crate::launch::names::Cluster::parse(&spec.cluster)
                 .context(ClusterNameSnafu { cluster: &spec.cluster })?
                 .app;
-            let id = self.ensure_service(namespace, &app).await?;
-            let port = match spec.target_groups.first() {
+            let id = match registry {
+                Registry::Namespace(namespace) => self.ensure_service(namespace, &app).await?,
+                Registry::Service(id) => id.clone(),
+            };
+            let port = match serving.target_groups.first() {
                 Some(arn) => self.target_group(Some(arn), None).await?.and_then(|t| t.port()),
                 None => None,
             };
@@ -410,7 +455,7 @@ impl AwsCloud {
             service = Some(id);
         }
         let root_device = self.root_device(&spec.image_id).await?;
-        let data = ancestor::template_data(
+        let data = template_data::template_data(
             ancestor.template.as_ref(),
             &spec.launch,
             &spec.image_id,
@@ -429,7 +474,7 @@ impl AwsCloud {
             }
         }
         let mut check = None;
-        if let Some(first) = spec.target_groups.first() {
+        if let Some(first) = serving.target_groups.first() {
             check = Some(self.ensure_check_group(&spec.name, first, &spec.health_url).await?);
         }
         let mut tags = vec![
@@ -438,7 +483,7 @@ impl AwsCloud {
             asg_tag(&spec.name, IMAGE_TAG, &spec.image_id, false),
             asg_tag(&spec.name, DEPLOY_ID_TAG, &spec.deploy_id, false),
         ];
-        for (i, arn) in spec.target_groups.iter().enumerate() {
+        for (i, arn) in serving.target_groups.iter().enumerate() {
             tags.push(asg_tag(&spec.name, &format!("{TARGET_GROUP_TAG}{}", i + 1), arn, false));
         }
         if let Some(service) = &service {
@@ -719,14 +764,9 @@ impl Cloud for AwsCloud {
         Ok(self.runtime.block_on(self.destroy(group))?)
     }
 
-    /// A group must be gated by something that checks it.
-    fn check_request(&self, request: &super::plan::DeployRequest) -> cloud::Result<()> {
-        snafu::ensure!(!request.target_groups.is_empty() || request.registry_namespace.is_some(), NoHealthCheckSnafu);
-        Ok(())
-    }
-
-    /// Over at least three zones, and the team's user data able to sit beside the launcher's.
-    fn check_group(&self, spec: &GroupSpec) -> cloud::Result<()> {
+    /// Over at least three zones, gated by something that checks it, and the team's user data
+    /// able to sit beside the launcher's.
+    fn check_group(&self, spec: &GroupSpec) -> cloud::Result<Vec<String>> {
         Ok(self.runtime.block_on(self.check(spec))?)
     }
 
@@ -874,6 +914,35 @@ fn tag<'a>(group: &'a AutoScalingGroup, key: &str) -> Option<&'a str> {
     group.tags().iter().find(|t| t.key() == Some(key)).and_then(TagDescription::value)
 }
 
+/// What checks a new group's instances and finds them: the target groups and registry the
+/// deploy names, else each of its ancestor's (as Spinnaker copies load balancers).
+struct Serving {
+    target_groups: Vec<String>,
+    registry: Option<Registry>,
+}
+
+enum Registry {
+    /// A Cloud Map namespace, where the app's service is made if it is not there.
+    Namespace(String),
+    /// The ancestor's service, by id.
+    Service(String),
+}
+
+impl Serving {
+    fn of(spec: &GroupSpec, ancestor: Option<&AutoScalingGroup>) -> Serving {
+        let target_groups = match ancestor {
+            Some(ancestor) if spec.target_groups.is_empty() => cluster_target_groups(ancestor),
+            _ => spec.target_groups.clone(),
+        };
+        let registry = match (&spec.registry_namespace, ancestor.and_then(|a| tag(a, SERVICE_TAG))) {
+            (Some(namespace), _) => Some(Registry::Namespace(namespace.clone())),
+            (None, Some(service)) => Some(Registry::Service(service.to_string())),
+            (None, None) => None,
+        };
+        Serving { target_groups, registry }
+    }
+}
+
 /// The cluster's target groups the group joins when in service, in the order given.
 fn cluster_target_groups(group: &AutoScalingGroup) -> Vec<String> {
     let mut numbered: Vec<(u32, String)> = group
@@ -883,6 +952,11 @@ fn cluster_target_groups(group: &AutoScalingGroup) -> Vec<String> {
         .collect();
     numbered.sort();
     numbered.into_iter().map(|(_, arn)| arn).collect()
+}
+
+/// `items` as a request field: None rather than an empty list.
+fn nonempty<T: Clone>(items: &[T]) -> Option<Vec<T>> {
+    (!items.is_empty()).then(|| items.to_vec())
 }
 
 fn same_image(name: &str, group: &AutoScalingGroup, image_id: &str) -> Result<()> {
