@@ -317,7 +317,8 @@ struct DeployArgs {
     /// aws: subnets in at least 3 zones, comma-separated (default: the default VPC's).
     #[arg(long, value_delimiter = ',')]
     subnets: Vec<String>,
-    /// aws: target group ARN the new group joins (repeatable).
+    /// aws: target group ARN the new group joins (repeatable; default: those of the group it
+    /// replaces, which is also gated through the first).
     #[arg(long = "target-group")]
     target_groups: Vec<String>,
     /// Path every instance must answer 200 on before the group takes traffic (default: /).
@@ -325,8 +326,8 @@ struct DeployArgs {
     health_url: Option<String>,
     /// aws: the Cloud Map HTTP namespace the instances register in (created if missing; one
     /// service per app). The gate then also waits for every instance to report UP there, and a
-    /// disabled group's instances are held OUT_OF_SERVICE. Local instances always register in
-    /// this host's registry.
+    /// disabled group's instances are held OUT_OF_SERVICE. Default: the service of the group
+    /// it replaces, if that registered. Local instances always register in this host's registry.
     #[arg(long, value_name = "NAMESPACE")]
     registry_namespace: Option<String>,
     /// How long the new group may take to be healthy before the deploy is undone.

@@ -266,8 +266,8 @@ pub fn deploy_form(form: &DeployForm, header: &Header) -> String {
         number("desired", capacity.map(|c| c.desired)),
         number("max", capacity.map(|c| c.max)),
         aws = match form.aws {
-            true => "<p><label>Target groups <input name=\"target_groups\" size=\"60\" placeholder=\"ARNs, comma-separated\"></label> \
-                     <label>Registry namespace <input name=\"registry_namespace\" placeholder=\"Cloud Map\"></label></p>",
+            true => "<p><label>Target groups <input name=\"target_groups\" size=\"60\" placeholder=\"ARNs, comma-separated; default: the current group's\"></label> \
+                     <label>Registry namespace <input name=\"registry_namespace\" placeholder=\"Cloud Map; default: the current group's\"></label></p>",
             false => "",
         },
     );
