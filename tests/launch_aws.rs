@@ -68,19 +68,14 @@ fn run(args: &[&str]) -> (i32, Value, String) {
 }
 
 fn deploy_args<'a>(stand: &'a Stand, image: usize, timeout: &'a str) -> Vec<&'a str> {
-    vec![
-        "deploy",
-        "--cluster",
-        CLUSTER,
-        "--image",
-        &stand.images[image],
-        "--target-group",
-        &stand.target_group,
-        "--health-url",
-        "/hello/health",
-        "--health-timeout",
-        timeout,
-    ]
+    let mut args = copying_deploy_args(&stand.images[image], timeout);
+    args.extend(["--target-group", &stand.target_group]);
+    args
+}
+
+/// A deploy that names no target group: it copies the group it replaces.
+fn copying_deploy_args<'a>(image: &'a str, timeout: &'a str) -> Vec<&'a str> {
+    vec!["deploy", "--cluster", CLUSTER, "--image", image, "--health-url", "/hello/health", "--health-timeout", timeout]
 }
 
 fn deploy(stand: &Stand, image: usize, extra: &[&str]) -> Value {
@@ -296,6 +291,37 @@ fn a_second_deploy_is_refused_while_the_first_holds_the_lock() {
     assert!(record["steps"][1]["duration_ms"].as_u64().unwrap() >= 3000, "the gate waited: {record}");
     assert_eq!(serving(), ["hello-prod-v001"]);
     assert!(world(&stand)["groups"].get("hello-prod-v002").is_none());
+}
+
+/// An older launcher locks a cluster with a launch template `bakery-lock-<cluster>` and cannot
+/// see the table's lock: a deploy here respects its live holder (exit 5, naming it, nothing
+/// made), and deletes a dead one's template before it deploys.
+#[test]
+fn an_older_launchers_lock_is_respected_while_its_holder_lives() {
+    let _serial = serial();
+    let stand = stand();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let older_launchers_lock = |expires: u64| {
+        boto(&format!(
+            "import base64\n\
+             holder = json.dumps({{'deploy_id': 'older-1', 'owner': 'ci', 'host': 'another-host', 'pid': 1, 'start_time': 0, 'expires': {expires}}})\n\
+             tags = [{{'Key': 'bakery:lock', 'Value': '1'}}, {{'Key': 'bakery:lock-00', 'Value': base64.b64encode(holder.encode()).decode()}}]\n\
+             for t in ec2.describe_launch_templates()['LaunchTemplates']:\n\
+             \x20   if t['LaunchTemplateName'] == 'bakery-lock-{CLUSTER}': ec2.delete_launch_template(LaunchTemplateId=t['LaunchTemplateId'])\n\
+             ec2.create_launch_template(LaunchTemplateName='bakery-lock-{CLUSTER}', LaunchTemplateData={{'InstanceType': 't3.micro'}}, TagSpecifications=[{{'ResourceType': 'launch-template', 'Tags': tags}}])\n\
+             print('{{}}')"
+        ))
+    };
+    older_launchers_lock(now + 600);
+    let (code, refused, stderr) = run(&deploy_args(&stand, 0, "60s"));
+    assert_eq!(code, 5, "{refused}\n{stderr}");
+    let message = refused["error"].as_str().unwrap();
+    assert!(message.contains("locked by deploy older-1 of ci on another-host"), "{message}");
+    assert_eq!(world(&stand)["groups"], json!({}), "nothing made");
+
+    older_launchers_lock(now - 1);
+    deploy(&stand, 0, &[]);
+    assert_eq!(strings(&world(&stand)["templates"]), ["hello-prod-v000"], "the dead holder's template is gone");
 }
 
 #[test]
@@ -845,12 +871,19 @@ fn a_deploy_nothing_would_check_or_over_two_zones_is_refused_before_anything_is_
     assert_eq!(code, 3, "{value}\n{stderr}");
     assert!(stderr.contains("--security-group \"default\": is not an id starting sg-"), "{stderr}");
     assert!(stderr.contains("--instance-type \"big\""), "{stderr}");
-    // Well-formed, but not there: looked up before anything is made.
+    // Well-formed, but not there: looked up before anything is made, and all reported at once.
     let mut args = deploy_args(&stand, 0, "60s");
-    args.extend_from_slice(&["--security-group", "sg-0123456789abcdef0", "--key-name", "nobody"]);
+    let nowhere = "arn:aws:elasticloadbalancing:us-east-1:123456789012:targetgroup/nowhere/0123456789abcdef";
+    let absent = ["--security-group", "sg-0123456789abcdef0", "--key-name", "nobody", "--target-group", nowhere];
+    args.extend_from_slice(&[&absent[..], &["--subnets", "subnet-0123456789abcdef0"]].concat());
     let (code, value, stderr) = run(&args);
     assert_eq!(code, 3, "{value}\n{stderr}");
-    for missing in ["security group sg-0123456789abcdef0 does not exist", "key pair nobody does not exist"] {
+    for missing in [
+        "security group sg-0123456789abcdef0 does not exist",
+        "key pair nobody does not exist",
+        "--subnets subnet-0123456789abcdef0 are not all there",
+        format!("target group {nowhere} does not exist").as_str(),
+    ] {
         assert!(stderr.contains(missing), "{missing} not reported: {stderr}");
     }
     // A team's own MIME user data could not run beside the launcher's registry part.
@@ -863,6 +896,33 @@ fn a_deploy_nothing_would_check_or_over_two_zones_is_refused_before_anything_is_
     assert!(stderr.contains("a MIME message of its own"), "{stderr}");
     let w = world(&stand);
     assert_eq!((w["groups"].as_object().unwrap().len(), strings(&w["templates"]).len()), (0, 0), "{w}");
+    // Refused before locking: not even the state table was made.
+    let tables = boto("print(json.dumps(boto3.client('dynamodb').list_tables()['TableNames']))");
+    assert_eq!(tables, json!([]), "a refused deploy took no lock");
+}
+
+/// A target group the serving group joined but that was deleted since is not copied into a
+/// new group blindly: the deploy is refused, naming it and the flag to give instead, while the
+/// cluster can still be read.
+#[test]
+fn a_copied_target_group_deleted_since_is_refused_before_anything_is_made() {
+    let _serial = serial();
+    let stand = stand();
+    let extra = boto(
+        "elb = boto3.client('elbv2')\n\
+         vpc = ec2.describe_vpcs()['Vpcs'][0]['VpcId']\n\
+         print(json.dumps(elb.create_target_group(Name='hello-extra', Protocol='HTTP', Port=8080, VpcId=vpc, TargetType='instance')['TargetGroups'][0]['TargetGroupArn']))",
+    );
+    let extra = extra.as_str().unwrap();
+    deploy(&stand, 0, &["--target-group", extra]);
+    boto(&format!("boto3.client('elbv2').delete_target_group(TargetGroupArn='{extra}')\nprint('{{}}')"));
+    let (code, value, stderr) = run(&copying_deploy_args(&stand.images[1], "60s"));
+    assert_eq!(code, 3, "{value}\n{stderr}");
+    let expected = format!("target group {extra} of hello-prod-v000, which a new group copies, no longer exists");
+    assert!(stderr.contains(&expected) && stderr.contains("give --target-group"), "{stderr}");
+    assert!(!stderr.contains(&stand.target_group), "the one still there is no problem: {stderr}");
+    assert_eq!(world(&stand)["groups"].as_object().unwrap().len(), 1, "nothing made");
+    assert_eq!(serving(), ["hello-prod-v000"]);
 }
 
 /// Frigga allows `~` and `^` in a cluster's detail; EC2 does not in launch template names (the
@@ -1046,7 +1106,7 @@ fn a_new_group_copies_its_ancestor_and_what_is_given_wins() {
     assert_eq!(mappings[1]["Ebs"]["VolumeSize"], 50);
     assert_eq!(data["Placement"], json!({"Tenancy": "default"}), "not the zone: the group spreads over three");
     assert_eq!(data["CpuOptions"], json!({"CoreCount": 1, "ThreadsPerCore": 2}));
-    assert_eq!(data["CreditSpecification"], json!({"CpuCredits": "unlimited"}));
+    assert_eq!(data.get("CreditSpecification"), None, "an m5.large earns no CPU credits: {data}");
     assert_eq!(v001["health_check"], json!(["EC2", 120]), "the flag wins, the grace is copied");
     assert_eq!(v001["termination"], json!(["OldestInstance"]));
     assert_eq!(v001["subnets"], setup["subnets"], "the subnets too, with no --subnets given");
@@ -1073,20 +1133,8 @@ fn a_new_group_copies_its_ancestor_and_what_is_given_wins() {
     assert_disabled(&world(&stand), "hello-prod-v000", &stand.target_group);
 
     // No --target-group: the ancestor's is copied, and gates and serves the new group.
-    let image = stand.images[2].as_str();
-    let (code, third, stderr) = run(&[
-        "deploy",
-        "--cluster",
-        CLUSTER,
-        "--image",
-        image,
-        "--health-url",
-        "/hello/health",
-        "--health-timeout",
-        "60s",
-        "--security-group",
-        sg_b,
-    ]);
+    let (code, third, stderr) =
+        run(&[&copying_deploy_args(&stand.images[2], "60s")[..], &["--security-group", sg_b]].concat());
     assert_eq!((code, &third["phase"]), (0, &json!("succeeded")), "{third}\n{stderr}");
     assert_serving(&world(&stand), "hello-prod-v002", &stand.target_group);
     let v002 = launch_settings("hello-prod-v002");

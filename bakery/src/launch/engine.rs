@@ -3,7 +3,9 @@
 //! polls with an injected clock, so tests run instantly.
 
 use super::chaos;
-use super::cloud::{self, Action, Cloud, DeployRecord, Group, Health, LockHolder, Outcome, Phase, StepRecord};
+use super::cloud::{
+    self, Action, Cloud, DeployRecord, Group, GroupSpec, Health, LockHolder, Outcome, Phase, StepRecord,
+};
 use super::names::{self, Cluster};
 use super::plan::{self, ClusterState, DeployRequest, Operation, Plan};
 use super::registry;
@@ -66,6 +68,19 @@ pub enum Error {
 
     #[snafu(display("cancelled; rerun the same command to continue"))]
     Cancelled { record: Box<DeployRecord> },
+}
+
+/// The groups a plan creates.
+fn new_groups(plan: &Plan) -> impl Iterator<Item = &GroupSpec> {
+    plan.steps.iter().filter_map(|step| match step {
+        Operation::CreateGroup(spec) => Some(spec.as_ref()),
+        _ => None,
+    })
+}
+
+/// The groups a plan creates, each with the ancestor it copies.
+fn created_groups(plan: &Plan) -> Vec<(&str, Option<&str>)> {
+    new_groups(plan).map(|spec| (spec.name.as_str(), spec.ancestor.as_deref())).collect()
 }
 
 /// A deploy with problems is refused (as bad input) with every one of them.
@@ -227,11 +242,14 @@ impl<'a> Engine<'a> {
     pub fn deploy(&self, request: &DeployRequest) -> Result<DeployRecord> {
         let strategy = request.strategy.strategy();
         // Checked on a plan made before locking, so a refused deploy takes no lock (nor makes
-        // the cloud's state store); the locked plan's groups are the same unless another
-        // deploy got in between, whose own group was checked.
-        self.plan_deploy(request)?;
+        // the cloud's state store), and again under the lock if a run that got in between
+        // changed which groups it creates from which ancestors.
+        let preview = self.plan_deploy(request)?;
         self.locked(&request.cluster, |run, state| {
             let plan = strategy.plan_deploy(state, request, &run.deploy_id).context(PlanSnafu)?;
+            if created_groups(&plan) != created_groups(&preview) {
+                self.check_groups(&plan, &request.cluster)?;
+            }
             // The same image again while it soaks: nothing to do, and the soak goes on.
             if let Some(soaking) = state.record.as_ref().filter(|r| plan.steps.is_empty() && r.phase == Phase::Soaking)
             {
@@ -387,10 +405,8 @@ impl<'a> Engine<'a> {
     /// The cloud's own check of every group the plan would create, all problems at once.
     fn check_groups(&self, plan: &Plan, cluster: &str) -> Result<()> {
         let mut problems = Vec::new();
-        for step in &plan.steps {
-            if let Operation::CreateGroup(spec) = step {
-                problems.extend(self.cloud.check_group(spec).context(CheckSnafu { cluster })?);
-            }
+        for spec in new_groups(plan) {
+            problems.extend(self.cloud.check_group(spec).context(CheckSnafu { cluster })?);
         }
         refuse(cluster, problems)
     }

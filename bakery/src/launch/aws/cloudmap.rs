@@ -101,6 +101,15 @@ impl AwsCloud {
         Ok(created.service().and_then(|s| s.id()).unwrap_or_default().to_string())
     }
 
+    /// Whether the service with this id is there (a copied one may have been deleted by hand).
+    pub(super) async fn service_exists(&self, id: &str) -> Result<bool> {
+        let found = retry(self.policy, "GetService", || self.discovery.get_service().id(id).send()).await;
+        match found {
+            Err(e) if e.is_not_found() => Ok(false),
+            other => other.map(|_| true).context(CallSnafu),
+        }
+    }
+
     /// Every instance registered in `service`, as clients see it.
     pub(super) async fn registered(&self, service: &str) -> Result<Vec<Instance>> {
         let mut summaries = Vec::new();

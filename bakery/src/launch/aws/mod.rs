@@ -96,6 +96,9 @@ pub enum Error {
     #[snafu(display("{what} in {} zone(s) ({}): a cluster needs at least 3 (--subnets)", zones.len(), zones.join(", ")))]
     TooFewZones { what: String, zones: Vec<String> },
 
+    #[snafu(display("{what} not all there: {source}"))]
+    NoSuchSubnet { what: String, source: CallError },
+
     #[snafu(display(
         "nothing would check --health-url: give --target-group ARN (its health checks gate the group), or --registry-namespace NS (the gate then waits for every instance UP in Cloud Map); later deploys copy them from the group they replace"
     ))]
@@ -266,7 +269,10 @@ impl AwsCloud {
                 false => describe.set_subnet_ids(Some(given.clone())),
             }
         };
-        let output = retry(self.policy, "DescribeSubnets", || request().send()).await.context(CallSnafu)?;
+        let output = match retry(self.policy, "DescribeSubnets", || request().send()).await {
+            Err(source) if source.is_not_found() => return Err(Error::NoSuchSubnet { what, source }),
+            other => other.context(CallSnafu)?,
+        };
         let mut by_zone: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for subnet in output.subnets() {
             if let (Some(zone), Some(id)) = (subnet.availability_zone(), subnet.subnet_id()) {
@@ -282,18 +288,24 @@ impl AwsCloud {
         })
     }
 
-    /// What `create` would fail on, found before anything is made: subnets over fewer than
-    /// three zones, a security group or key pair that is not there, nothing to check the group
-    /// (given or the ancestor's), and team user data (given, or the ancestor's) that cannot sit
-    /// beside the registry part.
+    /// What `create` would fail on, found before anything is made: subnets missing or over
+    /// fewer than three zones, a security group or key pair that is not there, nothing to check
+    /// the group, a copied target group or registry service since deleted, and team user data
+    /// (given, or the ancestor's) that cannot sit beside the registry part. A group that exists
+    /// already (a rerun finishing what a killed run began) is taken as it is: nothing to check.
     async fn check(&self, spec: &GroupSpec) -> Result<Vec<String>> {
+        if self.describe_group(&spec.name).await.context(CallSnafu)?.is_some() {
+            return Ok(Vec::new());
+        }
         let mut problems = Vec::new();
         let ancestor = match &spec.ancestor {
             Some(name) => self.describe_group(name).await.context(CallSnafu)?,
             None => None,
         };
         match self.subnets(&spec.subnets, ancestor.as_ref()).await {
-            Err(too_few @ Error::TooFewZones { .. }) => problems.push(too_few.to_string()),
+            Err(problem @ (Error::TooFewZones { .. } | Error::NoSuchSubnet { .. })) => {
+                problems.push(problem.to_string())
+            }
             other => {
                 other?;
             }
@@ -303,6 +315,7 @@ impl AwsCloud {
         if serving.target_groups.is_empty() && serving.registry.is_none() {
             problems.push(Error::NoHealthCheck.to_string());
         }
+        problems.extend(self.gone(spec, &serving).await?);
         let team = match (&spec.launch.user_data, ancestor.as_ref().and_then(|g| g.launch_template())) {
             _ if serving.registry.is_none() => None,
             (Some(given), _) => Some(given.clone()),
@@ -315,6 +328,32 @@ impl AwsCloud {
             problems.push(message.to_string());
         }
         Ok(problems)
+    }
+
+    /// The target groups a new group would join and the registry service it would copy that
+    /// are not there (mistyped, or deleted by hand since the ancestor joined them).
+    async fn gone(&self, spec: &GroupSpec, serving: &Serving) -> Result<Vec<String>> {
+        let ancestor = spec.ancestor.as_deref().unwrap_or_default();
+        let mut gone = Vec::new();
+        for arn in &serving.target_groups {
+            if self.target_group(Some(arn), None).await?.is_some() {
+                continue;
+            }
+            gone.push(match spec.target_groups.is_empty() {
+                true => format!(
+                    "target group {arn} of {ancestor}, which a new group copies, no longer exists: give --target-group"
+                ),
+                false => format!("target group {arn} does not exist in {}", self.region),
+            });
+        }
+        if let Some(Registry::Service(id)) = &serving.registry {
+            if !self.service_exists(id).await? {
+                gone.push(format!(
+                    "Cloud Map service {id} of {ancestor}, which a new group copies, no longer exists: give --registry-namespace"
+                ));
+            }
+        }
+        Ok(gone)
     }
 
     /// The security groups and key pair a deploy names that are not there, so that a typo is
@@ -336,7 +375,7 @@ impl AwsCloud {
             let found =
                 retry(self.policy, "DescribeKeyPairs", || self.ec2.describe_key_pairs().key_names(name).send()).await;
             match found {
-                Err(e) if e.code.as_deref() == Some("InvalidKeyPair.NotFound") => {
+                Err(e) if e.is_not_found() => {
                     missing.push(format!("key pair {name} does not exist in {}", self.region))
                 }
                 other => {
@@ -376,7 +415,13 @@ impl AwsCloud {
         let mut health: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
         for arn in asgs.iter().flat_map(|g| g.target_group_arns()) {
             if !health.contains_key(arn) {
-                health.insert(arn.clone(), self.target_health(arn).await.context(CallSnafu)?);
+                match self.target_health(arn).await {
+                    // Deleted by hand while the group still names it: it checks nothing.
+                    Err(e) if e.is_not_found() => {}
+                    other => {
+                        health.insert(arn.clone(), other.context(CallSnafu)?);
+                    }
+                }
             }
         }
         let ids: Vec<String> =

@@ -15,6 +15,8 @@
 //!
 //! Clusters deployed before the table existed kept their last record base64-chunked in the tags
 //! of a launch template `bakery-deploys-<cluster>`: read once, written to the table, deleted.
+//! An older launcher locks a cluster with a launch template `bakery-lock-<cluster>` (its holder
+//! in the same kind of tags): while that holder lives, the lock is not taken here either.
 
 use super::*;
 use aws_sdk_dynamodb::types::{
@@ -30,6 +32,8 @@ const RECORD_PREFIX: &str = "deploy/";
 const HISTORY: usize = 200;
 /// The old home of a cluster's record.
 const RECORD_TAG: &str = "bakery:deploy-record";
+/// The old home of a cluster's lock holder (on a launch template `bakery-lock-<cluster>`).
+const OLD_LOCK_TAG: &str = "bakery:lock";
 
 pub(super) type Item = HashMap<String, AttributeValue>;
 
@@ -159,6 +163,9 @@ impl AwsCloud {
     }
 
     pub(super) async fn acquire(&self, cluster: &str, holder: &LockHolder) -> Result<Option<LockHolder>> {
+        if let Some(older) = self.older_launchers_lock(cluster).await? {
+            return Ok(Some(older));
+        }
         let item = item(
             cluster,
             LOCK_KEY,
@@ -363,6 +370,22 @@ impl AwsCloud {
             Ok((page.items().to_vec(), page.last_evaluated_key().cloned()))
         })
         .await
+    }
+
+    /// The live holder of the lock an older launcher takes in a launch template (it cannot see
+    /// the table's, but this one sees its): a run of it is waited for like any other, and a
+    /// dead one's template is deleted. A template with no holder (yet) is left alone.
+    async fn older_launchers_lock(&self, cluster: &str) -> Result<Option<LockHolder>> {
+        let name = format!("bakery-lock-{cluster}");
+        let Some((id, _)) = self.template_id(&name).await? else { return Ok(None) };
+        let holder: Option<LockHolder> = from_tags(OLD_LOCK_TAG, &self.template_tags(&id).await?, &name)?;
+        match holder {
+            Some(stale) if stale.is_stale_here(now()) => {
+                self.delete_template(Some(&id), None).await?;
+                Ok(None)
+            }
+            live => Ok(live),
+        }
     }
 
     /// The record a cluster kept in launch template tags before the table, moved into it.

@@ -3,8 +3,10 @@
 //! launcher's user data over it.
 //!
 //! What belongs to the old group or to one place is not carried over: the old image's root
-//! snapshot, a placement's zone or host (the group spreads over its subnets' zones), and a
-//! network interface's subnet, addresses and id (each instance gets its own).
+//! snapshot, a placement's zone or host (the group spreads over its subnets' zones), a network
+//! interface's subnet, id and explicit addresses and prefixes (each instance gets its own; the
+//! counts are copied), CPU options for another instance type, and credit options for one that
+//! is not burstable. Nor are an interface's ENA Express and connection tracking settings.
 
 use super::*;
 use crate::launch::cloud::LaunchSettings;
@@ -62,7 +64,7 @@ pub(super) fn template_data(
         .collect();
     Ok(RequestLaunchTemplateData::builder()
         .image_id(image_id)
-        .instance_type(instance_type)
+        .instance_type(instance_type.clone())
         .set_user_data(user_data)
         .set_security_group_ids(security_group_ids)
         .set_security_groups(security_groups)
@@ -77,11 +79,17 @@ pub(super) fn template_data(
         )
         .set_ebs_optimized(from.ebs_optimized())
         .set_placement(from.placement().map(placement))
-        .set_cpu_options(from.cpu_options().map(cpu_options))
-        .set_credit_specification(from.credit_specification().map(|c| {
+        // Core and thread counts are valid for the type they were chosen for.
+        .set_cpu_options(from.cpu_options().filter(|_| from.instance_type() == Some(&instance_type)).map(cpu_options))
+        .set_credit_specification(from.credit_specification().filter(|_| is_burstable(&instance_type)).map(|c| {
             CreditSpecificationRequest::builder().set_cpu_credits(c.cpu_credits().map(str::to_string)).build()
         }))
         .build())
+}
+
+/// T2, T3, T3a, T4g: the types that earn CPU credits.
+fn is_burstable(instance_type: &InstanceType) -> bool {
+    instance_type.as_str().starts_with('t')
 }
 
 /// The team's part of a launch template's user data.
@@ -154,16 +162,19 @@ fn block_device(
 }
 
 /// The ancestor's interfaces without what is one instance's own (subnet, addresses, id);
-/// security groups given replace those of the primary interface (device index 0).
+/// security groups given replace those of the primary interface (the lowest card and index).
 fn network_interfaces(
     from: &[LaunchTemplateInstanceNetworkInterfaceSpecification],
     given_security_groups: Option<&[String]>,
 ) -> Vec<LaunchTemplateInstanceNetworkInterfaceSpecificationRequest> {
+    let position = |n: &LaunchTemplateInstanceNetworkInterfaceSpecification| {
+        (n.network_card_index().unwrap_or(0), n.device_index().unwrap_or(0))
+    };
+    let primary = from.iter().map(position).min();
     from.iter()
         .map(|n| {
-            let primary = n.device_index().unwrap_or(0) == 0 && n.network_card_index().unwrap_or(0) == 0;
             let groups = match given_security_groups {
-                Some(given) if primary => Some(given.to_vec()),
+                Some(given) if Some(position(n)) == primary => Some(given.to_vec()),
                 _ => nonempty(n.groups()),
             };
             LaunchTemplateInstanceNetworkInterfaceSpecificationRequest::builder()
@@ -178,6 +189,8 @@ fn network_interfaces(
                 .set_secondary_private_ip_address_count(n.secondary_private_ip_address_count())
                 .set_ipv4_prefix_count(n.ipv4_prefix_count())
                 .set_ipv6_prefix_count(n.ipv6_prefix_count())
+                .set_primary_ipv6(n.primary_ipv6())
+                .set_ena_queue_count(n.ena_queue_count())
                 .build()
         })
         .collect()
@@ -261,6 +274,7 @@ mod tests {
     #[test]
     fn placement_cpu_credits_and_interfaces_are_copied_without_what_is_one_instance_s() {
         let ancestor = ResponseLaunchTemplateData::builder()
+            .instance_type(InstanceType::T3Micro)
             .security_group_ids("sg-top")
             .placement(
                 LaunchTemplatePlacement::builder()
@@ -312,5 +326,20 @@ mod tests {
         assert_eq!(overridden.network_interfaces()[0].groups(), ["sg-new"], "the primary interface takes the flag");
         assert_eq!(overridden.network_interfaces()[1].groups(), ["sg-data"], "another keeps its own");
         assert!(overridden.security_group_ids().is_empty());
+
+        let bigger = LaunchSettings { instance_type: Some("m5.large".into()), ..LaunchSettings::default() };
+        let resized = template_data(Some(&ancestor), &bigger, "ami-new", None, None).unwrap();
+        assert!(resized.cpu_options().is_none(), "core counts were for the old type");
+        assert!(resized.credit_specification().is_none(), "an m5 earns no CPU credits");
+    }
+
+    #[test]
+    fn given_security_groups_go_on_the_lowest_interface_when_none_is_index_0() {
+        let interface = |index: i32, group: &str| {
+            LaunchTemplateInstanceNetworkInterfaceSpecification::builder().device_index(index).groups(group).build()
+        };
+        let copied = network_interfaces(&[interface(2, "sg-2"), interface(1, "sg-1")], Some(&["sg-new".to_string()]));
+        let groups: Vec<&[String]> = copied.iter().map(|n| n.groups()).collect();
+        assert_eq!(groups, [&["sg-2".to_string()][..], &["sg-new".to_string()][..]]);
     }
 }
